@@ -1,0 +1,397 @@
+"""One typed configuration tree: YAML file, then command-line flags, validated once.
+
+Every field of every section becomes a flag named after it (``num_layers`` -> ``--num-layers``), which gives
+Megatron-LM's names wherever Megatron has the option. A field's ``help`` metadata is the option reference.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the flag and the rule."""
+
+
+def opt(default: Any = None, help: str = "", *, choices: Optional[tuple] = None, flag: Optional[str] = None,
+        negate: bool = False, nargs: Optional[str] = None):
+    """A config field with the metadata the flag generator reads.
+
+    ``flag`` overrides the generated flag name; ``negate`` makes a True-default bool a ``--disable-x`` switch.
+    """
+    meta = {"help": help, "choices": choices, "flag": flag, "negate": negate, "nargs": nargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = opt(2, "transformer layers")
+    hidden_size: int = opt(64, "model width")
+    ffn_hidden_size: Optional[int] = opt(None, "MLP width (default 4*hidden, or Megatron's 2/3 of that with --swiglu)")
+    num_attention_heads: int = opt(4, "attention heads")
+    num_query_groups: Optional[int] = opt(None, "key/value heads for grouped-query attention (default: one per head)")
+    seq_length: int = opt(128, "tokens per training sample")
+    max_position_embeddings: Optional[int] = opt(None, "learned position table size (default --seq-length)")
+    position_embedding_type: str = opt("learned_absolute", "position encoding", choices=("learned_absolute", "rope"))
+    rotary_base: float = opt(10000.0, "RoPE base frequency")
+    normalization: str = opt("LayerNorm", "normalization layer", choices=("LayerNorm", "RMSNorm"))
+    norm_epsilon: float = opt(1e-5, "epsilon of the normalization layers")
+    swiglu: bool = opt(False, "SwiGLU MLP instead of GELU")
+    untie_embeddings_and_output_weights: bool = opt(False, "separate output layer instead of the embedding matrix")
+    add_bias_linear: bool = opt(True, "no biases in linear layers", flag="--disable-bias-linear", negate=True)
+    hidden_dropout: float = opt(0.0, "dropout after attention and MLP")
+    attention_dropout: float = opt(0.0, "dropout on attention probabilities")
+    init_method_std: float = opt(0.02, "std of the normal weight initialisation")
+    make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this (times TP)")
+    attention_backend: str = opt("sdpa", "attention implementation: torch scaled_dot_product_attention, or the "
+                                 "plain matmul-softmax-matmul reference", choices=("sdpa", "unfused"))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = opt(1, "ranks that split each layer")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(3e-4, "peak learning rate")
+    min_lr: float = opt(0.0, "learning rate at the end of decay")
+    lr_decay_style: str = opt("cosine", "decay after warm-up", choices=("constant", "linear", "cosine"))
+    lr_warmup_iters: int = opt(0, "iterations of linear warm-up from 0")
+    lr_decay_iters: Optional[int] = opt(None, "iterations until --min-lr (default --train-iters)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms)")
+    clip_grad: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.999, "Adam beta2")
+    adam_eps: float = opt(1e-8, "Adam epsilon")
+
+
+@dataclass
+class DataConfig:
+    data_path: list = opt([], "dataset prefix, or weight prefix pairs to blend: 0.3 A 0.7 B", nargs="+")
+    split: str = opt("969,30,1", "train,valid,test proportions of the documents")
+    tokenizer_type: str = opt("GPT2BPETokenizer", "tokenizer",
+                              choices=("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer",
+                                       "NullTokenizer"))
+    tokenizer_model: Optional[str] = opt(None, "SentencePiece .model, or tokenizer.json / its directory")
+    vocab_file: Optional[str] = opt(None, "GPT-2 BPE vocab.json")
+    merge_file: Optional[str] = opt(None, "GPT-2 BPE merges.txt")
+    vocab_size: Optional[int] = opt(None, "vocabulary of NullTokenizer (ids 0..N-1; N is the end-of-document id)")
+    data_cache_path: Optional[str] = opt(None, "where sample indices are cached (default: beside the data)")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = opt(4, "samples per forward pass")
+    global_batch_size: Optional[int] = opt(None, "samples per optimizer step (default micro batch x DP)")
+    train_iters: int = opt(100, "optimizer steps")
+    seed: int = opt(1234, "seed of weights, data order and dropout")
+    eval_interval: int = opt(100, "iterations between validation runs")
+    eval_iters: int = opt(10, "batches per validation run")
+    bf16: bool = opt(False, "bfloat16 compute with fp32 master weights")
+    fp16: bool = opt(False, "float16 compute with fp32 master weights and a dynamic loss scale")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = opt(10, "iterations between progress lines")
+    tensorboard_dir: Optional[str] = opt(None, "write TensorBoard events here")
+    metrics_file: Optional[str] = opt(None, "append one JSON line of metrics per iteration here")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = opt(None, "checkpoint directory to write")
+    load: Optional[str] = opt(None, "checkpoint directory to resume from")
+    save_interval: Optional[int] = opt(None, "iterations between checkpoints (default: only at the end)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, tree: dict, source: str = "config") -> "Config":
+        cfg = cls()
+        apply_tree(cfg, tree, source)
+        return cfg
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(section_cls, f: dataclasses.Field):
+    hint = typing.get_type_hints(section_cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union else hint
+
+
+def _coerce(value: Any, typ, where: str):
+    if value is None:
+        return None
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+        if typ is list:
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split()
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+
+
+def apply_tree(cfg: Config, tree: dict, source: str) -> None:
+    """Copy a {section: {field: value}} tree onto cfg, rejecting unknown names."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
+        obj = getattr(cfg, section)
+        known = {f.name: f for f in dataclasses.fields(obj)}
+        for key, value in (values or {}).items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'")
+            setattr(obj, key, _coerce(value, _base_type(type(obj), known[key]), f"{source}: {section}.{key}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megalm-pretrain", description="Train a GPT with megalm.",
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file with the sections " + ", ".join(SECTIONS))
+    for section in SECTIONS:
+        section_cls = type(getattr(Config(), section))
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(section_cls):
+            typ = _base_type(section_cls, f)
+            dest = f"{section}.{f.name}"
+            meta = f.metadata
+            if typ is bool:
+                action = "store_false" if meta.get("negate") else "store_true"
+                group.add_argument(_flag(f), dest=dest, action=action, help=meta["help"])
+            elif typ is list:
+                group.add_argument(_flag(f), dest=dest, nargs=meta.get("nargs") or "+", help=meta["help"])
+            else:
+                group.add_argument(_flag(f), dest=dest, type=typ, choices=meta.get("choices"),
+                                   help=meta["help"], metavar=f.name.upper())
+    return parser
+
+
+def load_config(argv: Optional[list] = None, parser: Optional[argparse.ArgumentParser] = None,
+                world_size: Optional[int] = None) -> Config:
+    """YAML (``--config``), then flags, then derived defaults, then validation."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    cfg = Config()
+    if getattr(args, "config", None):
+        path = args.config
+        if not os.path.exists(path):
+            raise ConfigError(f"--config: no such file {path}")
+        with open(path) as fh:
+            try:
+                tree = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+        apply_tree(cfg, tree, path)
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    finalize(cfg, world_size)
+    return cfg
+
+
+def finalize(cfg: Config, world_size: Optional[int] = None) -> Config:
+    """Fill derived defaults and validate; every message names the flag and the broken rule."""
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = int(4 * m.hidden_size * 2 / 3 / 64) * 64 if m.swiglu else 4 * m.hidden_size
+        m.ffn_hidden_size = max(m.ffn_hidden_size, 1)
+    if m.num_query_groups is None:
+        m.num_query_groups = m.num_attention_heads
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    if o.lr_decay_iters is None:
+        o.lr_decay_iters = t.train_iters
+    validate(cfg, world_size)
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * data_parallel_size(cfg, world_size or 1)
+    return cfg
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // cfg.parallel.tensor_model_parallel_size
+
+
+def _positive(value, flag):
+    if value is None or value <= 0:
+        raise ConfigError(f"{flag} must be positive, got {value}")
+
+
+def parse_split(split: str) -> list:
+    try:
+        parts = [float(s) for s in split.replace("/", ",").split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--split {split!r}: expected comma-separated numbers such as 969,30,1") from None
+    if not parts or len(parts) > 3 or any(p < 0 or not math.isfinite(p) for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"--split {split!r}: expected up to three non-negative numbers with a positive sum")
+    parts += [0.0] * (3 - len(parts))
+    return [p / sum(parts) for p in parts]
+
+
+def parse_data_path(paths: list) -> list:
+    """[(weight, prefix), ...] from ``A`` or ``0.3 A 0.7 B``; weights normalised to sum 1."""
+    if len(paths) == 1:
+        return [(1.0, paths[0])]
+    if len(paths) % 2:
+        raise ConfigError(f"--data-path: with several datasets give weight-prefix pairs, got {len(paths)} values")
+    pairs = []
+    for weight, prefix in zip(paths[0::2], paths[1::2]):
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ConfigError(f"--data-path: {weight!r} should be the weight before {prefix!r}") from None
+        if not (w > 0 and math.isfinite(w)):
+            raise ConfigError(f"--data-path: weight {weight} of {prefix} must be positive")
+        pairs.append((w, prefix))
+    total = sum(w for w, _ in pairs)
+    return [(w / total, p) for w, p in pairs]
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    m, p, t, o, d, lg, ck = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.data, cfg.logging, cfg.checkpoint
+    for value, flag in [(m.num_layers, "--num-layers"), (m.hidden_size, "--hidden-size"),
+                        (m.num_attention_heads, "--num-attention-heads"), (m.num_query_groups, "--num-query-groups"),
+                        (m.seq_length, "--seq-length"), (m.ffn_hidden_size, "--ffn-hidden-size"),
+                        (m.max_position_embeddings, "--max-position-embeddings"),
+                        (m.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by"),
+                        (t.micro_batch_size, "--micro-batch-size"), (t.train_iters, "--train-iters"),
+                        (t.eval_interval, "--eval-interval"), (lg.log_interval, "--log-interval"),
+                        (p.tensor_model_parallel_size, "--tensor-model-parallel-size")]:
+        _positive(value, flag)
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                          f"{m.num_attention_heads}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by --num-query-groups "
+                          f"{m.num_query_groups}")
+    if m.position_embedding_type == "rope" and m.head_dim % 2:
+        raise ConfigError(f"--position-embedding-type rope needs an even head size; hidden {m.hidden_size} / "
+                          f"heads {m.num_attention_heads} = {m.head_dim}")
+    if m.position_embedding_type == "learned_absolute" and m.max_position_embeddings < m.seq_length:
+        raise ConfigError(f"--max-position-embeddings {m.max_position_embeddings} is smaller than --seq-length "
+                          f"{m.seq_length}")
+    for value, flag in [(m.hidden_dropout, "--hidden-dropout"), (m.attention_dropout, "--attention-dropout")]:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+    if m.init_method_std <= 0:
+        raise ConfigError(f"--init-method-std must be positive, got {m.init_method_std}")
+    tp = p.tensor_model_parallel_size
+    if m.num_attention_heads % tp:
+        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    if m.num_query_groups % tp:
+        raise ConfigError(f"--num-query-groups {m.num_query_groups} is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    if m.ffn_hidden_size % tp:
+        raise ConfigError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    if world_size is not None and world_size % tp:
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
+    if t.bf16 and t.fp16:
+        raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+    if t.eval_iters < 0:
+        raise ConfigError(f"--eval-iters must be >= 0, got {t.eval_iters}")
+    dp = data_parallel_size(cfg, world_size or 1)
+    if t.global_batch_size is not None:
+        _positive(t.global_batch_size, "--global-batch-size")
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                              f"{t.micro_batch_size} x data-parallel size {dp}")
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"--lr {o.lr} and --min-lr {o.min_lr} must satisfy 0 <= min-lr <= lr, lr > 0")
+    if o.lr_warmup_iters < 0:
+        raise ConfigError(f"--lr-warmup-iters must be >= 0, got {o.lr_warmup_iters}")
+    if o.lr_decay_iters < o.lr_warmup_iters:
+        raise ConfigError(f"--lr-decay-iters {o.lr_decay_iters} is smaller than --lr-warmup-iters "
+                          f"{o.lr_warmup_iters}")
+    if o.weight_decay < 0 or o.clip_grad < 0:
+        raise ConfigError("--weight-decay and --clip-grad must be >= 0")
+    if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1) or o.adam_eps <= 0:
+        raise ConfigError("--adam-beta1/--adam-beta2 must be in [0, 1) and --adam-eps positive")
+    parse_split(d.split)
+    validate_tokenizer(d)
+    for _, prefix in parse_data_path(d.data_path) if d.data_path else []:
+        for ext in (".idx", ".bin"):
+            if not os.path.exists(prefix + ext):
+                raise ConfigError(f"--data-path: {prefix + ext} does not exist (give the prefix, without "
+                                  f".bin/.idx; megalm-preprocess writes PREFIX_text_document.bin/.idx)")
+    if ck.save_interval is not None:
+        _positive(ck.save_interval, "--save-interval")
+        if not ck.save:
+            raise ConfigError("--save-interval needs --save")
+    if ck.load and not os.path.isdir(ck.load):
+        raise ConfigError(f"--load: no checkpoint directory {ck.load}")
+
+
+def validate_tokenizer(d: DataConfig) -> None:
+    kind = d.tokenizer_type
+    need = {"GPT2BPETokenizer": [("vocab_file", "--vocab-file"), ("merge_file", "--merge-file")],
+            "SentencePieceTokenizer": [("tokenizer_model", "--tokenizer-model")],
+            "HuggingFaceTokenizer": [("tokenizer_model", "--tokenizer-model")],
+            "NullTokenizer": []}
+    if kind not in need:
+        raise ConfigError(f"--tokenizer-type {kind!r} is unknown (known: {', '.join(need)})")
+    for attr, flag in need[kind]:
+        path = getattr(d, attr)
+        if not path:
+            raise ConfigError(f"--tokenizer-type {kind} needs {flag}")
+        if not os.path.exists(path):
+            raise ConfigError(f"{flag}: {path} does not exist")
+    if kind == "NullTokenizer":
+        _positive(d.vocab_size, "--vocab-size (NullTokenizer)")
+
+
+def save_yaml(cfg: Config, path: str) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def load_yaml(path: str) -> Config:
+    with open(path) as fh:
+        return Config.from_dict(yaml.safe_load(fh) or {}, path)

@@ -1,0 +1,34 @@
+"""Batches by consumed samples: the global order never depends on the data-parallel size.
+
+Global batch ``b`` is samples ``[c, c + G)`` with ``c`` the samples consumed before it. It is cut into
+micro-batches of ``M`` consecutive samples; micro-batch ``j`` of data-parallel rank ``r`` is
+``c + (j * D + r) * M + [0, M)``, so every layout sees the same micro-batches, only spread differently.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import torch
+
+
+def micro_batch_sample_ids(consumed: int, global_batch: int, micro_batch: int, dp_rank: int,
+                           dp_size: int) -> List[range]:
+    per_step = micro_batch * dp_size
+    return [range(consumed + j * per_step + dp_rank * micro_batch,
+                  consumed + j * per_step + (dp_rank + 1) * micro_batch)
+            for j in range(global_batch // per_step)]
+
+
+def collate(dataset, ids) -> dict:
+    """Stack samples into ``tokens`` and ``labels`` (int64, ``[micro_batch, seq_length]``)."""
+    samples = np.stack([dataset[i] for i in ids])
+    x = torch.from_numpy(samples)
+    return {"tokens": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+
+
+def global_batch(dataset, consumed: int, global_batch_size: int, micro_batch: int, dp_rank: int = 0,
+                 dp_size: int = 1) -> List[dict]:
+    """This rank's micro-batches of the global batch that starts after ``consumed`` samples."""
+    return [collate(dataset, ids)
+            for ids in micro_batch_sample_ids(consumed, global_batch_size, micro_batch, dp_rank, dp_size)]

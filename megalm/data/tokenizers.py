@@ -1,0 +1,199 @@
+"""Tokenizers named as Megatron names them; all local files, nothing downloaded.
+
+Each has ``tokenize``, ``tokenize_batch`` (the fast path preprocessing uses), ``detokenize``, ``vocab_size``,
+``eod`` and ``fingerprint`` (what the sample-index cache key includes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import List, Optional, Sequence
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _file_digest(*paths: str) -> str:
+    h = hashlib.md5()
+    for path in paths:
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+class Tokenizer:
+    name = "base"
+    vocab_size: int
+    eod: int
+
+    def tokenize(self, text: str) -> List[int]:
+        return self.tokenize_batch([text])[0]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [self.tokenize(t) for t in texts]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        return self.name
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``: ids identical to GPT-2's own encoder."""
+
+    name = "GPT2BPETokenizer"
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import ByteLevelBPETokenizer
+
+        self.vocab_file, self.merge_file = vocab_file, merge_file
+        self._tok = ByteLevelBPETokenizer(vocab_file, merge_file)
+        self.vocab_size = self._tok.get_vocab_size()
+        eod = self._tok.token_to_id("<|endoftext|>")
+        if eod is None:
+            raise TokenizerError(f"{vocab_file}: no '<|endoftext|>' entry, which GPT-2 BPE uses as end of document")
+        self.eod = eod
+
+    def tokenize_batch(self, texts):
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+    def detokenize(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def fingerprint(self):
+        return f"{self.name}-{_file_digest(self.vocab_file, self.merge_file)}"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model``; end of document is its ``</s>`` (eos) id."""
+
+    name = "SentencePieceTokenizer"
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        self.model_file = model_file
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (OSError, RuntimeError) as exc:
+            raise TokenizerError(f"{model_file}: not a SentencePiece model ({exc})") from None
+        self.vocab_size = self._sp.get_piece_size()
+        if self._sp.eos_id() < 0:
+            raise TokenizerError(f"{model_file}: the model has no eos piece to use as end of document")
+        self.eod = self._sp.eos_id()
+
+    def tokenize_batch(self, texts):
+        return self._sp.encode(list(texts))
+
+    def detokenize(self, ids):
+        return self._sp.decode(list(ids))
+
+    @property
+    def fingerprint(self):
+        return f"{self.name}-{_file_digest(self.model_file)}"
+
+
+_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A local ``tokenizer.json`` (or a directory holding one) through the ``tokenizers`` library.
+
+    End of document: ``eos_token`` from a ``tokenizer_config.json`` beside it, else the first of the usual names.
+    """
+
+    name = "HuggingFaceTokenizer"
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.exists(self.path):
+            raise TokenizerError(f"{path}: no tokenizer.json there")
+        try:
+            self._tok = HFTokenizer.from_file(self.path)
+        except Exception as exc:  # the Rust library raises its own exception type
+            raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json ({exc})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eod = self._find_eod()
+
+    def _find_eod(self) -> int:
+        cfg_path = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
+        names = list(_EOS_CANDIDATES)
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as fh:
+                eos = json.load(fh).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if eos:
+                names.insert(0, eos)
+        for name in names:
+            tid = self._tok.token_to_id(name)
+            if tid is not None:
+                return tid
+        raise TokenizerError(f"{self.path}: no end-of-document token (looked for {', '.join(names)})")
+
+    def tokenize_batch(self, texts):
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+    def detokenize(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def fingerprint(self):
+        return f"{self.name}-{_file_digest(self.path)}"
+
+
+class NullTokenizer(Tokenizer):
+    """Pre-tokenized input: text is space-separated ids below ``vocab_size``; id ``vocab_size`` is the end of
+    document, so the model's vocabulary is ``vocab_size + 1`` (as in Megatron)."""
+
+    name = "NullTokenizer"
+
+    def __init__(self, vocab_size: int):
+        self._ids = int(vocab_size)
+        self.vocab_size = self._ids + 1
+        self.eod = self._ids
+
+    def tokenize(self, text):
+        try:
+            ids = [int(x) for x in text.split()]
+        except ValueError:
+            raise TokenizerError(f"NullTokenizer: text must be space-separated integers, got {text[:40]!r}") from None
+        bad = [i for i in ids if not 0 <= i < self._ids]
+        if bad:
+            raise TokenizerError(f"NullTokenizer: id {bad[0]} outside [0, {self._ids})")
+        return ids
+
+    def detokenize(self, ids):
+        return " ".join(str(i) for i in ids)
+
+    @property
+    def fingerprint(self):
+        return f"{self.name}-{self._ids}"
+
+
+def build_tokenizer(data_cfg) -> Tokenizer:
+    """The tokenizer a ``DataConfig`` (or any object with its fields) names."""
+    kind = data_cfg.tokenizer_type
+    if kind == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(data_cfg.vocab_file, data_cfg.merge_file)
+    if kind == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(data_cfg.tokenizer_model)
+    if kind == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(data_cfg.tokenizer_model)
+    if kind == "NullTokenizer":
+        return NullTokenizer(data_cfg.vocab_size)
+    raise TokenizerError(f"--tokenizer-type {kind!r} is unknown (known: GPT2BPETokenizer, SentencePieceTokenizer, "
+                         f"HuggingFaceTokenizer, NullTokenizer)")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
+    """Vocabulary rounded up to a multiple of ``divisible_by * tp`` so it splits evenly across TP ranks."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple

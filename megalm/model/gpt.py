@@ -1,0 +1,104 @@
+"""The GPT decoder: embeddings, blocks, final norm, output layer and loss.
+
+GPT-2 flavour: learned positions, LayerNorm, GELU, tied output. Llama flavour: RoPE, RMSNorm, SwiGLU,
+grouped-query attention, untied output, no biases. Both come from ``ModelConfig`` alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalm.config import ModelConfig
+from megalm.data.tokenizers import padded_vocab_size
+from megalm.model.transformer import Block, KVCache, Norm, rope_tables
+from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalm.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, full_shape, init_shard_,
+                                    param_generator)
+from megalm.parallel.mappings import copy_to_tp, gather_from_tp
+from megalm.parallel.state import Topology
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, topo: Optional[Topology] = None):
+        super().__init__()
+        topo = topo or Topology()
+        self.cfg, self.topo, self.vocab_size = cfg, topo, vocab_size
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, topo.tp)
+        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, topo)
+        if cfg.position_embedding_type == "learned_absolute":
+            self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, topo, str(i)) for i in range(cfg.num_layers)})
+        self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon)
+        if cfg.untie_embeddings_and_output_weights:
+            self.output = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, topo, bias=False)
+        for p in self.parameters():  # rows past the real vocabulary are padding: zero, never trained or saved
+            p.padded_rows = False
+        self.embedding.weight.padded_rows = True
+        if cfg.untie_embeddings_and_output_weights:
+            self.output.weight.padded_rows = True
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, std) weights, std / sqrt(2 L) for the projections that write into the residual stream,
+        norms at one, biases at zero; each tensor drawn whole from a generator keyed by its name."""
+        std = self.cfg.init_method_std
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in name:
+                p.fill_(1.0 if leaf == "weight" else 0.0)
+            elif leaf == "bias":
+                p.zero_()
+            else:
+                scaled = name.endswith(("attention.wo.weight", "mlp.w2.weight"))
+                rows = self.vocab_size if p.padded_rows else None
+                init_shard_(p, full_shape(p, self.topo), std / math.sqrt(2 * self.cfg.num_layers) if scaled else std,
+                            param_generator(seed, name), self.topo, valid_rows=rows)
+
+    def hidden_states(self, tokens, position_ids=None, kv_cache: Optional[KVCache] = None):
+        start = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = self.embedding(tokens)
+        rope = None
+        if self.cfg.position_embedding_type == "learned_absolute":
+            x = x + self.position_embedding(position_ids)
+        else:
+            rope = rope_tables(self.cfg.head_dim, position_ids, self.cfg.rotary_base)
+        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        for block in self.layers.values():
+            x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += tokens.shape[1]
+        return self.final_norm(x)
+
+    def logits_shard(self, h):
+        """This rank's slice of the (padded) vocabulary logits."""
+        if self.cfg.untie_embeddings_and_output_weights:
+            return self.output(h)
+        return F.linear(copy_to_tp(h, self.topo.tp_group), self.embedding.weight)
+
+    def forward(self, tokens, labels=None, position_ids=None, kv_cache: Optional[KVCache] = None):
+        """Per-token loss ``[b, s]`` when ``labels`` are given, else full logits ``[b, s, vocab]``."""
+        logits = self.logits_shard(self.hidden_states(tokens, position_ids, kv_cache))
+        if labels is not None:
+            return vocab_parallel_cross_entropy(logits, labels, self.embedding.vocab_start, self.vocab_size,
+                                                self.topo.tp_group)
+        return gather_from_tp(logits, self.topo.tp_group)[..., : self.vocab_size]
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the full (unsharded) model, padding excluded."""
+        total = 0
+        for name, p in self.named_parameters():
+            n = math.prod(full_shape(p, self.topo))
+            if p.padded_rows:
+                if exclude_embeddings:
+                    continue
+                n = n // self.padded_vocab_size * self.vocab_size
+            if name == "position_embedding.weight" and exclude_embeddings:
+                continue
+            total += n
+        return total

@@ -1,0 +1,147 @@
+"""One pre-norm decoder block: attention (causal, grouped-query, optional RoPE) and an MLP (GELU or SwiGLU).
+
+Linear layers are the tensor-parallel ones; each rank holds ``heads / TP`` query heads, ``groups / TP`` key/value
+heads and ``ffn / TP`` MLP columns. Nothing else here knows about parallelism.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalm.config import ModelConfig
+from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megalm.parallel.state import Topology
+
+
+class Norm(nn.Module):
+    """LayerNorm (weight and bias) or RMSNorm (weight only)."""
+
+    def __init__(self, dim: int, kind: str, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "LayerNorm" else None
+
+    def forward(self, x):
+        if self.kind == "LayerNorm":
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, base: float):
+    """cos and sin ``[seq, head_dim]`` in the half-split layout (the one Hugging Face Llama uses)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate ``x`` ``[b, heads, s, d]`` by position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; ``length`` is how many positions it holds."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}
+        self.length = 0
+
+    def update(self, layer: str, k, v):
+        if layer not in self.keys:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat((self.keys[layer], k), dim=2)
+            self.values[layer] = torch.cat((self.values[layer], v), dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+def unfused_attention(q, k, v, causal_offset: Optional[int], dropout: float, training: bool):
+    """softmax(q k^T / sqrt(d) + causal mask) v with fp32 softmax: the reference the fused paths are checked against."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal_offset is not None:
+        sq, sk = scores.shape[-2:]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(diagonal=causal_offset + 1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = F.dropout(probs, dropout, training)
+    return torch.matmul(probs, v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, topo: Topology, layer: str):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd = cfg.head_dim
+        self.n_heads = cfg.num_attention_heads // topo.tp
+        self.n_kv = cfg.num_query_groups // topo.tp
+        bias = cfg.add_bias_linear
+        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_attention_heads * hd, topo, bias)
+        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias)
+        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias)
+        self.wo = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, bias)
+
+    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None):
+        b, s, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.wq(x).view(b, s, self.n_heads, hd).transpose(1, 2)
+        k = self.wk(x).view(b, s, self.n_kv, hd).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.n_kv, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.update(self.layer, k, v)
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        if self.cfg.attention_backend == "sdpa":
+            if past == 0:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                     enable_gqa=self.n_kv != self.n_heads)
+            else:  # decoding: the new queries see every cached position up to their own
+                mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                     enable_gqa=self.n_kv != self.n_heads)
+        else:
+            rep = self.n_heads // self.n_kv
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = unfused_attention(q, k, v, past, dropout, self.training)
+        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, topo: Topology):
+        super().__init__()
+        bias = cfg.add_bias_linear
+        self.swiglu = cfg.swiglu
+        self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias)
+        if self.swiglu:
+            self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias)
+        self.w2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, topo, bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, topo: Topology, layer: str):
+        super().__init__()
+        self.attention_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon)
+        self.attention = Attention(cfg, topo, layer)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon)
+        self.mlp = MLP(cfg, topo)
+        self.dropout = cfg.hidden_dropout
+
+    def forward(self, x, rope=None, kv_cache=None):
+        x = x + F.dropout(self.attention(self.attention_norm(x), rope, kv_cache), self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)

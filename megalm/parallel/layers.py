@@ -1,0 +1,101 @@
+"""Tensor-parallel layers. At TP = 1 each is exactly the plain torch layer it replaces.
+
+Every parameter carries ``tp_dim``: the dimension it is split along across the TP group (None when replicated).
+``init_shard_`` fills a shard from the full tensor drawn with a per-parameter generator, so the same seed gives
+the same full model whatever the layout.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalm.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp
+from megalm.parallel.state import Topology
+
+
+def _param(shape, tp_dim: Optional[int]) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape))
+    p.tp_dim = tp_dim
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x A^T + b`` with A split by output rows: each rank produces its slice of the outputs."""
+
+    def __init__(self, in_features: int, out_features: int, topo: Topology, bias: bool = True,
+                 gather_output: bool = False):
+        super().__init__()
+        self.topo, self.gather_output = topo, gather_output
+        self.weight = _param((out_features // topo.tp, in_features), 0)
+        self.bias = _param((out_features // topo.tp,), 0) if bias else None
+
+    def forward(self, x):
+        y = F.linear(copy_to_tp(x, self.topo.tp_group), self.weight, self.bias)
+        return gather_from_tp(y, self.topo.tp_group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x A^T + b`` with A split by input columns: partial products are summed over the TP group."""
+
+    def __init__(self, in_features: int, out_features: int, topo: Topology, bias: bool = True):
+        super().__init__()
+        self.topo = topo
+        self.weight = _param((out_features, in_features // topo.tp), 1)
+        self.bias = _param((out_features,), None) if bias else None
+
+    def forward(self, x):
+        y = reduce_from_tp(F.linear(x, self.weight), self.topo.tp_group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; ids outside this rank's range contribute zeros."""
+
+    def __init__(self, num_embeddings: int, dim: int, topo: Topology):
+        super().__init__()
+        self.topo = topo
+        self.per_rank = num_embeddings // topo.tp
+        self.vocab_start = topo.tp_rank * self.per_rank
+        self.weight = _param((self.per_rank, dim), 0)
+
+    def forward(self, ids):
+        if self.topo.tp == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.topo.tp_group)
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """A generator that depends only on the seed and the parameter's global name."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+@torch.no_grad()
+def init_shard_(param: torch.Tensor, full_shape, std: float, generator: torch.Generator, topo: Topology,
+                valid_rows: Optional[int] = None) -> None:
+    """Draw the full tensor ``normal(0, std)`` and copy this rank's shard into ``param``.
+
+    ``valid_rows`` draws only the first rows (the real vocabulary) and zeroes the rest (padding), so the padded
+    size, which depends on TP, does not change the values.
+    """
+    full = torch.zeros(full_shape)
+    rows = full_shape[0] if valid_rows is None else valid_rows
+    full[:rows].normal_(0.0, std, generator=generator)
+    dim = getattr(param, "tp_dim", None)
+    shard = full if dim is None or topo.tp == 1 else full.chunk(topo.tp, dim=dim)[topo.tp_rank]
+    param.copy_(shard)
+
+
+def full_shape(param: torch.Tensor, topo: Topology):
+    shape = list(param.shape)
+    dim = getattr(param, "tp_dim", None)
+    if dim is not None:
+        shape[dim] *= topo.tp
+    return tuple(shape)

@@ -1,0 +1,112 @@
+"""Process topology: who this rank is in the tensor- and data-parallel groups, and how it was launched.
+
+Rank order puts tensor parallelism innermost (the ranks of one TP group share a node), then data parallelism:
+``rank = dp_rank * TP + tp_rank``. One ``Topology`` object is built at start-up and passed explicitly.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """The requested parallel layout cannot be built from the world size and model shape."""
+
+
+@dataclass
+class Topology:
+    world_size: int = 1
+    rank: int = 0
+    tp: int = 1
+    dp: int = 1
+    tp_rank: int = 0
+    dp_rank: int = 0
+    tp_group: Optional[object] = field(default=None, repr=False)
+    dp_group: Optional[object] = field(default=None, repr=False)
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def build(cls, tp: int = 1) -> "Topology":
+        """Groups for the current process group (a single process when torch.distributed is not initialised)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if tp < 1 or world % tp:
+            raise LayoutError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp}")
+        dp = world // tp
+        topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp)
+        if dist.is_initialized():
+            # every rank must create every group, in the same order
+            for d in range(dp):
+                ranks = list(range(d * tp, (d + 1) * tp))
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    topo.tp_group = group
+            for t in range(tp):
+                ranks = list(range(t, world, tp))
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    topo.dp_group = group
+        return topo
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True).stdout.split()
+        if out:
+            return out[0]
+    return nodelist.split(",")[0].split("[")[0]
+
+
+def launch_environment(env=os.environ) -> dict:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from whichever launcher started us:
+    torchrun or the deepspeed launcher, srun without torchrun, or mpirun (Open MPI or MPICH/PMI)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0)), "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+                "master_port": env.get("MASTER_PORT", "29500")}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", 0)),
+                "master_addr": env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                "master_port": env.get("MASTER_PORT", "29500")}
+    for rank_var, size_var, local_var in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                                           "OMPI_COMM_WORLD_LOCAL_RANK"),
+                                          ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")):
+        if rank_var in env and size_var in env:
+            return {"rank": int(env[rank_var]), "world_size": int(env[size_var]),
+                    "local_rank": int(env.get(local_var, 0)), "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+                    "master_port": env.get("MASTER_PORT", "29500")}
+    return {"rank": 0, "world_size": 1, "local_rank": 0, "master_addr": "127.0.0.1", "master_port": "29500"}
+
+
+def init_distributed(timeout_minutes: float = 10.0) -> dict:
+    """Join the process group the launcher describes (gloo on CPU, NCCL on GPU); no-op for one process."""
+    launch = launch_environment()
+    if launch["world_size"] > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(launch["local_rank"] % torch.cuda.device_count())
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{launch['master_addr']}:{launch['master_port']}",
+                                rank=launch["rank"], world_size=launch["world_size"],
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return launch
+
+
+def destroy_distributed(barrier: bool = True) -> None:
+    """Always called before exit: without it gloo sometimes aborts at shutdown. ``barrier=False`` on an error
+    path, where the other ranks may never arrive."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,56 @@
+"""Entry point: ``python -m megalm.pretrain``, ``megalm-pretrain``, ``torchrun megalm/pretrain.py``.
+
+Parse the config, join the process group the launcher set up, build the Trainer, train.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+if __package__ in (None, ""):  # run as a script (torchrun megalm/pretrain.py): make the package importable
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megalm.config import ConfigError, load_config
+from megalm.data.gpt_dataset import DatasetError
+from megalm.data.indexed import IndexedFormatError
+from megalm.data.tokenizers import TokenizerError
+from megalm.parallel.state import LayoutError, Topology, destroy_distributed, init_distributed, launch_environment
+from megalm.training.checkpoint import CheckpointError
+from megalm.training.logging import setup_logging
+
+log = logging.getLogger("megalm")
+
+USER_ERRORS = (ConfigError, DatasetError, IndexedFormatError, TokenizerError, LayoutError, CheckpointError,
+               FileNotFoundError)
+
+
+def main(argv=None) -> int:
+    launch = launch_environment()
+    setup_logging(launch["rank"])
+    try:
+        cfg = load_config(argv, world_size=launch["world_size"])
+        if not cfg.data.data_path:
+            raise ConfigError("--data-path is required (a prefix written by megalm-preprocess)")
+    except USER_ERRORS as exc:
+        print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    init_distributed()
+    try:
+        from megalm.training.trainer import Trainer
+
+        Trainer(cfg, Topology.build(cfg.parallel.tensor_model_parallel_size)).train()
+    except USER_ERRORS as exc:
+        print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
+        destroy_distributed(barrier=False)
+        return 2
+    except BaseException:
+        destroy_distributed(barrier=False)
+        raise
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Reading JSON-lines corpora: files or globs, plain or ``.gz``, errors that name the file and line."""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from typing import Iterator, List, Optional, Tuple
+
+
+class JsonlError(ValueError):
+    """A line that is not a JSON object with the requested string fields."""
+
+
+def expand_inputs(patterns: List[str]) -> List[str]:
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise FileNotFoundError(f"--input {pattern}: matches no file")
+        for path in matched:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--input {path}: no such file")
+        files.extend(matched)
+    return files
+
+
+def open_text(path: str) -> io.TextIOBase:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_lines(files: List[str], start_line: int = 0) -> Iterator[Tuple[str, int, str]]:
+    """(file, 1-based line number, line) for every line of every file."""
+    for path in files:
+        with open_text(path) as fh:
+            try:
+                for lineno, line in enumerate(fh, 1):
+                    yield path, lineno, line
+            except UnicodeDecodeError as exc:
+                raise JsonlError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def parse_document(line: str, keys: List[str], where: str) -> Optional[dict]:
+    """The requested fields of one line (None for a blank line); each field a string or a list of strings."""
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise JsonlError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise JsonlError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    out = {}
+    for key in keys:
+        if key not in obj:
+            raise JsonlError(f"{where}: no key {key!r} (keys here: {', '.join(list(obj)[:8])})")
+        value = obj[key]
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise JsonlError(f"{where}: {key!r} must be a string or a list of strings, got {type(value).__name__}")
+        out[key] = value
+    return out
+
+
+def iter_documents(inputs: List[str], keys: List[str]) -> Iterator[dict]:
+    for path, lineno, line in iter_lines(expand_inputs(inputs)):
+        doc = parse_document(line, keys, f"{path}:{lineno}")
+        if doc is not None:
+            yield {k: (v if isinstance(v, str) else " ".join(v)) for k, v in doc.items()}

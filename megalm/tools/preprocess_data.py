@@ -1,0 +1,229 @@
+"""``megalm-preprocess``: JSON lines to Megatron ``.bin/.idx`` datasets, tokenized in parallel.
+
+The main process reads batches of lines; worker processes parse and tokenize a whole batch at once with the
+tokenizer's batch encoder; results come back in input order and stream to the writers. Nothing is kept per
+document beyond one length in a numpy array, and outputs appear under their final names only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+from megalm.config import ConfigError, DataConfig, validate_tokenizer
+from megalm.data.indexed import IndexedDatasetWriter, optimal_dtype
+from megalm.data.tokenizers import TokenizerError, build_tokenizer
+from megalm.tools.jsonl import JsonlError, expand_inputs, iter_lines, parse_document
+
+# a sentence ends at . ! or ? (and any closing quotes or brackets), before whitespace and a capital, digit or quote
+_SENTENCE_END = re.compile(r"([.!?][\"')\]]*)(\s+)(?=[A-Z0-9\"'(\[])")
+
+
+def split_sentences(text: str, keep_newlines: bool = False) -> List[str]:
+    """Built-in rule-based splitter (no download). With ``keep_newlines`` a sentence keeps the newlines that
+    follow it, so paragraph breaks survive; otherwise the whitespace between sentences is dropped."""
+    sentences, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        end = m.end(1)
+        tail = m.group(2)
+        sentence = text[start:end] + ("\n" * tail.count("\n") if keep_newlines else "")
+        if sentence.strip():
+            sentences.append(sentence)
+        start = m.end(2)
+    if text[start:].strip():
+        sentences.append(text[start:])
+    return sentences
+
+
+@dataclass
+class Batch:
+    path: str
+    first_line: int
+    lines: List[str]
+
+
+class Encoder:
+    """Parses and tokenizes a batch of lines; the tokenizer is built lazily in each worker process."""
+
+    def __init__(self, data_cfg: DataConfig, keys: List[str], append_eod: bool, split: bool, keep_newlines: bool,
+                 skip_bad_lines: bool):
+        self.data_cfg, self.keys, self.append_eod = data_cfg, keys, append_eod
+        self.split, self.keep_newlines, self.skip_bad_lines = split, keep_newlines, skip_bad_lines
+        self._tok = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _tok=None)
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = build_tokenizer(self.data_cfg)
+        return self._tok
+
+    def encode(self, batch: Batch) -> dict:
+        docs, bad = [], []
+        for i, line in enumerate(batch.lines):
+            where = f"{batch.path}:{batch.first_line + i}"
+            try:
+                doc = parse_document(line, self.keys, where)
+            except JsonlError as exc:
+                if not self.skip_bad_lines:
+                    return {"error": str(exc)}
+                bad.append(where)
+                continue
+            if doc is not None:
+                docs.append(doc)
+        out = {"docs": len(docs), "bytes": sum(len(line) for line in batch.lines), "bad": bad}
+        for key in self.keys:
+            out[key] = self._encode_key([d[key] for d in docs])
+        return out
+
+    def _encode_key(self, values) -> tuple:
+        """Flat tokens, sequence lengths and sequences per document, for one JSON key of the batch."""
+        pieces, owner = [], []
+        for d, value in enumerate(values):
+            if isinstance(value, list):  # already split into sentences, as Megatron takes it
+                parts = value
+            else:
+                parts = split_sentences(value, self.keep_newlines) if self.split else [value]
+            pieces.extend(parts)
+            owner.extend([d] * len(parts))
+        encoded = self.tokenizer.tokenize_batch(pieces) if pieces else []
+        per_doc = [[] for _ in values]
+        for d, ids in zip(owner, encoded):
+            if ids:
+                per_doc[d].append(ids)
+        eod = self.tokenizer.eod
+        lengths, counts, flat = [], [], []
+        for seqs in per_doc:
+            if seqs and self.append_eod:
+                seqs[-1] = list(seqs[-1]) + [eod]
+            counts.append(len(seqs))
+            for s in seqs:
+                lengths.append(len(s))
+                flat.extend(s)
+        return (np.asarray(flat, dtype=np.int64), np.asarray(lengths, dtype=np.int32),
+                np.asarray(counts, dtype=np.int64))
+
+
+def batches(files: List[str], size: int):
+    for path in files:
+        buf, first = [], 1
+        for _, lineno, line in iter_lines([path]):
+            if not buf:
+                first = lineno
+            buf.append(line)
+            if len(buf) == size:
+                yield Batch(path, first, buf)
+                buf = []
+        if buf:
+            yield Batch(path, first, buf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megalm-preprocess", description="Tokenize JSONL into .bin/.idx datasets.")
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True, help="JSONL files or globs; .gz allowed")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize; one dataset per key")
+    g.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (built-in splitter)")
+    g.add_argument("--keep-newlines", action="store_true", help="keep newlines between sentences when splitting")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip lines that are not JSON objects with the keys (default: stop at the first)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, help="GPT2BPETokenizer, SentencePieceTokenizer, "
+                   "HuggingFaceTokenizer or NullTokenizer")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--vocab-size", type=int)
+    g.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document id")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument("--batch-lines", type=int, default=1024, help="lines per task sent to a worker")
+    g.add_argument("--log-interval", type=int, default=10000, help="documents between progress updates")
+    return p
+
+
+def run(args) -> dict:
+    data_cfg = DataConfig(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                          vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size)
+    validate_tokenizer(data_cfg)
+    if args.workers < 1 or args.batch_lines < 1:
+        raise ConfigError("--workers and --batch-lines must be at least 1")
+    files = expand_inputs(args.input)
+    encoder = Encoder(data_cfg, args.json_keys, args.append_eod, args.split_sentences, args.keep_newlines,
+                      args.skip_bad_lines)
+    tokenizer = encoder.tokenizer
+    level = "sentence" if args.split_sentences else "document"
+    outputs = {k: f"{args.output_prefix}_{k}_{level}" for k in args.json_keys}
+    writers = {k: IndexedDatasetWriter(p, optimal_dtype(tokenizer.vocab_size)) for k, p in outputs.items()}
+    stats = {"docs": 0, "bytes": 0, "bad": 0, "bad_lines": [], "outputs": list(outputs.values())}
+    compressed = any(f.endswith(".gz") for f in files)
+    total = None if compressed else sum(os.path.getsize(f) for f in files)
+    pool = mp.get_context("fork").Pool(args.workers) if args.workers > 1 else None
+    start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+
+        results = (pool.imap(encoder.encode, batches(files, args.batch_lines)) if pool
+                   else map(encoder.encode, batches(files, args.batch_lines)))
+        with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", mininterval=1.0,
+                  disable=None) as bar:
+            last_log = 0
+            for res in results:
+                if "error" in res:
+                    raise JsonlError(res["error"] + " (use --skip-bad-lines to skip such lines)")
+                for key, writer in writers.items():
+                    writer.add_documents(*res[key])
+                stats["docs"] += res["docs"]
+                stats["bytes"] += res["bytes"]
+                stats["bad"] += len(res["bad"])
+                stats["bad_lines"].extend(res["bad"][: max(0, 10 - len(stats["bad_lines"]))])
+                bar.update(res["bytes"])
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(docs=stats["docs"], docs_per_s=f"{stats['docs'] / elapsed:.0f}", refresh=False)
+                if bar.disable and stats["docs"] - last_log >= args.log_interval:
+                    last_log = stats["docs"]
+                    print(f"processed {stats['docs']} documents ({stats['docs'] / elapsed:.0f} docs/s, "
+                          f"{stats['bytes'] / elapsed / 1e6:.1f} MB/s)", file=sys.stderr)
+        if stats["docs"] == 0:
+            raise JsonlError(f"--input {' '.join(args.input)}: no documents found (empty input)")
+        for writer in writers.values():
+            writer.finalize()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+    stats["seconds"] = time.perf_counter() - start
+    return stats
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        stats = run(args)
+    except (JsonlError, ConfigError, TokenizerError, FileNotFoundError) as exc:
+        print(f"megalm-preprocess: error: {exc}", file=sys.stderr)
+        return 2
+    secs = stats["seconds"]
+    print(f"wrote {stats['docs']} documents in {secs:.1f} s ({stats['docs'] / secs:.0f} docs/s, "
+          f"{stats['bytes'] / secs / 1e6:.1f} MB/s): " + ", ".join(p + ".{bin,idx}" for p in stats["outputs"]))
+    if stats["bad"]:
+        print(f"skipped {stats['bad']} bad lines; first: {', '.join(stats['bad_lines'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Where training numbers go: a progress line, JSON lines (``--metrics-file``), TensorBoard events.
+
+Only the rank that logs (global rank 0) opens files; every other rank gets a logger that writes nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Optional
+
+log = logging.getLogger("megalm")
+
+
+def setup_logging(rank: int) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stdout, format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S", level=logging.INFO if rank == 0 else logging.WARNING)
+
+
+class MetricsLogger:
+    def __init__(self, enabled: bool, metrics_file: Optional[str] = None, tensorboard_dir: Optional[str] = None):
+        self.enabled = enabled
+        self._jsonl = self._tb = None
+        if not enabled:
+            return
+        if metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            self._jsonl = open(metrics_file, "a", buffering=1)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(tensorboard_dir)
+
+    def record(self, row: dict) -> None:
+        """One JSON line, and each number as a TensorBoard scalar at ``row['iteration']``."""
+        if not self.enabled:
+            return
+        if self._jsonl:
+            self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb:
+            for key, value in row.items():
+                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, row["iteration"])
+
+    def progress(self, row: dict, train_iters: int) -> None:
+        if not self.enabled:
+            return
+        parts = [f"iter {row['iteration']}/{train_iters}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3e}",
+                 f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_sec']:.0f} tokens/s",
+                 f"{row['ms_per_iter']:.1f} ms/iter"]
+        if row.get("skipped"):
+            parts.append(f"skipped {row['skipped']}")
+        if "loss_scale" in row:
+            parts.append(f"loss scale {row['loss_scale']:.0f}")
+        log.info(" | ".join(parts))
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()

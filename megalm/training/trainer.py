@@ -1,0 +1,191 @@
+"""The training loop: one Trainer that builds everything from the config and runs iterations.
+
+Step: this rank's micro-batches of the global batch -> forward/backward each (loss averaged over micro-batches)
+-> gradients averaged over data parallelism -> clip by the global norm -> AdamW step at the scheduled LR.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megalm.config import Config, parse_data_path, parse_split
+from megalm.data.gpt_dataset import IndexCache, build_datasets, split_sample_counts
+from megalm.data.loader import global_batch
+from megalm.data.tokenizers import build_tokenizer
+from megalm.model.gpt import GPT
+from megalm.optim.optimizer import build_optimizer, clip_grads_
+from megalm.optim.schedule import learning_rate
+from megalm.parallel.data_parallel import all_reduce_gradients
+from megalm.parallel.state import Topology
+from megalm.training import checkpoint as ckpt
+from megalm.training.logging import MetricsLogger
+
+log = logging.getLogger("megalm")
+
+# model fields that may differ between the run that saved a checkpoint and the one that loads it
+_RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropout"}
+
+
+def pick_device(topo: Topology) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, topo: Topology):
+        self.cfg, self.topo = cfg, topo
+        t = cfg.train
+        torch.manual_seed(t.seed)
+        self.device = pick_device(topo)
+        self.tokenizer = build_tokenizer(cfg.data)
+        self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo)
+        self.model.init_weights(t.seed)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.fp16)
+        self.compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.metrics = MetricsLogger(topo.rank == 0, cfg.logging.metrics_file, cfg.logging.tensorboard_dir)
+        barrier = dist.barrier if dist.is_initialized() else None
+        counts = split_sample_counts(t.train_iters, t.global_batch_size, t.eval_iters)
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            parse_data_path(cfg.data.data_path), parse_split(cfg.data.split), counts, cfg.model.seq_length, t.seed,
+            self.tokenizer.fingerprint, IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier))
+        if cfg.checkpoint.load:
+            self.load(cfg.checkpoint.load)
+        log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x DP %d",
+                 f"{self.model.num_parameters():,}", cfg.model.num_layers, cfg.model.hidden_size,
+                 self.tokenizer.vocab_size, self.model.padded_vocab_size, topo.tp, topo.dp)
+
+    def _autocast(self):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def _micro_batches(self, dataset, consumed: int):
+        t = self.cfg.train
+        return global_batch(dataset, consumed, t.global_batch_size, t.micro_batch_size, self.topo.dp_rank,
+                            self.topo.dp)
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.topo.dp > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=self.topo.dp_group)
+            value /= self.topo.dp
+        return float(value)
+
+    def _loss(self, batch) -> torch.Tensor:
+        with self._autocast():
+            per_token = self.model(batch["tokens"].to(self.device), batch["labels"].to(self.device))
+        return per_token.float().mean()
+
+    def train_step(self, micro_batches) -> dict:
+        """One optimizer step over this rank's micro-batches; returns loss, grad norm, lr, skipped."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = self._loss(batch) / len(micro_batches)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        params = list(self.model.parameters())
+        all_reduce_gradients(params, self.topo.dp_group, self.topo.dp)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grads_(params, self.cfg.optim.clip_grad, self.topo)
+        lr = learning_rate(self.cfg.optim, self.iteration + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": self._dp_mean(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over ``--eval-iters`` global batches of the validation split (the same ones every time)."""
+        if self.valid_ds is None or self.cfg.train.eval_iters == 0:
+            return None
+        self.model.eval()
+        gbs, losses = self.cfg.train.global_batch_size, []
+        for i in range(self.cfg.train.eval_iters):
+            micro = self._micro_batches(self.valid_ds, i * gbs)
+            losses.append(sum(self._loss(b) for b in micro) / len(micro))
+        return self._dp_mean(torch.stack(losses).mean())
+
+    def train(self) -> None:
+        t, lg = self.cfg.train, self.cfg.logging
+        tokens_per_iter = t.global_batch_size * self.cfg.model.seq_length
+        saved_at = None
+        while self.iteration < t.train_iters:
+            start = time.perf_counter()
+            step = self.train_step(self._micro_batches(self.train_ds, self.consumed_samples))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            self.iteration += 1
+            self.consumed_samples += t.global_batch_size
+            row = {"iteration": self.iteration, **step, "tokens_per_sec": tokens_per_iter / elapsed,
+                   "ms_per_iter": 1000 * elapsed, "consumed_samples": self.consumed_samples}
+            if t.fp16:
+                row["loss_scale"] = self.scaler.get_scale()
+            self.metrics.record(row)
+            if self.iteration % lg.log_interval == 0 or self.iteration == 1:
+                self.metrics.progress(row, t.train_iters)
+            if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
+                self.log_validation()
+            interval = self.cfg.checkpoint.save_interval
+            if self.cfg.checkpoint.save and interval and self.iteration % interval == 0:
+                self.save()
+                saved_at = self.iteration
+        if self.cfg.checkpoint.save and saved_at != self.iteration:
+            self.save()
+        self.metrics.close()
+
+    def log_validation(self) -> None:
+        valid = self.evaluate()
+        if valid is None:
+            return
+        ppl = math.exp(min(valid, 50.0))
+        self.metrics.record({"iteration": self.iteration, "valid_loss": valid, "valid_ppl": ppl})
+        if self.metrics.enabled:
+            log.info("validation at iter %d | loss %.4f | perplexity %.2f", self.iteration, valid, ppl)
+
+    def save(self) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        meta = {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
+                "tokenizer": self.tokenizer.fingerprint, "layout": {"tp": self.topo.tp, "dp": self.topo.dp}}
+        ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.cfg,
+                             self.topo, meta, rng)
+
+    def load(self, path: str) -> None:
+        state = ckpt.read_checkpoint(path)
+        saved, here = state["config"].model.__dict__, self.cfg.model.__dict__
+        differ = sorted(k for k in here if k not in _RUNTIME_MODEL_FIELDS and saved.get(k) != here[k])
+        if differ:
+            raise ckpt.CheckpointError(f"{state['path']}: model config differs from this run in "
+                                       + ", ".join(f"{k} ({saved.get(k)} there, {here[k]} here)" for k in differ))
+        if state["meta"].get("tokenizer") != self.tokenizer.fingerprint:
+            raise ckpt.CheckpointError(f"{state['path']}: saved with tokenizer {state['meta'].get('tokenizer')}, "
+                                       f"this run uses {self.tokenizer.fingerprint}")
+        ckpt.load_model_state(self.model, state["model"], self.topo, state["path"])
+        ckpt.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.topo)
+        meta = state["meta"]
+        self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        log.info("resumed from %s at iteration %d (%d samples consumed)", state["path"], self.iteration,
+                 self.consumed_samples)
