@@ -43,7 +43,7 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest", "megatron-core", "transformers", "safetensors"]},
+    extras_require={"test": ["pytest", "megatron-core", "transformers", "safetensors", "tiktoken"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": [

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The main job on the built-in default, offline on CPU: corpus -> tokenizer -> preprocess -> train -> sample.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+PY=.venv/bin/python
+OUT=${QUICKSTART_DIR:-runs/quickstart}
+mkdir -p "$OUT"
+$PY -m megalm.tools.build_corpus --output "$OUT/corpus.jsonl"
+$PY -m megalm.tools.train_tokenizer --input "$OUT/corpus.jsonl" --type bpe --vocab-size 8192 --output-dir "$OUT/tokenizer"
+$PY -m megalm.tools.preprocess_data --input "$OUT/corpus.jsonl" --output-prefix "$OUT/corpus" \
+  --tokenizer-type GPT2BPETokenizer --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" \
+  --append-eod --workers 2
+rm -rf "$OUT/checkpoints" "$OUT/metrics.jsonl" "$OUT/tensorboard"
+$PY -m megalm.pretrain --config configs/gpt_tiny.yaml --data-path "$OUT/corpus_text_document" \
+  --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" \
+  --save "$OUT/checkpoints" --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard"
+$PY -m megalm.tools.summarize_metrics "$OUT/metrics.jsonl"
+$PY -m megalm.generate --load "$OUT/checkpoints" --max-new-tokens 60 --temperature 0.7 --top-p 0.9 \
+  --prompt "Return a new list" --prompt "The file object"

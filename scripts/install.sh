@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One-time set-up, safe to re-run: a .venv with torch (2.13.0 CPU unless a torch is already there), then megalm
+# with its test extras, building the megalm._C extension against that torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check setuptools wheel ninja
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+fi
+.venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
+.venv/bin/python -c "from megalm.kernels import extension; assert extension() is not None, 'megalm._C did not build'"

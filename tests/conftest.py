@@ -1,0 +1,88 @@
+"""Shared fixtures: a small real-English corpus, a BPE tokenizer trained on it, and its preprocessed dataset.
+
+Built once per test session under a temporary directory; everything offline.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def run_module(module, *args, env=None, timeout=600):
+    """Run ``python -m module args`` as a user would; returns the CompletedProcess (never raises on failure)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([PYTHON, "-m", module, *map(str, args)], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, module_path, *args, timeout=900, env=None):
+    """``torchrun --nproc_per_node N megalm/...py args`` on localhost with gloo."""
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), module_path, *map(str, args)]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("megalm")
+
+
+@pytest.fixture(scope="session")
+def corpus(workdir):
+    from megalm.tools.build_corpus import build_corpus
+
+    path = str(workdir / "corpus.jsonl")
+    build_corpus(path, max_mb=0.6)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(workdir, corpus):
+    from megalm.tools.train_tokenizer import train_bpe
+
+    out = str(workdir / "bpe")
+    train_bpe([corpus], ["text"], 1024, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_flags(bpe_dir):
+    return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", os.path.join(bpe_dir, "vocab.json"),
+            "--merge-file", os.path.join(bpe_dir, "merges.txt")]
+
+
+@pytest.fixture(scope="session")
+def dataset_prefix(workdir, corpus, bpe_flags):
+    from megalm.tools.preprocess_data import build_parser, run
+
+    prefix = str(workdir / "corpus")
+    run(build_parser().parse_args(["--input", corpus, "--output-prefix", prefix, "--append-eod", "--workers", "2",
+                                   *bpe_flags]))
+    return prefix + "_text_document"
+
+
+@pytest.fixture(scope="session")
+def corpus_texts(corpus):
+    with open(corpus) as fh:
+        return [json.loads(line)["text"] for line in fh]
+
+
+def tiny_train_flags(dataset_prefix, bpe_flags, *extra):
+    """A model and run small enough for a test: 2 layers, width 32, sequence 32."""
+    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2",
+            "--eval-interval", "4", "--eval-iters", "2", "--split", "90,10,0", "--log-interval", "1",
+            "--data-path", dataset_prefix, *bpe_flags, *extra]

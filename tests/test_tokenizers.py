@@ -1,0 +1,98 @@
+"""Every tokenizer round-trips; GPT-2 BPE ids equal an independent encoder's (tiktoken) on the corpus."""
+import json
+import os
+
+import pytest
+
+from megalm.data.tokenizers import (GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, SentencePieceTokenizer,
+                                    TokenizerError, build_tokenizer, padded_vocab_size)
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _bytes_to_unicode():
+    """GPT-2's printable stand-ins for the 256 byte values (as in its published encoder)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def test_gpt2_bpe_matches_tiktoken(bpe_dir, corpus_texts):
+    tiktoken = pytest.importorskip("tiktoken")
+    decoder = {v: k for k, v in _bytes_to_unicode().items()}
+    with open(os.path.join(bpe_dir, "vocab.json")) as fh:
+        vocab = json.load(fh)
+    ranks = {bytes(decoder[c] for c in tok): i for tok, i in vocab.items() if tok != "<|endoftext|>"}
+    # tiktoken merges by rank, which equals merge order only when ids follow merge order: check that first
+    with open(os.path.join(bpe_dir, "merges.txt")) as fh:
+        merges = [line.split() for line in fh if line.strip() and not line.startswith("#version")]
+    merged_ids = [vocab[a + b] for a, b in merges]
+    assert merged_ids == sorted(merged_ids)
+    enc = tiktoken.Encoding("test-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    ours = GPT2BPETokenizer(os.path.join(bpe_dir, "vocab.json"), os.path.join(bpe_dir, "merges.txt"))
+    texts = corpus_texts[:300] + ["  leading spaces\n\ttabs and ünïcödé — 123 4567 it's we'll", ""]
+    assert ours.tokenize_batch(texts) == enc.encode_ordinary_batch(texts)
+
+
+def test_gpt2_round_trip(bpe_dir, corpus_texts):
+    tok = GPT2BPETokenizer(os.path.join(bpe_dir, "vocab.json"), os.path.join(bpe_dir, "merges.txt"))
+    for text in corpus_texts[:50] + ["ünïcödé and emoji 🙂"]:
+        assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.eod == tok._tok.token_to_id("<|endoftext|>")
+    assert tok.vocab_size == 1024
+
+
+def test_huggingface_tokenizer_json(bpe_dir, corpus_texts):
+    tok = HuggingFaceTokenizer(bpe_dir)  # directory holding tokenizer.json
+    gpt2 = GPT2BPETokenizer(os.path.join(bpe_dir, "vocab.json"), os.path.join(bpe_dir, "merges.txt"))
+    assert tok.tokenize(corpus_texts[0]) == gpt2.tokenize(corpus_texts[0])
+    assert tok.detokenize(tok.tokenize(corpus_texts[1])) == corpus_texts[1]
+    assert tok.eod == gpt2.eod
+
+
+def test_sentencepiece(tmp_path, corpus):
+    from megalm.tools.train_tokenizer import train_sentencepiece
+
+    train_sentencepiece([corpus], ["text"], 600, str(tmp_path))
+    tok = SentencePieceTokenizer(str(tmp_path / "tokenizer.model"))
+    text = "Return the number of items in the container."
+    assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.vocab_size == 600 and tok.eod == tok._sp.eos_id()
+
+
+def test_null_tokenizer():
+    tok = NullTokenizer(100)
+    assert tok.tokenize("1 2 99") == [1, 2, 99]
+    assert tok.detokenize([1, 2]) == "1 2"
+    assert tok.eod == 100 and tok.vocab_size == 101
+    with pytest.raises(TokenizerError, match="id 100 outside"):
+        tok.tokenize("100")
+    with pytest.raises(TokenizerError, match="space-separated integers"):
+        tok.tokenize("a b")
+
+
+def test_bad_tokenizer_files(tmp_path):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="bad.model: not a SentencePiece model"):
+        SentencePieceTokenizer(str(bad))
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        HuggingFaceTokenizer(str(tmp_path))
+
+    class Cfg:
+        tokenizer_type = "Bogus"
+
+    with pytest.raises(TokenizerError, match="--tokenizer-type 'Bogus' is unknown"):
+        build_tokenizer(Cfg())
+
+
+def test_padded_vocab():
+    assert padded_vocab_size(1000, 128, 1) == 1024
+    assert padded_vocab_size(1000, 128, 2) == 1024
+    assert padded_vocab_size(1025, 128, 4) == 1536

@@ -1,0 +1,81 @@
+"""pretrain end to end on the fixture corpus: metrics, validation, exact resume, precision modes, bad input."""
+import json
+import os
+
+import pytest
+
+from conftest import run_module, tiny_train_flags
+from megalm.pretrain import main as _main
+
+
+def main(argv):
+    return _main([str(a) for a in argv])
+
+
+def read_metrics(path):
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh]
+    return [r for r in rows if "loss" in r], [r for r in rows if "valid_loss" in r]
+
+
+def test_train_logs_metrics_and_tensorboard(tmp_path, dataset_prefix, bpe_flags):
+    metrics = tmp_path / "m.jsonl"
+    assert main(tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "8", "--metrics-file", metrics,
+                                 "--tensorboard-dir", tmp_path / "tb")) == 0
+    train, valid = read_metrics(metrics)
+    assert [r["iteration"] for r in train] == list(range(1, 9))
+    assert {"iteration", "loss", "lr", "grad_norm", "tokens_per_sec", "ms_per_iter"} <= set(train[0])
+    assert [r["iteration"] for r in valid] == [4, 8] and all("valid_ppl" in r for r in valid)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+def test_exact_resume(tmp_path, dataset_prefix, bpe_flags):
+    full, resumed = tmp_path / "full.jsonl", tmp_path / "resumed.jsonl"
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--hidden-dropout", "0.1")
+    assert main(flags + ["--save", tmp_path / "a", "--save-interval", "3", "--metrics-file", full]) == 0
+    assert open(tmp_path / "a" / "latest_checkpointed_iteration.txt").read() == "6"
+    assert main(flags + ["--load", tmp_path / "a" / "iter_0000003", "--metrics-file", resumed]) == 0
+    a, _ = read_metrics(full)
+    b, _ = read_metrics(resumed)
+    assert [r["iteration"] for r in b] == [4, 5, 6]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a[3:]]  # bitwise: same data, weights, Adam state, RNG
+    assert [r["grad_norm"] for r in b] == [r["grad_norm"] for r in a[3:]]
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_mixed_precision_trains(tmp_path, dataset_prefix, bpe_flags, precision):
+    metrics = tmp_path / "m.jsonl"
+    assert main(tiny_train_flags(dataset_prefix, bpe_flags, precision, "--train-iters", "12", "--lr", "3e-3",
+                                 "--metrics-file", metrics)) == 0
+    train, _ = read_metrics(metrics)
+    assert all(r["loss"] == r["loss"] for r in train)  # finite
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_checkpoint_errors(tmp_path, dataset_prefix, bpe_flags):
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2")
+    assert main(flags + ["--save", tmp_path / "c"]) == 0
+    res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c", "--hidden-size", "64")
+    assert res.returncode == 2 and "model config differs from this run in ffn_hidden_size" in res.stderr
+    model_pt = tmp_path / "c" / "iter_0000002" / "model.pt"
+    data = bytearray(model_pt.read_bytes())
+    data[-100] ^= 0xFF
+    model_pt.write_bytes(bytes(data))
+    res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c")
+    assert res.returncode == 2 and "model.pt: checksum mismatch" in res.stderr
+
+
+def test_bad_input_errors(tmp_path, dataset_prefix, bpe_flags):
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2")
+    res = run_module("megalm.pretrain", *flags, "--data-path", tmp_path / "missing_text_document")
+    assert res.returncode == 2 and "missing_text_document.idx does not exist" in res.stderr
+    res = run_module("megalm.pretrain", *flags, "--hidden-size", "30")
+    assert res.returncode == 2 and "--hidden-size 30 is not divisible by --num-attention-heads 4" in res.stderr
+    res = run_module("megalm.pretrain", *flags, "--tokenizer-type", "WordPiece")
+    assert res.returncode == 2 and "invalid choice: 'WordPiece'" in res.stderr
+    no_data = [f for f in flags if f != dataset_prefix and f != "--data-path"]
+    res = run_module("megalm.pretrain", *no_data)
+    assert res.returncode == 2 and "--data-path is required" in res.stderr
+    res = run_module("megalm.pretrain", *flags, "--split", "100,0,0", "--seq-length", "32")
+    assert res.returncode == 0, res.stderr  # no validation split: training runs without validation
