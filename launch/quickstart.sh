@@ -12,7 +12,9 @@ $PY -m megalm.tools.preprocess_data --input "$OUT/corpus.jsonl" --output-prefix 
   --tokenizer-type GPT2BPETokenizer --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" \
   --append-eod --workers 2
 rm -rf "$OUT/checkpoints" "$OUT/metrics.jsonl" "$OUT/tensorboard"
-$PY -m megalm.pretrain --config configs/gpt_tiny.yaml --data-path "$OUT/corpus_text_document" \
+# tensor parallelism over 2 processes (gloo on CPU); one thread each on a 2-core machine
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY -m torch.distributed.run --standalone --nproc_per_node 2 megalm/pretrain.py \
+  --config configs/gpt_tiny.yaml --tensor-model-parallel-size 2 --data-path "$OUT/corpus_text_document" \
   --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" \
   --save "$OUT/checkpoints" --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard"
 $PY -m megalm.tools.summarize_metrics "$OUT/metrics.jsonl"

@@ -52,8 +52,9 @@ class ModelConfig:
     attention_dropout: float = opt(0.0, "dropout on attention probabilities")
     init_method_std: float = opt(0.02, "std of the normal weight initialisation")
     make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this (times TP)")
-    attention_backend: str = opt("sdpa", "attention implementation: torch scaled_dot_product_attention, or the "
-                                 "plain matmul-softmax-matmul reference", choices=("sdpa", "unfused"))
+    attention_backend: str = opt("sdpa", "attention implementation: torch scaled_dot_product_attention (flash on "
+                                 "GPU), matmuls around megalm's fused scale-mask-softmax kernel, or the plain "
+                                 "matmul-softmax-matmul reference", choices=("sdpa", "fused", "unfused"))
 
     @property
     def head_dim(self) -> int:
@@ -63,6 +64,8 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = opt(1, "ranks that split each layer")
+    sequence_parallel: bool = opt(False, "split norms, dropout and activations between blocks along the sequence "
+                                  "over the TP ranks (no effect at TP 1)")
 
 
 @dataclass
@@ -330,6 +333,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"--tensor-model-parallel-size {tp}")
     if m.ffn_hidden_size % tp:
         raise ConfigError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    if p.sequence_parallel and tp > 1 and m.seq_length % tp:
+        raise ConfigError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
     if world_size is not None and world_size % tp:
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")

@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     try:
         from megalm.training.trainer import Trainer
 
-        Trainer(cfg, Topology.build(cfg.parallel.tensor_model_parallel_size)).train()
+        topo = Topology.build(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
+        Trainer(cfg, topo).train()
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
         destroy_distributed(barrier=False)

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.data.tokenizers import padded_vocab_size
-from megalm.model.transformer import Block, KVCache, Norm, rope_tables
+from megalm.model.transformer import Block, KVCache, Norm, hidden_dropout, rope_tables
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megalm.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, full_shape, init_shard_,
-                                    param_generator)
-from megalm.parallel.mappings import copy_to_tp, gather_from_tp
+from megalm.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, enter_tp_region, full_shape,
+                                    init_shard_, param_generator)
+from megalm.parallel.mappings import gather_from_tp, scatter_to_sequence_parallel
+from megalm.parallel.random import RNGTracker
 from megalm.parallel.state import Topology
 
 
@@ -31,8 +32,10 @@ class GPT(nn.Module):
         self.embedding = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, topo)
         if cfg.position_embedding_type == "learned_absolute":
             self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, topo, str(i)) for i in range(cfg.num_layers)})
-        self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon)
+        self.rng_tracker = RNGTracker(tp_rank=topo.tp_rank)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, topo, str(i), self.rng_tracker)
+                                     for i in range(cfg.num_layers)})
+        self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, topo.sequence_parallel)
         if cfg.untie_embeddings_and_output_weights:
             self.output = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, topo, bias=False)
         for p in self.parameters():  # rows past the real vocabulary are padding: zero, never trained or saved
@@ -44,7 +47,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Normal(0, std) weights, std / sqrt(2 L) for the projections that write into the residual stream,
-        norms at one, biases at zero; each tensor drawn whole from a generator keyed by its name."""
+        norms at one, biases at zero; each tensor drawn whole from a generator keyed by its name.
+        Also seeds this rank's dropout generator."""
+        self.rng_tracker.seed(seed, self.topo.tp_rank)
         std = self.cfg.init_method_std
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
@@ -68,7 +73,9 @@ class GPT(nn.Module):
             x = x + self.position_embedding(position_ids)
         else:
             rope = rope_tables(self.cfg.head_dim, position_ids, self.cfg.rotary_base)
-        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        if self.topo.sequence_parallel:
+            x = scatter_to_sequence_parallel(x, self.topo.tp_group)
+        x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.topo, self.rng_tracker)
         for block in self.layers.values():
             x = block(x, rope, kv_cache)
         if kv_cache is not None:
@@ -79,7 +86,7 @@ class GPT(nn.Module):
         """This rank's slice of the (padded) vocabulary logits."""
         if self.cfg.untie_embeddings_and_output_weights:
             return self.output(h)
-        return F.linear(copy_to_tp(h, self.topo.tp_group), self.embedding.weight)
+        return F.linear(enter_tp_region(h, self.topo), self.embedding.weight)
 
     def forward(self, tokens, labels=None, position_ids=None, kv_cache: Optional[KVCache] = None):
         """Per-token loss ``[b, s]`` when ``labels`` are given, else full logits ``[b, s, vocab]``."""

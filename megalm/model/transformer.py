@@ -1,10 +1,13 @@
 """One pre-norm decoder block: attention (causal, grouped-query, optional RoPE) and an MLP (GELU or SwiGLU).
 
 Linear layers are the tensor-parallel ones; each rank holds ``heads / TP`` query heads, ``groups / TP`` key/value
-heads and ``ffn / TP`` MLP columns. Nothing else here knows about parallelism.
+heads and ``ffn / TP`` MLP columns. Under sequence parallelism the block's input and output are this rank's
+sequence shard; the layers gather and scatter. Dropout on activations that differ per TP rank draws from the
+per-rank generator (``rng.fork()``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -13,18 +16,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
-from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megalm.kernels.fused_softmax import fused_softmax
+from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
+from megalm.parallel.random import RNGTracker
 from megalm.parallel.state import Topology
 
 
 class Norm(nn.Module):
     """LayerNorm (weight and bias) or RMSNorm (weight only)."""
 
-    def __init__(self, dim: int, kind: str, eps: float):
+    def __init__(self, dim: int, kind: str, eps: float, sequence_parallel: bool = False):
         super().__init__()
         self.kind, self.eps = kind, eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if kind == "LayerNorm" else None
+        for p in self.parameters():  # under SP each rank normalises only its shard: gradients summed over TP
+            p.sequence_parallel = sequence_parallel
 
     def forward(self, x):
         if self.kind == "LayerNorm":
@@ -76,24 +83,27 @@ def unfused_attention(q, k, v, causal_offset: Optional[int], dropout: float, tra
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, topo: Topology, layer: str):
+    def __init__(self, cfg: ModelConfig, topo: Topology, layer: str, rng: RNGTracker):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
+        self.cfg, self.layer, self.rng = cfg, layer, rng
         hd = cfg.head_dim
         self.n_heads = cfg.num_attention_heads // topo.tp
         self.n_kv = cfg.num_query_groups // topo.tp
         bias = cfg.add_bias_linear
-        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_attention_heads * hd, topo, bias)
-        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias)
-        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias)
+        self.topo = topo
+        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_attention_heads * hd, topo, bias, input_entered=True)
+        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias, input_entered=True)
+        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias, input_entered=True)
         self.wo = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, bias)
 
     def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None):
-        b, s, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.wq(x).view(b, s, self.n_heads, hd).transpose(1, 2)
-        k = self.wk(x).view(b, s, self.n_kv, hd).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.n_kv, hd).transpose(1, 2)
+        x = enter_tp_region(x, self.topo)  # the whole sequence, also when x was a sequence-parallel shard
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        b, s = q.shape[:2]
+        q = q.view(b, s, self.n_heads, hd).transpose(1, 2)
+        k = k.view(b, s, self.n_kv, hd).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
@@ -101,47 +111,68 @@ class Attention(nn.Module):
             past = kv_cache.length
             k, v = kv_cache.update(self.layer, k, v)
         dropout = self.cfg.attention_dropout if self.training else 0.0
+        with self.rng.fork() if dropout > 0 else contextlib.nullcontext():
+            out = self._attend(q, k, v, past, dropout)
+        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * hd))
+
+    def _attend(self, q, k, v, past: int, dropout: float):
+        s = q.shape[2]
         if self.cfg.attention_backend == "sdpa":
             if past == 0:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                      enable_gqa=self.n_kv != self.n_heads)
             else:  # decoding: the new queries see every cached position up to their own
-                mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+                mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=past)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                      enable_gqa=self.n_kv != self.n_heads)
-        else:
-            rep = self.n_heads // self.n_kv
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out = unfused_attention(q, k, v, past, dropout, self.training)
-        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * hd))
+            return out
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.cfg.attention_backend == "fused" and past == 0:
+            probs = fused_softmax(torch.matmul(q, k.transpose(-1, -2)), 1.0 / math.sqrt(q.shape[-1]), causal=True)
+            return torch.matmul(F.dropout(probs, dropout, self.training), v)
+        return unfused_attention(q, k, v, past, dropout, self.training)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
         bias = cfg.add_bias_linear
-        self.swiglu = cfg.swiglu
-        self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias)
+        self.topo, self.swiglu = topo, cfg.swiglu
+        self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias, input_entered=True)
         if self.swiglu:
-            self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias)
+            self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias, input_entered=True)
         self.w2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, topo, bias)
 
     def forward(self, x):
+        x = enter_tp_region(x, self.topo)
         if self.swiglu:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return self.w2(F.gelu(self.w1(x)))
 
 
+def hidden_dropout(x, p: float, training: bool, topo: Topology, rng: RNGTracker):
+    """Dropout on the residual stream: replicated across TP (same masks from the shared generator), or under
+    sequence parallelism on this rank's shard (its own generator)."""
+    if not training or p == 0:
+        return x
+    with rng.fork() if topo.sequence_parallel else contextlib.nullcontext():
+        return F.dropout(x, p, True)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, topo: Topology, layer: str):
+    def __init__(self, cfg: ModelConfig, topo: Topology, layer: str, rng: RNGTracker):
         super().__init__()
-        self.attention_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon)
-        self.attention = Attention(cfg, topo, layer)
-        self.mlp_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon)
+        sp = topo.sequence_parallel
+        self.topo, self.rng = topo, rng
+        self.attention_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, sp)
+        self.attention = Attention(cfg, topo, layer, rng)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, sp)
         self.mlp = MLP(cfg, topo)
         self.dropout = cfg.hidden_dropout
 
     def forward(self, x, rope=None, kv_cache=None):
-        x = x + F.dropout(self.attention(self.attention_norm(x), rope, kv_cache), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+        drop = lambda y: hidden_dropout(y, self.dropout, self.training, self.topo, self.rng)  # noqa: E731
+        x = x + drop(self.attention(self.attention_norm(x), rope, kv_cache))
+        return x + drop(self.mlp(self.mlp_norm(x)))

@@ -1,6 +1,9 @@
 """Tensor-parallel layers. At TP = 1 each is exactly the plain torch layer it replaces.
 
 Every parameter carries ``tp_dim``: the dimension it is split along across the TP group (None when replicated).
+Under sequence parallelism a column-parallel layer all-gathers its sequence-sharded input and a row-parallel one
+reduce-scatters its output back to sequence shards; replicated parameters that then see only this rank's shard
+(norms, row-parallel biases) are marked ``sequence_parallel`` so their gradients are summed over the TP group.
 ``init_shard_`` fills a shard from the full tensor drawn with a per-parameter generator, so the same seed gives
 the same full model whatever the layout.
 """
@@ -13,28 +16,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megalm.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp
+from megalm.parallel.mappings import (copy_to_tp, gather_from_sequence_parallel, gather_from_tp, reduce_from_tp,
+                                      reduce_scatter_to_sequence_parallel)
 from megalm.parallel.state import Topology
 
 
-def _param(shape, tp_dim: Optional[int]) -> nn.Parameter:
+def _param(shape, tp_dim: Optional[int], sequence_parallel: bool = False) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape))
     p.tp_dim = tp_dim
+    p.sequence_parallel = sequence_parallel
     return p
 
 
+def enter_tp_region(x, topo: Topology):
+    """The input of a column-parallel computation: replicated (copy) or, under SP, gathered from shards."""
+    if topo.sequence_parallel:
+        return gather_from_sequence_parallel(x, topo.tp_group)
+    return copy_to_tp(x, topo.tp_group)
+
+
+def leave_tp_region(x, topo: Topology):
+    """Sum partial results over TP: all-reduce, or under SP reduce-scatter to sequence shards."""
+    if topo.sequence_parallel:
+        return reduce_scatter_to_sequence_parallel(x, topo.tp_group)
+    return reduce_from_tp(x, topo.tp_group)
+
+
 class ColumnParallelLinear(nn.Module):
-    """``y = x A^T + b`` with A split by output rows: each rank produces its slice of the outputs."""
+    """``y = x A^T + b`` with A split by output rows: each rank produces its slice of the outputs.
+
+    ``input_entered``: the caller already passed ``x`` through ``enter_tp_region`` (several projections of one
+    input share that collective, and its backward sums their gradients once).
+    """
 
     def __init__(self, in_features: int, out_features: int, topo: Topology, bias: bool = True,
-                 gather_output: bool = False):
+                 gather_output: bool = False, input_entered: bool = False):
         super().__init__()
-        self.topo, self.gather_output = topo, gather_output
+        self.topo, self.gather_output, self.input_entered = topo, gather_output, input_entered
         self.weight = _param((out_features // topo.tp, in_features), 0)
         self.bias = _param((out_features // topo.tp,), 0) if bias else None
 
     def forward(self, x):
-        y = F.linear(copy_to_tp(x, self.topo.tp_group), self.weight, self.bias)
+        y = F.linear(x if self.input_entered else enter_tp_region(x, self.topo), self.weight, self.bias)
         return gather_from_tp(y, self.topo.tp_group) if self.gather_output else y
 
 
@@ -45,10 +68,10 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.topo = topo
         self.weight = _param((out_features, in_features // topo.tp), 1)
-        self.bias = _param((out_features,), None) if bias else None
+        self.bias = _param((out_features,), None, topo.sequence_parallel) if bias else None
 
     def forward(self, x):
-        y = reduce_from_tp(F.linear(x, self.weight), self.topo.tp_group)
+        y = leave_tp_region(F.linear(x, self.weight), self.topo)
         return y + self.bias if self.bias is not None else y
 
 

@@ -32,9 +32,9 @@ def _gather_last(x, group):
     if n == 1:
         return x
     x = x.contiguous()
-    out = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_gather_into_tensor(out, x, group=group)
-    return torch.cat(out.unbind(0), dim=-1)
+    return torch.cat(out.chunk(n, dim=0), dim=-1)
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -98,3 +98,81 @@ def scatter_to_tp(x, group):
 def gather_from_tp(x, group):
     """Concatenate every rank's slice of the last dimension; the backward splits."""
     return x if _size(group) == 1 else _GatherFromRegion.apply(x, group)
+
+
+# Sequence parallelism: activations between blocks are split along the sequence (dim 1 of [b, s, h]).
+# The collectives work on dim 0, so the sequence is moved there and back.
+
+def _all_gather_seq(x, group):
+    n = _size(group)
+    if n == 1:
+        return x
+    xs = x.transpose(0, 1).contiguous()
+    out = torch.empty((n * xs.shape[0],) + tuple(xs.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, xs, group=group)
+    return out.transpose(0, 1)
+
+
+def _reduce_scatter_seq(x, group):
+    n = _size(group)
+    if n == 1:
+        return x
+    xs = x.transpose(0, 1).contiguous()
+    out = torch.empty((xs.shape[0] // n,) + tuple(xs.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, xs, group=group)
+    return out.transpose(0, 1)
+
+
+def _split_seq(x, group):
+    n = _size(group)
+    if n == 1:
+        return x
+    return x.chunk(n, dim=1)[dist.get_rank(group)].contiguous()
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+def gather_from_sequence_parallel(x, group):
+    """All-gather the sequence shards forward; reduce-scatter the gradient (enters a TP region under SP)."""
+    return x if _size(group) == 1 else _GatherFromSequence.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel(x, group):
+    """Sum partial results and keep this rank's sequence shard; all-gather the gradient (leaves a TP region)."""
+    return x if _size(group) == 1 else _ReduceScatterToSequence.apply(x, group)
+
+
+def scatter_to_sequence_parallel(x, group):
+    """Keep this rank's sequence shard of a replicated tensor; all-gather the gradient."""
+    return x if _size(group) == 1 else _ScatterToSequence.apply(x, group)

@@ -28,6 +28,7 @@ class Topology:
     dp: int = 1
     tp_rank: int = 0
     dp_rank: int = 0
+    sequence_parallel: bool = False
     tp_group: Optional[object] = field(default=None, repr=False)
     dp_group: Optional[object] = field(default=None, repr=False)
 
@@ -36,14 +37,16 @@ class Topology:
         return self.rank == 0
 
     @classmethod
-    def build(cls, tp: int = 1) -> "Topology":
-        """Groups for the current process group (a single process when torch.distributed is not initialised)."""
+    def build(cls, tp: int = 1, sequence_parallel: bool = False) -> "Topology":
+        """Groups for the current process group (a single process when torch.distributed is not initialised).
+        ``sequence_parallel`` splits activations between blocks along the sequence over the TP group."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         if tp < 1 or world % tp:
             raise LayoutError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp}")
         dp = world // tp
-        topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp)
+        topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp,
+                   sequence_parallel=sequence_parallel and tp > 1)
         if dist.is_initialized():
             # every rank must create every group, in the same order
             for d in range(dp):

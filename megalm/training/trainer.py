@@ -21,7 +21,7 @@ from megalm.data.tokenizers import build_tokenizer
 from megalm.model.gpt import GPT
 from megalm.optim.optimizer import build_optimizer, clip_grads_
 from megalm.optim.schedule import learning_rate
-from megalm.parallel.data_parallel import all_reduce_gradients
+from megalm.parallel.grad_sync import sync_gradients
 from megalm.parallel.state import Topology
 from megalm.training import checkpoint as ckpt
 from megalm.training.logging import MetricsLogger
@@ -97,7 +97,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             total += loss.detach()
         params = list(self.model.parameters())
-        all_reduce_gradients(params, self.topo.dp_group, self.topo.dp)
+        sync_gradients(params, self.topo)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grads_(params, self.cfg.optim.clip_grad, self.topo)
         lr = learning_rate(self.cfg.optim, self.iteration + 1)
@@ -160,7 +160,7 @@ class Trainer:
             log.info("validation at iter %d | loss %.4f | perplexity %.2f", self.iteration, valid, ppl)
 
     def save(self) -> None:
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state(), "tracker": self.model.rng_tracker.state_dict()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         meta = {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
@@ -185,6 +185,8 @@ class Trainer:
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
+        if "tracker" in state["rng"]:
+            self.model.rng_tracker.load_state_dict(state["rng"]["tracker"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         log.info("resumed from %s at iteration %d (%d samples consumed)", state["path"], self.iteration,
