@@ -79,3 +79,19 @@ def test_bad_input_errors(tmp_path, dataset_prefix, bpe_flags):
     assert res.returncode == 2 and "--data-path is required" in res.stderr
     res = run_module("megalm.pretrain", *flags, "--split", "100,0,0", "--seq-length", "32")
     assert res.returncode == 0, res.stderr  # no validation split: training runs without validation
+
+
+def test_runs_without_the_extension(tmp_path, dataset_prefix, bpe_flags):
+    """Pure PyTorch/numpy fallbacks: same losses as with megalm._C, and the log says so once."""
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "3", "--attention-backend", "fused",
+                             "--data-cache-path", tmp_path / "cache")
+    res = run_module("megalm.pretrain", *flags, "--metrics-file", tmp_path / "fallback.jsonl",
+                     env={"MEGALM_DISABLE_EXTENSION": "1"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("megalm._C disabled") == 1
+    assert "fused softmax: using the torch reference (megalm._C is not built)" in res.stdout
+    assert main(flags + ["--metrics-file", tmp_path / "ext.jsonl", "--data-cache-path", tmp_path / "cache2"]) == 0
+    fallback, _ = read_metrics(tmp_path / "fallback.jsonl")
+    ext, _ = read_metrics(tmp_path / "ext.jsonl")
+    for a, b in zip(fallback, ext):
+        assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-5
