@@ -26,13 +26,13 @@ constexpr float kPaddingFill = -10000.0f;
 #define MEGALM_CLONES
 #endif
 
-// exp for x <= 0 (inputs are shifted by the row max); Cephes polynomial, ~1 ulp; written as straight-line float
-// and int arithmetic so the compiler vectorises the loops that call it.
+// exp for x <= 0 (inputs are shifted by the row max); Cephes polynomial, ~1 ulp; branch-free float and int
+// arithmetic (rounding by the 1.5 * 2^23 trick, no libm call) so that, with -fno-trapping-math, the compiler
+// vectorises the loops that call it.
 static inline float exp_nonpositive(float x) {
-  const bool underflow = x < -87.0f;
-  x = underflow ? -87.0f : x;
-  const float r = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float f = x - r * 0.693359375f + r * 2.12194440e-4f;
+  const float xc = x > -87.0f ? x : -87.0f;
+  const float r = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const float f = xc - r * 0.693359375f + r * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * f + 1.3981999507e-3f;
   p = p * f + 8.3334519073e-3f;
@@ -43,7 +43,7 @@ static inline float exp_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
   float two_r;
   std::memcpy(&two_r, &bits, sizeof(float));
-  return underflow ? 0.0f : p * two_r;
+  return p * two_r * static_cast<float>(x >= -87.0f);
 }
 
 // Reductions keep 8 partial results so the compiler can vectorise them without reassociating floats itself.
