@@ -73,11 +73,12 @@ def test_kv_cache_matches_recompute(flavour):
     assert with_cache == without and len(with_cache) == 14
 
 
-def test_unfused_attention_matches_sdpa():
+@pytest.mark.parametrize("backend", ["unfused", "fused"])
+def test_attention_backends_match_sdpa(backend):
     m = build(LLAMA).eval()
     x = torch.randint(0, 300, (2, 16))
     ref = m(x)
-    m.cfg.attention_backend = "unfused"
+    m.cfg.attention_backend = backend
     assert torch.allclose(m(x), ref, atol=1e-5)
 
 

@@ -7,6 +7,8 @@
 // Each row is done in one pass through a small float buffer, so the tensor is read once and written once.
 #include <torch/extension.h>
 
+#include "checks.h"
+
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -176,20 +178,9 @@ void check_scores(const torch::Tensor& t, const char* name) {
 // kind: 0 unmasked, 1 padding mask ([b or 1, 1, sq, sk] bool), 2 causal
 torch::Tensor fused_softmax_forward_cpu(torch::Tensor x, c10::optional<torch::Tensor> mask, double scale, int64_t kind) {
   check_scores(x, "input");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "fused_softmax: kind must be 0, 1 or 2");
   x = x.contiguous();
   const int64_t b = x.size(0), h = x.size(1), sq = x.size(2), sk = x.size(3);
-  TORCH_CHECK(kind != 2 || sq == sk, "fused_softmax: the causal variant needs sq == sk, got ", sq, " and ", sk);
-  torch::Tensor m;
-  int64_t mask_batch = 1;
-  if (kind == 1) {
-    TORCH_CHECK(mask.has_value(), "fused_softmax: the padding variant needs a mask");
-    m = mask->to(at::kBool).contiguous();
-    TORCH_CHECK(m.dim() == 4 && m.size(1) == 1 && m.size(2) == sq && m.size(3) == sk &&
-                    (m.size(0) == 1 || m.size(0) == b),
-                "fused_softmax: mask must be [b or 1, 1, sq, sk], got ", m.sizes());
-    mask_batch = m.size(0);
-  }
+  const auto [m, mask_batch] = checked_mask(mask, x, kind);
   auto y = torch::empty_like(x);
   const int64_t rows = b * h * sq;
   const bool* mp = kind == 1 ? m.data_ptr<bool>() : nullptr;
@@ -205,8 +196,7 @@ torch::Tensor fused_softmax_forward_cpu(torch::Tensor x, c10::optional<torch::Te
 
 torch::Tensor fused_softmax_backward_cpu(torch::Tensor dy, torch::Tensor y, double scale, int64_t kind) {
   check_scores(y, "output");
-  TORCH_CHECK(dy.sizes() == y.sizes() && dy.scalar_type() == y.scalar_type(),
-              "fused_softmax backward: gradient and output differ in shape or dtype");
+  check_backward_args(dy, y);
   dy = dy.contiguous();
   y = y.contiguous();
   auto dx = torch::empty_like(y);

@@ -2,6 +2,8 @@
 #ifdef MEGALM_WITH_CUDA
 #include <torch/extension.h>
 
+#include "checks.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -28,17 +30,7 @@ torch::Tensor fused_softmax_forward_cuda(torch::Tensor x, c10::optional<torch::T
   const c10::cuda::CUDAGuard guard(x.device());
   x = x.contiguous();
   const int64_t b = x.size(0), h = x.size(1), sq = x.size(2), sk = x.size(3);
-  TORCH_CHECK(kind != 2 || sq == sk, "fused_softmax: the causal variant needs sq == sk, got ", sq, " and ", sk);
-  torch::Tensor m;
-  int64_t mask_batch = 1;
-  if (kind == 1) {
-    TORCH_CHECK(mask.has_value(), "fused_softmax: the padding variant needs a mask");
-    m = mask->to(x.device(), at::kBool).contiguous();
-    TORCH_CHECK(m.dim() == 4 && m.size(1) == 1 && m.size(2) == sq && m.size(3) == sk &&
-                    (m.size(0) == 1 || m.size(0) == b),
-                "fused_softmax: mask must be [b or 1, 1, sq, sk], got ", m.sizes());
-    mask_batch = m.size(0);
-  }
+  const auto [m, mask_batch] = checked_mask(mask, x, kind);
   auto y = torch::empty_like(x);
   launch_fused_softmax_forward(x.data_ptr(), kind == 1 ? reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()) : nullptr,
                                y.data_ptr(), b * h * sq, static_cast<int>(h), static_cast<int>(sq),
@@ -50,8 +42,7 @@ torch::Tensor fused_softmax_forward_cuda(torch::Tensor x, c10::optional<torch::T
 
 torch::Tensor fused_softmax_backward_cuda(torch::Tensor dy, torch::Tensor y, double scale, int64_t kind) {
   check_scores(y, "output");
-  TORCH_CHECK(dy.sizes() == y.sizes() && dy.scalar_type() == y.scalar_type(),
-              "fused_softmax backward: gradient and output differ in shape or dtype");
+  check_backward_args(dy, y);
   const c10::cuda::CUDAGuard guard(y.device());
   dy = dy.contiguous();
   y = y.contiguous();

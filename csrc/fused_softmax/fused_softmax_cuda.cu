@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace megalm {
 namespace {
@@ -108,46 +109,41 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
+// Calls f(std::integral_constant<int, ELEMS>) with the smallest ELEMS (values per lane) that covers sk.
+template <typename F>
+void dispatch_elems(int sk, F&& f) {
+  if (sk <= 32) f(std::integral_constant<int, 1>{});
+  else if (sk <= 64) f(std::integral_constant<int, 2>{});
+  else if (sk <= 128) f(std::integral_constant<int, 4>{});
+  else if (sk <= 256) f(std::integral_constant<int, 8>{});
+  else if (sk <= 512) f(std::integral_constant<int, 16>{});
+  else if (sk <= 1024) f(std::integral_constant<int, 32>{});
+  else if (sk <= 2048) f(std::integral_constant<int, 64>{});
+  else if (sk <= 4096) f(std::integral_constant<int, 128>{});
+  else throw std::invalid_argument("fused softmax (CUDA): sk must be at most 4096");
+}
+
+dim3 grid_for(int64_t rows) {
+  return dim3(static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock));
+}
+
 template <typename T>
 void forward_typed(const void* x, const uint8_t* mask, void* y, int64_t rows, int heads, int sq, int sk,
                    int mask_batch, float scale, int kind, cudaStream_t stream) {
-  const dim3 block(kWarp * kWarpsPerBlock);
-  const dim3 grid(static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock));
-  const T* xi = static_cast<const T*>(x);
-  T* yo = static_cast<T*>(y);
-#define MEGALM_FWD(E) softmax_forward<T, E><<<grid, block, 0, stream>>>(xi, mask, yo, rows, heads, sq, sk, mask_batch, scale, kind)
-  if (sk <= 32) MEGALM_FWD(1);
-  else if (sk <= 64) MEGALM_FWD(2);
-  else if (sk <= 128) MEGALM_FWD(4);
-  else if (sk <= 256) MEGALM_FWD(8);
-  else if (sk <= 512) MEGALM_FWD(16);
-  else if (sk <= 1024) MEGALM_FWD(32);
-  else if (sk <= 2048) MEGALM_FWD(64);
-  else if (sk <= 4096) MEGALM_FWD(128);
-  else throw std::invalid_argument("fused softmax (CUDA): sk must be at most 4096");
-#undef MEGALM_FWD
+  dispatch_elems(sk, [&](auto elems) {
+    softmax_forward<T, decltype(elems)::value><<<grid_for(rows), kWarp * kWarpsPerBlock, 0, stream>>>(
+        static_cast<const T*>(x), mask, static_cast<T*>(y), rows, heads, sq, sk, mask_batch, scale, kind);
+  });
   check(cudaGetLastError(), "fused softmax forward launch");
 }
 
 template <typename T>
 void backward_typed(const void* dy, const void* y, void* dx, int64_t rows, int sq, int sk, float scale, int kind,
                     cudaStream_t stream) {
-  const dim3 block(kWarp * kWarpsPerBlock);
-  const dim3 grid(static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock));
-  const T* g = static_cast<const T*>(dy);
-  const T* p = static_cast<const T*>(y);
-  T* o = static_cast<T*>(dx);
-#define MEGALM_BWD(E) softmax_backward<T, E><<<grid, block, 0, stream>>>(g, p, o, rows, sq, sk, scale, kind)
-  if (sk <= 32) MEGALM_BWD(1);
-  else if (sk <= 64) MEGALM_BWD(2);
-  else if (sk <= 128) MEGALM_BWD(4);
-  else if (sk <= 256) MEGALM_BWD(8);
-  else if (sk <= 512) MEGALM_BWD(16);
-  else if (sk <= 1024) MEGALM_BWD(32);
-  else if (sk <= 2048) MEGALM_BWD(64);
-  else if (sk <= 4096) MEGALM_BWD(128);
-  else throw std::invalid_argument("fused softmax (CUDA): sk must be at most 4096");
-#undef MEGALM_BWD
+  dispatch_elems(sk, [&](auto elems) {
+    softmax_backward<T, decltype(elems)::value><<<grid_for(rows), kWarp * kWarpsPerBlock, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(y), static_cast<T*>(dx), rows, sq, sk, scale, kind);
+  });
   check(cudaGetLastError(), "fused softmax backward launch");
 }
 

@@ -37,67 +37,45 @@ def _gather_last(x, group):
     return torch.cat(out.chunk(n, dim=0), dim=-1)
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+def _identity(x, group):
+    return x
 
 
-class _ReduceFromRegion(torch.autograd.Function):
+class _Conjugate(torch.autograd.Function):
+    """Forward ``fwd``, backward ``bwd``: each public mapping below is such a pair."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    def forward(ctx, x, group, fwd, bwd):
+        ctx.group, ctx.bwd = group, bwd
+        return fwd(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return ctx.bwd(grad, ctx.group), None, None, None
 
 
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last(grad, ctx.group), None
+def _pair(x, group, fwd, bwd):
+    return x if _size(group) == 1 else _Conjugate.apply(x, group, fwd, bwd)
 
 
 def copy_to_tp(x, group):
     """Identity forward, all-reduce of the gradient: enters a column-parallel region."""
-    return x if _size(group) == 1 else _CopyToRegion.apply(x, group)
+    return _pair(x, group, _identity, _all_reduce)
 
 
 def reduce_from_tp(x, group):
     """All-reduce forward, identity backward: leaves a row-parallel region."""
-    return x if _size(group) == 1 else _ReduceFromRegion.apply(x, group)
+    return _pair(x, group, _all_reduce, _identity)
 
 
 def scatter_to_tp(x, group):
     """Keep this rank's slice of the last dimension; the backward gathers."""
-    return x if _size(group) == 1 else _ScatterToRegion.apply(x, group)
+    return _pair(x, group, _split_last, _gather_last)
 
 
 def gather_from_tp(x, group):
     """Concatenate every rank's slice of the last dimension; the backward splits."""
-    return x if _size(group) == 1 else _GatherFromRegion.apply(x, group)
+    return _pair(x, group, _gather_last, _split_last)
 
 
 # Sequence parallelism: activations between blocks are split along the sequence (dim 1 of [b, s, h]).
@@ -130,49 +108,16 @@ def _split_seq(x, group):
     return x.chunk(n, dim=1)[dist.get_rank(group)].contiguous()
 
 
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
-
-
 def gather_from_sequence_parallel(x, group):
     """All-gather the sequence shards forward; reduce-scatter the gradient (enters a TP region under SP)."""
-    return x if _size(group) == 1 else _GatherFromSequence.apply(x, group)
+    return _pair(x, group, _all_gather_seq, _reduce_scatter_seq)
 
 
 def reduce_scatter_to_sequence_parallel(x, group):
     """Sum partial results and keep this rank's sequence shard; all-gather the gradient (leaves a TP region)."""
-    return x if _size(group) == 1 else _ReduceScatterToSequence.apply(x, group)
+    return _pair(x, group, _reduce_scatter_seq, _all_gather_seq)
 
 
 def scatter_to_sequence_parallel(x, group):
     """Keep this rank's sequence shard of a replicated tensor; all-gather the gradient."""
-    return x if _size(group) == 1 else _ScatterToSequence.apply(x, group)
+    return _pair(x, group, _split_seq, _all_gather_seq)
