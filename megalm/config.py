@@ -52,6 +52,11 @@ class ModelConfig:
     attention_dropout: float = opt(0.0, "dropout on attention probabilities")
     init_method_std: float = opt(0.02, "std of the normal weight initialisation")
     make_vocab_size_divisible_by: int = opt(128, "pad the vocabulary to a multiple of this (times TP)")
+    recompute_granularity: Optional[str] = opt(None, "recompute activations in backward: whole layers (full) or "
+                                               "only the attention core (selective)", choices=("full", "selective"))
+    recompute_method: str = opt("uniform", "with full: checkpoint groups of --recompute-num-layers layers (uniform) "
+                                "or only the first --recompute-num-layers layers (block)", choices=("uniform", "block"))
+    recompute_num_layers: int = opt(1, "layers per recomputed group (uniform) or recomputed layers (block)")
     attention_backend: str = opt("sdpa", "attention implementation: torch scaled_dot_product_attention (flash on "
                                  "GPU), matmuls around megalm's fused scale-mask-softmax kernel, or the plain "
                                  "matmul-softmax-matmul reference", choices=("sdpa", "fused", "unfused"))
@@ -111,6 +116,8 @@ class TrainConfig:
 @dataclass
 class LoggingConfig:
     log_interval: int = opt(10, "iterations between progress lines")
+    peak_tflops: Optional[float] = opt(None, "peak dense TFLOP/s of one device, for MFU (default: from a table of "
+                                       "known GPUs; none on CPU)")
     tensorboard_dir: Optional[str] = opt(None, "write TensorBoard events here")
     metrics_file: Optional[str] = opt(None, "append one JSON line of metrics per iteration here")
 
@@ -324,6 +331,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             raise ConfigError(f"{flag} must be in [0, 1), got {value}")
     if m.init_method_std <= 0:
         raise ConfigError(f"--init-method-std must be positive, got {m.init_method_std}")
+    if m.recompute_granularity == "full" and not 1 <= m.recompute_num_layers <= m.num_layers:
+        raise ConfigError(f"--recompute-num-layers {m.recompute_num_layers} must be between 1 and --num-layers "
+                          f"{m.num_layers}")
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        raise ConfigError(f"--peak-tflops must be positive, got {lg.peak_tflops}")
     tp = p.tensor_model_parallel_size
     if m.num_attention_heads % tp:
         raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "

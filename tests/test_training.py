@@ -21,10 +21,12 @@ def read_metrics(path):
 def test_train_logs_metrics_and_tensorboard(tmp_path, dataset_prefix, bpe_flags):
     metrics = tmp_path / "m.jsonl"
     assert main(tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "8", "--metrics-file", metrics,
-                                 "--tensorboard-dir", tmp_path / "tb")) == 0
+                                 "--tensorboard-dir", tmp_path / "tb", "--peak-tflops", "0.5")) == 0
     train, valid = read_metrics(metrics)
     assert [r["iteration"] for r in train] == list(range(1, 9))
-    assert {"iteration", "loss", "lr", "grad_norm", "tokens_per_sec", "ms_per_iter"} <= set(train[0])
+    assert {"iteration", "loss", "lr", "grad_norm", "tokens_per_sec", "ms_per_iter", "tflops_per_device",
+            "mfu"} <= set(train[0])
+    assert train[0]["mfu"] == pytest.approx(train[0]["tflops_per_device"] / 0.5)
     assert [r["iteration"] for r in valid] == [4, 8] and all("valid_ppl" in r for r in valid)
     assert train[-1]["loss"] < train[0]["loss"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.data.tokenizers import padded_vocab_size
+from megalm.model.recompute import recomputed
 from megalm.model.transformer import Block, KVCache, Norm, hidden_dropout, rope_tables
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, enter_tp_region, full_shape,
@@ -76,11 +77,32 @@ class GPT(nn.Module):
         if self.topo.sequence_parallel:
             x = scatter_to_sequence_parallel(x, self.topo.tp_group)
         x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.topo, self.rng_tracker)
-        for block in self.layers.values():
-            x = block(x, rope, kv_cache)
+        if self.cfg.recompute_granularity == "full" and self.training and kv_cache is None:
+            x = self._run_recomputed(x, rope)
+        else:
+            for block in self.layers.values():
+                x = block(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.length += tokens.shape[1]
         return self.final_norm(x)
+
+    def _run_recomputed(self, x, rope):
+        """Full recomputation: groups of ``recompute_num_layers`` layers (uniform), or only the first that many
+        layers one by one (block), keep just their inputs; the rest run normally."""
+        blocks, n = list(self.layers.values()), self.cfg.recompute_num_layers
+
+        def run(h, *group):
+            for block in group:
+                h = block(h, rope)
+            return h
+
+        if self.cfg.recompute_method == "uniform":
+            for i in range(0, len(blocks), n):
+                x = recomputed(lambda h, g=blocks[i:i + n]: run(h, *g), self.rng_tracker, x)
+            return x
+        for i, block in enumerate(blocks):
+            x = recomputed(lambda h, b=block: run(h, b), self.rng_tracker, x) if i < n else block(x, rope)
+        return x
 
     def logits_shard(self, h):
         """This rank's slice of the (padded) vocabulary logits."""
@@ -95,6 +117,11 @@ class GPT(nn.Module):
             return vocab_parallel_cross_entropy(logits, labels, self.embedding.vocab_start, self.vocab_size,
                                                 self.topo.tp_group)
         return gather_from_tp(logits, self.topo.tp_group)[..., : self.vocab_size]
+
+    def matmul_parameters(self) -> tuple:
+        """(transformer-layer parameters, output-layer parameters) of the full model: what the FLOP count uses."""
+        layers = sum(math.prod(full_shape(p, self.topo)) for p in self.layers.parameters())
+        return layers, self.vocab_size * self.cfg.hidden_size
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters of the full (unsharded) model, padding excluded."""

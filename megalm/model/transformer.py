@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.kernels.fused_softmax import fused_softmax
+from megalm.model.recompute import recomputed
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 from megalm.parallel.random import RNGTracker
 from megalm.parallel.state import Topology
@@ -110,12 +111,19 @@ class Attention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(self.layer, k, v)
-        dropout = self.cfg.attention_dropout if self.training else 0.0
-        with self.rng.fork() if dropout > 0 else contextlib.nullcontext():
-            out = self._attend(q, k, v, past, dropout)
+        if self.cfg.recompute_granularity == "selective" and self.training and kv_cache is None:
+            out = recomputed(self._attend, self.rng, q, k, v)
+        else:
+            out = self._attend(q, k, v, past)
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * hd))
 
-    def _attend(self, q, k, v, past: int, dropout: float):
+    def _attend(self, q, k, v, past: int = 0):
+        """The attention core (scores, softmax, dropout, weighted values): what selective recomputation redoes."""
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        with self.rng.fork() if dropout > 0 else contextlib.nullcontext():
+            return self._attend_with(q, k, v, past, dropout)
+
+    def _attend_with(self, q, k, v, past: int, dropout: float):
         s = q.shape[2]
         if self.cfg.attention_backend == "sdpa":
             if past == 0:

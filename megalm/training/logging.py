@@ -50,7 +50,9 @@ class MetricsLogger:
             return
         parts = [f"iter {row['iteration']}/{train_iters}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3e}",
                  f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_sec']:.0f} tokens/s",
-                 f"{row['ms_per_iter']:.1f} ms/iter"]
+                 f"{row['ms_per_iter']:.1f} ms/iter", f"{row['tflops_per_device']:.3f} TFLOP/s/device"]
+        if "mfu" in row:
+            parts.append(f"MFU {100 * row['mfu']:.1f}%")
         if row.get("skipped"):
             parts.append(f"skipped {row['skipped']}")
         if "loss_scale" in row:

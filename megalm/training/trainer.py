@@ -24,6 +24,7 @@ from megalm.optim.schedule import learning_rate
 from megalm.parallel.grad_sync import sync_gradients
 from megalm.parallel.state import Topology
 from megalm.training import checkpoint as ckpt
+from megalm.training.flops import Throughput, peak_tflops
 from megalm.training.logging import MetricsLogger
 
 log = logging.getLogger("megalm")
@@ -59,6 +60,9 @@ class Trainer:
         self.train_ds, self.valid_ds, _ = build_datasets(
             parse_data_path(cfg.data.data_path), parse_split(cfg.data.split), counts, cfg.model.seq_length, t.seed,
             self.tokenizer.fingerprint, IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier))
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.throughput = Throughput(cfg.model, *self.model.matmul_parameters(), topo.world_size,
+                                     peak_tflops(device_name, cfg.logging.peak_tflops))
         if cfg.checkpoint.load:
             self.load(cfg.checkpoint.load)
         log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x DP %d",
@@ -133,7 +137,7 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.iteration += 1
             self.consumed_samples += t.global_batch_size
-            row = {"iteration": self.iteration, **step, "tokens_per_sec": tokens_per_iter / elapsed,
+            row = {"iteration": self.iteration, **step, **self.throughput(tokens_per_iter, elapsed),
                    "ms_per_iter": 1000 * elapsed, "consumed_samples": self.consumed_samples}
             if t.fp16:
                 row["loss_scale"] = self.scaler.get_scale()

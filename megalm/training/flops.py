@@ -1,0 +1,60 @@
+"""FLOPs of a training iteration, TFLOP/s per device and model-FLOPs utilisation (MFU).
+
+Per token, with N the parameters that take part in matrix products (the transformer layers and the output
+layer; not the embedding lookups):
+
+    model FLOPs / token = 6 N + 12 L h s        (forward + backward of the weights, plus attention scores and
+                                                  values: 2 matmuls of s x h per layer, x3 for backward)
+
+Recomputation adds one more forward of what it redoes: with full recomputation the layers' part counts 8/6 of
+itself, with selective recomputation the attention term does. TFLOP/s per device counts that work (the
+hardware's), MFU divides the model FLOPs alone by the device's peak.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from megalm.config import ModelConfig
+
+# dense bf16 peak TFLOP/s of one device, by a name that appears in torch.cuda.get_device_name()
+PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
+               "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0, "MI300X": 1307.0, "MI250X": 383.0}
+
+
+def peak_tflops(device_name: str, configured: Optional[float] = None) -> Optional[float]:
+    if configured is not None:
+        return configured
+    for name, peak in PEAK_TFLOPS.items():
+        if name in device_name:
+            return peak
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, layer_params: int, output_params: int) -> tuple:
+    """(model FLOPs, FLOPs done with recomputation) per token; ``layer_params`` are the transformer layers'
+    parameters, ``output_params`` the output layer's (vocab x hidden, tied or not)."""
+    layers = 6 * layer_params
+    attention = 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
+    output = 6 * output_params
+    model = layers + attention + output
+    if cfg.recompute_granularity == "full":
+        return model, model + (layers + attention) / 3
+    if cfg.recompute_granularity == "selective":
+        return model, model + attention / 3
+    return model, model
+
+
+class Throughput:
+    """Turns (tokens, seconds) of an iteration into tokens/s, TFLOP/s per device and MFU."""
+
+    def __init__(self, cfg: ModelConfig, layer_params: int, output_params: int, world_size: int,
+                 peak: Optional[float]):
+        self.model_flops, self.hardware_flops = flops_per_token(cfg, layer_params, output_params)
+        self.world_size, self.peak = world_size, peak
+
+    def __call__(self, tokens: int, seconds: float) -> dict:
+        tflops = self.hardware_flops * tokens / seconds / self.world_size / 1e12
+        out = {"tokens_per_sec": tokens / seconds, "tflops_per_device": tflops}
+        if self.peak:
+            out["mfu"] = self.model_flops * tokens / seconds / self.world_size / 1e12 / self.peak
+        return out

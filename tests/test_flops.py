@@ -1,0 +1,47 @@
+"""The FLOP formula on a configuration worked out by hand, and MFU arithmetic."""
+import pytest
+
+from megalm.config import Config, finalize
+from megalm.model.gpt import GPT
+from megalm.training.flops import Throughput, flops_per_token, peak_tflops
+
+
+def gpt2_config(**kw):
+    cfg = Config()
+    cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 999
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 64, 4, 128
+    for k, v in kw.items():
+        setattr(m, k, v)
+    return finalize(cfg).model
+
+
+def test_formula_by_hand():
+    cfg = gpt2_config()
+    layers, output = GPT(cfg, 1000).matmul_parameters()
+    h = 64
+    # per layer: q, k, v, o (4h^2 + 4h), MLP 4h wide (8h^2 + 5h), two LayerNorms (4h)
+    assert layers == 2 * (12 * h * h + 13 * h) and output == 1000 * h
+    model, hardware = flops_per_token(cfg, layers, output)
+    assert model == 6 * (99968 + 64000) + 12 * 2 * 64 * 128 == hardware
+    full = gpt2_config(recompute_granularity="full")
+    assert flops_per_token(full, layers, output)[1] == pytest.approx(model + (6 * 99968 + 12 * 2 * 64 * 128) / 3)
+    sel = gpt2_config(recompute_granularity="selective")
+    assert flops_per_token(sel, layers, output)[1] == pytest.approx(model + 12 * 2 * 64 * 128 / 3)
+
+
+def test_mfu_arithmetic():
+    cfg = gpt2_config()
+    t = Throughput(cfg, 99968, 64000, world_size=2, peak=1.0)
+    out = t(tokens=10_000, seconds=2.0)
+    per_token = 6 * (99968 + 64000) + 12 * 2 * 64 * 128
+    assert out["tokens_per_sec"] == 5000
+    assert out["tflops_per_device"] == pytest.approx(per_token * 5000 / 2 / 1e12)
+    assert out["mfu"] == pytest.approx(out["tflops_per_device"] / 1.0)
+    assert "mfu" not in Throughput(cfg, 1, 1, 1, None)(1, 1.0)
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("cpu") is None
+    assert peak_tflops("cpu", 2.5) == 2.5
