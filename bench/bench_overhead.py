@@ -7,7 +7,6 @@ pre-built, so its data loading costs nothing; megalm's time includes reading its
 python bench/bench_overhead.py [--iters 40] [--threads 2]
 """
 import argparse
-import math
 import os
 import platform
 import statistics

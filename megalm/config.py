@@ -248,7 +248,7 @@ def load_config(argv: Optional[list] = None, parser: Optional[argparse.ArgumentP
 
 def finalize(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Fill derived defaults and validate; every message names the flag and the broken rule."""
-    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    m, t, o = cfg.model, cfg.train, cfg.optim
     if m.ffn_hidden_size is None:
         m.ffn_hidden_size = int(4 * m.hidden_size * 2 / 3 / 64) * 64 if m.swiglu else 4 * m.hidden_size
         m.ffn_hidden_size = max(m.ffn_hidden_size, 1)

@@ -126,7 +126,6 @@ def _megatron():
 
 
 def test_megatron_core_reads_ours(tmp_path):
-    torch = pytest.importorskip("torch")
     rng = np.random.RandomState(0)
     docs = [rng.randint(0, 60000, size=rng.randint(0, 50)).tolist() for _ in range(200)]
     prefix = write(tmp_path / "ours", docs)

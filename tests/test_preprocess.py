@@ -5,7 +5,6 @@ import os
 import warnings
 
 import numpy as np
-import pytest
 
 from conftest import run_module
 from megalm.data.indexed import IndexedDataset

@@ -33,7 +33,7 @@ log = logging.getLogger("megalm")
 _RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropout"}
 
 
-def pick_device(topo: Topology) -> torch.device:
+def pick_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -44,7 +44,7 @@ class Trainer:
         self.cfg, self.topo = cfg, topo
         t = cfg.train
         torch.manual_seed(t.seed)
-        self.device = pick_device(topo)
+        self.device = pick_device()
         self.tokenizer = build_tokenizer(cfg.data)
         self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo)
         self.model.init_weights(t.seed)
