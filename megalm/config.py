@@ -99,6 +99,8 @@ class DataConfig:
     merge_file: Optional[str] = opt(None, "GPT-2 BPE merges.txt")
     vocab_size: Optional[int] = opt(None, "vocabulary of NullTokenizer (ids 0..N-1; N is the end-of-document id)")
     data_cache_path: Optional[str] = opt(None, "where sample indices are cached (default: beside the data)")
+    eod_mask_loss: bool = opt(False, "no loss on positions whose input token is the end-of-document id")
+    reset_position_ids: bool = opt(False, "restart position ids after every end-of-document token")
 
 
 @dataclass

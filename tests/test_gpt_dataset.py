@@ -132,3 +132,26 @@ def test_global_batch_tensors(tmp_path, small_dataset):
     mbs = global_batch(gpt, 0, 8, 2)
     assert len(mbs) == 4 and mbs[0]["tokens"].shape == (2, 8)
     assert (mbs[0]["tokens"][:, 1:] == mbs[0]["labels"][:, :-1]).all()
+
+
+class _Fixed:
+    """A 'dataset' of given samples, for collate."""
+
+    def __init__(self, samples):
+        self.samples = [np.asarray(s) for s in samples]
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def test_eod_loss_mask_and_position_reset():
+    from megalm.data.loader import collate
+
+    eod = 9
+    batch = collate(_Fixed([[1, 2, 9, 3, 4, 9, 5, 6], [9, 1, 2, 3, 4, 5, 6, 7]]), [0, 1], eod=eod,
+                    eod_mask_loss=True, reset_position_ids=True)
+    assert batch["tokens"].tolist() == [[1, 2, 9, 3, 4, 9, 5], [9, 1, 2, 3, 4, 5, 6]]
+    assert batch["loss_mask"].tolist() == [[1, 1, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0], [0, 0, 1, 2, 3, 4, 5]]
+    plain = collate(_Fixed([[1, 2, 9, 3]]), [0], eod=eod)
+    assert plain["loss_mask"].tolist() == [[1, 1, 1]] and "position_ids" not in plain

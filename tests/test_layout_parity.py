@@ -11,7 +11,7 @@ from megalm.pretrain import main
 
 LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
          "--untie-embeddings-and-output-weights", "--num-query-groups", "2", "--disable-bias-linear"]
-FLAVOURS = {"gpt2": [], "llama": LLAMA}
+FLAVOURS = {"gpt2": [], "llama": LLAMA, "llama-eod": LLAMA + ["--eod-mask-loss", "--reset-position-ids"]}
 
 # name: (processes, flavour, layout flags)
 LAYOUTS = {
@@ -19,6 +19,7 @@ LAYOUTS = {
     "tp2-sp-llama": (2, "llama", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "dp2-gpt2": (2, "gpt2", []),
     "tp2-dp2-llama": (4, "llama", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "tp2-sp-llama-eod": (2, "llama-eod", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
 
 

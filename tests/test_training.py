@@ -97,3 +97,16 @@ def test_runs_without_the_extension(tmp_path, dataset_prefix, bpe_flags):
     ext, _ = read_metrics(tmp_path / "ext.jsonl")
     for a, b in zip(fallback, ext):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-5
+
+
+@pytest.mark.parametrize("flavour", [[], ["--position-embedding-type", "rope", "--normalization", "RMSNorm"]],
+                         ids=["learned", "rope"])
+def test_eod_mask_and_position_reset_train(tmp_path, dataset_prefix, bpe_flags, flavour):
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "8", *flavour)
+    assert main(flags + ["--metrics-file", tmp_path / "plain.jsonl"]) == 0
+    assert main(flags + ["--eod-mask-loss", "--reset-position-ids", "--metrics-file", tmp_path / "eod.jsonl"]) == 0
+    plain, _ = read_metrics(tmp_path / "plain.jsonl")
+    eod, _ = read_metrics(tmp_path / "eod.jsonl")
+    assert all(r["loss"] == r["loss"] for r in eod)
+    # the options reach the loss once a batch holds an end of document (batches of 132 tokens, documents ~250)
+    assert [r["loss"] for r in plain] != [r["loss"] for r in eod]

@@ -6,7 +6,7 @@ micro-batches of ``M`` consecutive samples; micro-batch ``j`` of data-parallel r
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -20,15 +20,28 @@ def micro_batch_sample_ids(consumed: int, global_batch: int, micro_batch: int, d
             for j in range(global_batch // per_step)]
 
 
-def collate(dataset, ids) -> dict:
-    """Stack samples into ``tokens`` and ``labels`` (int64, ``[micro_batch, seq_length]``)."""
+def collate(dataset, ids, eod: Optional[int] = None, eod_mask_loss: bool = False,
+            reset_position_ids: bool = False) -> dict:
+    """Stack samples into ``tokens`` and ``labels`` (int64, ``[micro_batch, seq_length]``) and a float
+    ``loss_mask``; with ``reset_position_ids`` also ``position_ids`` that restart after each ``eod`` token."""
     samples = np.stack([dataset[i] for i in ids])
     x = torch.from_numpy(samples)
-    return {"tokens": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+    tokens = x[:, :-1].contiguous()
+    batch = {"tokens": tokens, "labels": x[:, 1:].contiguous(), "loss_mask": torch.ones(tokens.shape)}
+    if eod_mask_loss:
+        batch["loss_mask"][tokens == eod] = 0.0
+    if reset_position_ids:
+        is_eod = (tokens == eod).long()
+        # a document starts just after each eod: subtract the latest start at or before each position
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        start = torch.zeros_like(tokens)
+        start[:, 1:] = torch.where(is_eod[:, :-1].bool(), pos[:, 1:], torch.zeros_like(pos[:, 1:]))
+        batch["position_ids"] = pos - torch.cummax(start, dim=1).values
+    return batch
 
 
 def global_batch(dataset, consumed: int, global_batch_size: int, micro_batch: int, dp_rank: int = 0,
-                 dp_size: int = 1) -> List[dict]:
+                 dp_size: int = 1, **collate_options) -> List[dict]:
     """This rank's micro-batches of the global batch that starts after ``consumed`` samples."""
-    return [collate(dataset, ids)
+    return [collate(dataset, ids, **collate_options)
             for ids in micro_batch_sample_ids(consumed, global_batch_size, micro_batch, dp_rank, dp_size)]

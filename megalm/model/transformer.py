@@ -41,10 +41,13 @@ class Norm(nn.Module):
 
 
 def rope_tables(head_dim: int, positions: torch.Tensor, base: float):
-    """cos and sin ``[seq, head_dim]`` in the half-split layout (the one Hugging Face Llama uses)."""
+    """cos and sin in the half-split layout (the one Hugging Face Llama uses): ``[seq, head_dim]`` for positions
+    ``[seq]``, or ``[b, 1, seq, head_dim]`` for per-sample positions ``[b, seq]``."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
+    if emb.dim() == 3:
+        emb = emb.unsqueeze(1)  # broadcast over heads
     return emb.cos(), emb.sin()
 
 

@@ -76,8 +76,10 @@ class Trainer:
 
     def _micro_batches(self, dataset, consumed: int):
         t = self.cfg.train
+        d = self.cfg.data
         return global_batch(dataset, consumed, t.global_batch_size, t.micro_batch_size, self.topo.dp_rank,
-                            self.topo.dp)
+                            self.topo.dp, eod=self.tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
+                            reset_position_ids=d.reset_position_ids)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         if self.topo.dp > 1:
@@ -87,9 +89,13 @@ class Trainer:
         return float(value)
 
     def _loss(self, batch) -> torch.Tensor:
+        """Mean loss over the micro-batch's unmasked tokens."""
+        positions = batch.get("position_ids")
         with self._autocast():
-            per_token = self.model(batch["tokens"].to(self.device), batch["labels"].to(self.device))
-        return per_token.float().mean()
+            per_token = self.model(batch["tokens"].to(self.device), batch["labels"].to(self.device),
+                                   None if positions is None else positions.to(self.device))
+        mask = batch["loss_mask"].to(self.device)
+        return (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
 
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over this rank's micro-batches; returns loss, grad norm, lr, skipped."""
