@@ -1,19 +1,13 @@
 """The FLOP formula on a configuration worked out by hand, and MFU arithmetic."""
 import pytest
 
-from megalm.config import Config, finalize
+from test_model import model_config
 from megalm.model.gpt import GPT
 from megalm.training.flops import Throughput, flops_per_token, peak_tflops
 
 
 def gpt2_config(**kw):
-    cfg = Config()
-    cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 999
-    m = cfg.model
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 64, 4, 128
-    for k, v in kw.items():
-        setattr(m, k, v)
-    return finalize(cfg).model
+    return model_config(hidden_size=64, seq_length=128, **kw)
 
 
 def test_formula_by_hand():
