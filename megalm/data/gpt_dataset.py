@@ -69,8 +69,8 @@ def build_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int, se
     needed = num_samples * seq_length + 1
     num_epochs = max(1, math.ceil(needed / tokens_per_epoch))
     separate_final_epoch = False
+    samples_sans_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
     if num_epochs > 1:
-        samples_sans_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
         samples_from_final = num_samples - samples_sans_final
         samples_per_epoch = (tokens_per_epoch - 1) // seq_length
         separate_final_epoch = samples_from_final < int(0.80 * samples_per_epoch)
@@ -78,7 +78,7 @@ def build_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int, se
     doc_idx = build_document_index(documents, num_epochs, rng, separate_final_epoch)
     sample_idx = build_sample_idx(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
     total = sample_idx.shape[0] - 1
-    first = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length if separate_final_epoch else total
+    first = samples_sans_final if separate_final_epoch else total
     shuffle_idx = build_shuffle_index(first, total, rng)
     return doc_idx, sample_idx, shuffle_idx
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megalm.parallel.mappings import (copy_to_tp, gather_from_sequence_parallel, gather_from_tp, reduce_from_tp,
+from megalm.parallel.mappings import (copy_to_tp, gather_from_sequence_parallel, reduce_from_tp,
                                       reduce_scatter_to_sequence_parallel)
 from megalm.parallel.state import Topology
 
@@ -50,15 +50,14 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, topo: Topology, bias: bool = True,
-                 gather_output: bool = False, input_entered: bool = False):
+                 input_entered: bool = False):
         super().__init__()
-        self.topo, self.gather_output, self.input_entered = topo, gather_output, input_entered
+        self.topo, self.input_entered = topo, input_entered
         self.weight = _param((out_features // topo.tp, in_features), 0)
         self.bias = _param((out_features // topo.tp,), 0) if bias else None
 
     def forward(self, x):
-        y = F.linear(x if self.input_entered else enter_tp_region(x, self.topo), self.weight, self.bias)
-        return gather_from_tp(y, self.topo.tp_group) if self.gather_output else y
+        return F.linear(x if self.input_entered else enter_tp_region(x, self.topo), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):

@@ -68,11 +68,6 @@ def reduce_from_tp(x, group):
     return _pair(x, group, _all_reduce, _identity)
 
 
-def scatter_to_tp(x, group):
-    """Keep this rank's slice of the last dimension; the backward gathers."""
-    return _pair(x, group, _split_last, _gather_last)
-
-
 def gather_from_tp(x, group):
     """Concatenate every rank's slice of the last dimension; the backward splits."""
     return _pair(x, group, _gather_last, _split_last)
