@@ -71,6 +71,15 @@ class ParallelConfig:
     tensor_model_parallel_size: int = opt(1, "ranks that split each layer")
     sequence_parallel: bool = opt(False, "split norms, dropout and activations between blocks along the sequence "
                                   "over the TP ranks (no effect at TP 1)")
+    pipeline_model_parallel_size: int = opt(1, "pipeline stages that split the layers")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = opt(None, "interleaved 1F1B: layers per virtual stage "
+                                                               "(each rank holds several non-adjacent chunks)")
+    pipeline_stage_layers: list = opt([], "uneven pipeline split: layers of each stage, e.g. 3 3 2 (default: "
+                                      "--num-layers / --pipeline-model-parallel-size each)", nargs="+")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
 
 @dataclass
@@ -267,7 +276,13 @@ def finalize(cfg: Config, world_size: Optional[int] = None) -> Config:
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return world_size // cfg.parallel.tensor_model_parallel_size
+    return max(world_size // cfg.parallel.model_parallel_size, 1)
+
+
+def num_micro_batches(cfg: Config, world_size: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step."""
+    t = cfg.train
+    return t.global_batch_size // (t.micro_batch_size * data_parallel_size(cfg, world_size))
 
 
 def _positive(value, flag):
@@ -314,7 +329,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                         (m.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by"),
                         (t.micro_batch_size, "--micro-batch-size"), (t.train_iters, "--train-iters"),
                         (t.eval_interval, "--eval-interval"), (lg.log_interval, "--log-interval"),
-                        (p.tensor_model_parallel_size, "--tensor-model-parallel-size")]:
+                        (p.tensor_model_parallel_size, "--tensor-model-parallel-size"),
+                        (p.pipeline_model_parallel_size, "--pipeline-model-parallel-size"),
+                        (p.num_layers_per_virtual_pipeline_stage, "--num-layers-per-virtual-pipeline-stage")]:
+        if value is None and flag == "--num-layers-per-virtual-pipeline-stage":
+            continue
         _positive(value, flag)
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
@@ -351,8 +370,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.sequence_parallel and tp > 1 and m.seq_length % tp:
         raise ConfigError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
-    if world_size is not None and world_size % tp:
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
+    if world_size is not None and world_size % p.model_parallel_size:
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                          f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
+    validate_pipeline(cfg)
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
     if t.eval_iters < 0:
@@ -363,6 +384,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
                               f"{t.micro_batch_size} x data-parallel size {dp}")
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        gbs = t.global_batch_size or t.micro_batch_size * dp
+        micro, pp = gbs // (t.micro_batch_size * dp), p.pipeline_model_parallel_size
+        if micro % pp:
+            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage: the interleaved schedule needs the "
+                              f"micro-batches per step ({micro} = --global-batch-size {gbs} / "
+                              f"(--micro-batch-size {t.micro_batch_size} x DP {dp})) to be a multiple of "
+                              f"--pipeline-model-parallel-size {pp}")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"--lr {o.lr} and --min-lr {o.min_lr} must satisfy 0 <= min-lr <= lr, lr > 0")
     if o.lr_warmup_iters < 0:
@@ -387,6 +416,35 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             raise ConfigError("--save-interval needs --save")
     if ck.load and not os.path.isdir(ck.load):
         raise ConfigError(f"--load: no checkpoint directory {ck.load}")
+
+
+def validate_pipeline(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    pp, vpp, counts = p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage, p.pipeline_stage_layers
+    if pp > m.num_layers:
+        raise ConfigError(f"--pipeline-model-parallel-size {pp} is larger than --num-layers {m.num_layers}: "
+                          f"every stage needs at least one layer")
+    if counts:
+        try:
+            p.pipeline_stage_layers = counts = [int(c) for c in counts]
+        except ValueError:
+            raise ConfigError(f"--pipeline-stage-layers {' '.join(map(str, counts))}: expected integers") from None
+        if len(counts) != pp or sum(counts) != m.num_layers or min(counts) < 1:
+            raise ConfigError(f"--pipeline-stage-layers {' '.join(map(str, counts))}: needs "
+                              f"--pipeline-model-parallel-size ({pp}) positive counts that sum to --num-layers "
+                              f"({m.num_layers})")
+        if vpp is not None:
+            raise ConfigError("--pipeline-stage-layers cannot be combined with "
+                              "--num-layers-per-virtual-pipeline-stage")
+    elif m.num_layers % pp:
+        raise ConfigError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
+                          f"(or give the per-stage counts with --pipeline-stage-layers)")
+    if vpp is not None:
+        if pp < 2:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2")
+        if (m.num_layers // pp) % vpp or m.num_layers // pp == vpp:
+            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {vpp} must divide the {m.num_layers // pp} "
+                              f"layers of each pipeline stage into at least two chunks")
 
 
 def validate_tokenizer(d: DataConfig) -> None:

@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     try:
         from megalm.training.trainer import Trainer
 
-        topo = Topology.build(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
+        p = cfg.parallel
+        topo = Topology.build(p.tensor_model_parallel_size, p.sequence_parallel, p.pipeline_model_parallel_size)
         Trainer(cfg, topo).train()
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)

@@ -11,7 +11,10 @@ from megalm.pretrain import main
 
 LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
          "--untie-embeddings-and-output-weights", "--num-query-groups", "2", "--disable-bias-linear"]
-FLAVOURS = {"gpt2": [], "llama": LLAMA, "llama-eod": LLAMA + ["--eod-mask-loss", "--reset-position-ids"]}
+DEEP = ["--num-layers", "4", "--global-batch-size", "16"]  # 4 layers for 4 stages, 8 micro-batches per step
+FLAVOURS = {"gpt2": [], "llama": LLAMA, "llama-eod": LLAMA + ["--eod-mask-loss", "--reset-position-ids"],
+            "gpt2-deep": DEEP, "llama-deep": LLAMA + DEEP}
+PP2 = ["--pipeline-model-parallel-size", "2"]
 
 # name: (processes, flavour, layout flags)
 LAYOUTS = {
@@ -20,6 +23,14 @@ LAYOUTS = {
     "dp2-gpt2": (2, "gpt2", []),
     "tp2-dp2-llama": (4, "llama", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "tp2-sp-llama-eod": (2, "llama-eod", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "pp2-gpt2": (2, "gpt2-deep", PP2),
+    "pp4-gpt2": (4, "gpt2-deep", ["--pipeline-model-parallel-size", "4"]),
+    "pp2-uneven-llama": (2, "llama-deep", PP2 + ["--pipeline-stage-layers", "3", "1"]),
+    "vpp2x2-gpt2": (2, "gpt2-deep", PP2 + ["--num-layers-per-virtual-pipeline-stage", "1"]),
+    "vpp2x2-llama-recompute": (2, "llama-deep", PP2 + ["--num-layers-per-virtual-pipeline-stage", "1",
+                                                       "--recompute-granularity", "full"]),
+    "tp2-pp2-sp-llama": (4, "llama-deep", PP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "tp2-pp2-dp2-gpt2": (8, "gpt2-deep", PP2 + ["--tensor-model-parallel-size", "2"]),
 }
 
 
@@ -32,6 +43,10 @@ NO_EFFECT = ".attention.wk.bias"
 def rows(path):
     with open(path) as fh:
         return [r for r in map(json.loads, fh) if "loss" in r]
+
+
+def flag(flags, name, default):
+    return int(flags[flags.index(name) + 1]) if name in flags else default
 
 
 def final_params(save_dir):
@@ -69,3 +84,8 @@ def test_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single,
         if name.endswith(NO_EFFECT):
             continue
         assert_close(params[name], ref, 1e-4, f"{layout} final {name}")
+    pp = flag(layout_flags, "--pipeline-model-parallel-size", 1)
+    if pp > 1 and "--num-layers-per-virtual-pipeline-stage" not in layout_flags:
+        # 1F1B: the first stage holds at most P micro-batches of activations, of the m in a step
+        micro = 16 // 2 // (nproc // pp // flag(layout_flags, "--tensor-model-parallel-size", 1))
+        assert micro > pp and all(r["pipeline_peak_micro_batches"] == pp for r in got), (micro, got[0])

@@ -2,6 +2,10 @@
 
 GPT-2 flavour: learned positions, LayerNorm, GELU, tied output. Llama flavour: RoPE, RMSNorm, SwiGLU,
 grouped-query attention, untied output, no biases. Both come from ``ModelConfig`` alone.
+
+Under pipeline parallelism one ``GPT`` holds one stage's layers, in one or more chunks (virtual stages); the
+embedding lives on the first stage, the final norm, output layer and loss on the last. Parameters keep their
+global names (``layers.7...``) on every layout, which is what checkpoints key on.
 """
 from __future__ import annotations
 
@@ -25,25 +29,40 @@ from megalm.parallel.state import Topology
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, topo: Optional[Topology] = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, topo: Optional[Topology] = None,
+                 chunks: Optional[list] = None):
+        """``chunks``: the global layer indices of each of this rank's pipeline chunks (default: all layers)."""
         super().__init__()
         topo = topo or Topology()
         self.cfg, self.topo, self.vocab_size = cfg, topo, vocab_size
+        self.chunks = chunks or [list(range(cfg.num_layers))]
         self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, topo.tp)
-        self.embedding = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, topo)
-        if cfg.position_embedding_type == "learned_absolute":
+        self.vocab_start = topo.tp_rank * (self.padded_vocab_size // topo.tp)  # first logit column of this rank
+        tied = not cfg.untie_embeddings_and_output_weights
+        if topo.is_first_stage or (tied and topo.is_last_stage):
+            self.embedding = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, topo)
+        if topo.is_first_stage and cfg.position_embedding_type == "learned_absolute":
             self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.rng_tracker = RNGTracker(tp_rank=topo.tp_rank)
         self.layers = nn.ModuleDict({str(i): Block(cfg, topo, str(i), self.rng_tracker)
-                                     for i in range(cfg.num_layers)})
-        self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, topo.sequence_parallel)
-        if cfg.untie_embeddings_and_output_weights:
-            self.output = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, topo, bias=False)
+                                     for chunk in self.chunks for i in chunk})
+        if topo.is_last_stage:
+            self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, topo.sequence_parallel)
+            if not tied:
+                self.output = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, topo, bias=False)
         for p in self.parameters():  # rows past the real vocabulary are padding: zero, never trained or saved
             p.padded_rows = False
-        self.embedding.weight.padded_rows = True
-        if cfg.untie_embeddings_and_output_weights:
-            self.output.weight.padded_rows = True
+            p.tied_copy = False
+            p.shared_embedding = False
+        for name in ("embedding", "output"):
+            if hasattr(self, name):
+                getattr(self, name).weight.padded_rows = True
+        if tied and topo.is_last_stage and not topo.is_first_stage:
+            # the last stage's copy of the embedding: kept equal to the first stage's by summing their gradients
+            # over the embedding group; saved and counted once (by the first stage)
+            self.embedding.weight.tied_copy = True
+        if tied and topo.pp > 1 and hasattr(self, "embedding"):
+            self.embedding.weight.shared_embedding = True
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -64,32 +83,49 @@ class GPT(nn.Module):
                 init_shard_(p, full_shape(p, self.topo), std / math.sqrt(2 * self.cfg.num_layers) if scaled else std,
                             param_generator(seed, name), self.topo, valid_rows=rows)
 
-    def hidden_states(self, tokens, position_ids=None, kv_cache: Optional[KVCache] = None):
+    def is_first_chunk(self, chunk: int) -> bool:
+        """Whether ``chunk`` is the first virtual stage of the whole pipeline (it embeds the tokens)."""
+        return chunk == 0 and self.topo.is_first_stage
+
+    def is_last_chunk(self, chunk: int) -> bool:
+        """Whether ``chunk`` is the last virtual stage of the whole pipeline (it computes logits and loss)."""
+        return chunk == len(self.chunks) - 1 and self.topo.is_last_stage
+
+    def hidden_states(self, tokens, position_ids=None, kv_cache: Optional[KVCache] = None, hidden=None,
+                      chunk: int = 0):
+        """Run one chunk: the embedding first on the first stage (else start from the received ``hidden``),
+        the chunk's layers, and the final norm on the last stage."""
         start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = self.embedding(tokens)
         rope = None
-        if self.cfg.position_embedding_type == "learned_absolute":
-            x = x + self.position_embedding(position_ids)
-        else:
+        if self.cfg.position_embedding_type == "rope":
             rope = rope_tables(self.cfg.head_dim, position_ids, self.cfg.rotary_base)
-        if self.topo.sequence_parallel:
-            x = scatter_to_sequence_parallel(x, self.topo.tp_group)
-        x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.topo, self.rng_tracker)
-        if self.cfg.recompute_granularity == "full" and self.training and kv_cache is None:
-            x = self._run_recomputed(x, rope)
+        if self.is_first_chunk(chunk):
+            x = self.embedding(tokens)
+            if self.cfg.position_embedding_type == "learned_absolute":
+                x = x + self.position_embedding(position_ids)
+            if self.topo.sequence_parallel:
+                x = scatter_to_sequence_parallel(x, self.topo.tp_group)
+            x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.topo, self.rng_tracker)
         else:
-            for block in self.layers.values():
+            x = hidden
+        blocks = [self.layers[str(i)] for i in self.chunks[chunk]]
+        if self.cfg.recompute_granularity == "full" and self.training and kv_cache is None:
+            x = self._run_recomputed(blocks, x, rope)
+        else:
+            for block in blocks:
                 x = block(x, rope, kv_cache)
+        if not self.is_last_chunk(chunk):
+            return x
         if kv_cache is not None:
             kv_cache.length += tokens.shape[1]
         return self.final_norm(x)
 
-    def _run_recomputed(self, x, rope):
+    def _run_recomputed(self, blocks, x, rope):
         """Full recomputation: groups of ``recompute_num_layers`` layers (uniform), or only the first that many
         layers one by one (block), keep just their inputs; the rest run normally."""
-        blocks, n = list(self.layers.values()), self.cfg.recompute_num_layers
+        n = self.cfg.recompute_num_layers
 
         def run(h, *group):
             for block in group:
@@ -110,23 +146,31 @@ class GPT(nn.Module):
             return self.output(h)
         return F.linear(enter_tp_region(h, self.topo), self.embedding.weight)
 
-    def forward(self, tokens, labels=None, position_ids=None, kv_cache: Optional[KVCache] = None):
-        """Per-token loss ``[b, s]`` when ``labels`` are given, else full logits ``[b, s, vocab]``."""
-        logits = self.logits_shard(self.hidden_states(tokens, position_ids, kv_cache))
+    def forward(self, tokens, labels=None, position_ids=None, kv_cache: Optional[KVCache] = None, hidden=None,
+                chunk: int = 0):
+        """Per-token loss ``[b, s]`` when ``labels`` are given, else full logits ``[b, s, vocab]``; before the
+        last pipeline stage, the hidden states to send on."""
+        h = self.hidden_states(tokens, position_ids, kv_cache, hidden, chunk)
+        if not self.is_last_chunk(chunk):
+            return h
+        logits = self.logits_shard(h)
         if labels is not None:
-            return vocab_parallel_cross_entropy(logits, labels, self.embedding.vocab_start, self.vocab_size,
+            return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size,
                                                 self.topo.tp_group)
         return gather_from_tp(logits, self.topo.tp_group)[..., : self.vocab_size]
 
     def matmul_parameters(self) -> tuple:
-        """(transformer-layer parameters, output-layer parameters) of the full model: what the FLOP count uses."""
+        """(transformer-layer parameters, output-layer parameters) of this stage's layers, unsharded over TP:
+        what the FLOP count uses (summed over stages by the caller)."""
         layers = sum(math.prod(full_shape(p, self.topo)) for p in self.layers.parameters())
-        return layers, self.vocab_size * self.cfg.hidden_size
+        return layers, self.vocab_size * self.cfg.hidden_size if self.topo.is_last_stage else 0
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Parameters of the full (unsharded) model, padding excluded."""
+        """Parameters of this stage, unsharded over TP, padding and tied copies excluded."""
         total = 0
         for name, p in self.named_parameters():
+            if p.tied_copy:
+                continue
             n = math.prod(full_shape(p, self.topo))
             if p.padded_rows:
                 if exclude_embeddings:

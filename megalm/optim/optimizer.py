@@ -28,10 +28,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], topo: Topology) -> torch.Tensor:
     """L2 norm of the whole model's gradient: shards split across TP are summed over the TP group,
-    parameters replicated across TP are counted once."""
+    parameters replicated across TP are counted once, stages summed over the pipeline (the last stage's copy of a
+    tied embedding left out)."""
     sharded, replicated = [], []
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and not getattr(p, "tied_copy", False):
             (sharded if getattr(p, "tp_dim", None) is not None else replicated).append(p.grad)
     grads = sharded + replicated
     zero = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
@@ -39,7 +40,10 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], topo: Topology) -> to
     sq_replicated = sum((g.float().pow(2).sum() for g in replicated), zero)
     if topo.tp > 1:
         dist.all_reduce(sq_sharded, group=topo.tp_group)
-    return (sq_sharded + sq_replicated).sqrt()
+    total = sq_sharded + sq_replicated
+    if topo.pp > 1:
+        dist.all_reduce(total, group=topo.pp_group)
+    return total.sqrt()
 
 
 def clip_grads_(params, max_norm: float, topo: Topology) -> float:

@@ -1,4 +1,5 @@
-"""Gradient synchronisation after backward: sequence-parallel partial sums over TP, then the average over DP."""
+"""Gradient synchronisation after backward: sequence-parallel partial sums over TP, the tied embedding's two
+halves summed over the first and last pipeline stage, then the average over DP."""
 from __future__ import annotations
 
 import torch.distributed as dist
@@ -25,5 +26,8 @@ def sync_gradients(params, topo: Topology) -> None:
     params = [p for p in params if p.grad is not None]
     if topo.sequence_parallel:
         _all_reduce_flat([p.grad for p in params if getattr(p, "sequence_parallel", False)], topo.tp_group)
+    shared = [p.grad for p in params if getattr(p, "shared_embedding", False)]
+    if shared:
+        _all_reduce_flat(shared, topo.embedding_group)
     if topo.dp > 1:
         _all_reduce_flat([p.grad for p in params], topo.dp_group, 1.0 / topo.dp)

@@ -1,7 +1,8 @@
-"""Process topology: who this rank is in the tensor- and data-parallel groups, and how it was launched.
+"""Process topology: who this rank is in the tensor-, data- and pipeline-parallel groups, and how it was launched.
 
-Rank order puts tensor parallelism innermost (the ranks of one TP group share a node), then data parallelism:
-``rank = dp_rank * TP + tp_rank``. One ``Topology`` object is built at start-up and passed explicitly.
+Rank order is Megatron's: tensor parallelism innermost (the ranks of one TP group share a node), then data
+parallelism, then pipeline stages: ``rank = (pp_rank * DP + dp_rank) * TP + tp_rank``. One ``Topology`` object is
+built at start-up and passed explicitly.
 """
 from __future__ import annotations
 
@@ -29,36 +30,55 @@ class Topology:
     tp_rank: int = 0
     dp_rank: int = 0
     sequence_parallel: bool = False
+    pp: int = 1
+    pp_rank: int = 0
     tp_group: Optional[object] = field(default=None, repr=False)
     dp_group: Optional[object] = field(default=None, repr=False)
+    pp_group: Optional[object] = field(default=None, repr=False)
+    pp_ranks: tuple = (0,)  # global ranks of this rank's pipeline, stage 0 first
+    embedding_group: Optional[object] = field(default=None, repr=False)  # first and last stage, for tied weights
 
     @property
     def is_first_rank(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
     @classmethod
-    def build(cls, tp: int = 1, sequence_parallel: bool = False) -> "Topology":
+    def build(cls, tp: int = 1, sequence_parallel: bool = False, pp: int = 1) -> "Topology":
         """Groups for the current process group (a single process when torch.distributed is not initialised).
         ``sequence_parallel`` splits activations between blocks along the sequence over the TP group."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if tp < 1 or world % tp:
-            raise LayoutError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp}")
-        dp = world // tp
-        topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp,
-                   sequence_parallel=sequence_parallel and tp > 1)
+        if tp < 1 or pp < 1 or world % (tp * pp):
+            raise LayoutError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp} x "
+                              f"--pipeline-model-parallel-size {pp}")
+        dp = world // (tp * pp)
+        topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp % dp,
+                   sequence_parallel=sequence_parallel and tp > 1, pp=pp, pp_rank=rank // (tp * dp))
+        topo.pp_ranks = tuple(topo.rank_of(topo.tp_rank, topo.dp_rank, s) for s in range(pp))
         if dist.is_initialized():
             # every rank must create every group, in the same order
-            for d in range(dp):
-                ranks = list(range(d * tp, (d + 1) * tp))
-                group = dist.new_group(ranks)
-                if rank in ranks:
-                    topo.tp_group = group
-            for t in range(tp):
-                ranks = list(range(t, world, tp))
-                group = dist.new_group(ranks)
-                if rank in ranks:
-                    topo.dp_group = group
+            at = topo.rank_of
+            layouts = [("tp_group", [[at(t, d, s) for t in range(tp)] for s in range(pp) for d in range(dp)]),
+                       ("dp_group", [[at(t, d, s) for d in range(dp)] for s in range(pp) for t in range(tp)]),
+                       ("pp_group", [[at(t, d, s) for s in range(pp)] for d in range(dp) for t in range(tp)]),
+                       ("embedding_group", [[at(t, d, 0), at(t, d, pp - 1)] for d in range(dp) for t in range(tp)]
+                        if pp > 1 else [])]
+            for attr, groups in layouts:
+                for ranks in groups:
+                    group = dist.new_group(ranks)
+                    if rank in ranks:
+                        setattr(topo, attr, group)
         return topo
 
 

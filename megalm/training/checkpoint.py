@@ -4,7 +4,8 @@ On disk, Megatron's habit: ``SAVE/latest_checkpointed_iteration.txt`` and ``SAVE
 ``model.pt``, ``optimizer.pt``, ``rng.pt``, ``config.yaml`` and ``meta.json`` (iteration, consumed samples and a
 SHA-256 of every file). A save is written to a temporary directory, fsynced and renamed before the pointer moves,
 so a crash mid-save leaves the previous checkpoint and the pointer intact. Tensors load with ``weights_only=True``.
-Because tensors are whole, a checkpoint loads under any tensor-parallel size.
+Because tensors are whole and keyed by global names, a checkpoint loads under any tensor- or pipeline-parallel
+layout.
 """
 from __future__ import annotations
 
@@ -61,16 +62,21 @@ def _pad(full, param, topo):
     return out
 
 
+def _owned(model):
+    """This stage's parameters, less the last stage's copy of a tied embedding (the first stage saves it)."""
+    return [(name, p) for name, p in model.named_parameters() if not getattr(p, "tied_copy", False)]
+
+
 def model_state(model, topo: Topology) -> dict:
-    """Full, unpadded tensors of every parameter (a collective over the TP group)."""
+    """Full, unpadded tensors of this stage's parameters (a collective over the TP group)."""
     return {name: _unpad(_gather_full(p, getattr(p, "tp_dim", None), topo), p, model.vocab_size)
-            for name, p in model.named_parameters()}
+            for name, p in _owned(model)}
 
 
 def optimizer_state(model, optimizer, topo: Topology) -> dict:
     """Adam moments in global coordinates, keyed like the model, plus the step counts."""
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in _owned(model):
         state = optimizer.state.get(p)
         if not state:
             continue
@@ -93,11 +99,21 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _merge_stages(state: dict, topo: Topology) -> dict:
+    """Rank 0 receives every pipeline stage's part (from the first TP and DP rank of each stage)."""
+    if topo.pp == 1:
+        return state
+    mine = state if topo.tp_rank == 0 and topo.dp_rank == 0 else None
+    parts = [None] * topo.world_size if topo.rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {k: v for part in (parts or []) if part for k, v in part.items()}
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, cfg: Config, topo: Topology,
                     meta: dict, rng: dict) -> Optional[str]:
     """Every rank calls this (the gathers are collectives); global rank 0 writes."""
-    tensors = {"model.pt": model_state(model, topo), "optimizer.pt": optimizer_state(model, optimizer, topo),
-               "rng.pt": rng}
+    tensors = {"model.pt": _merge_stages(model_state(model, topo), topo),
+               "optimizer.pt": _merge_stages(optimizer_state(model, optimizer, topo), topo), "rng.pt": rng}
     final = iteration_dir(root, iteration)
     if topo.rank == 0:
         os.makedirs(root, exist_ok=True)
@@ -172,7 +188,9 @@ def read_checkpoint(path: str, parts=("model", "optimizer", "rng")) -> dict:
 @torch.no_grad()
 def load_model_state(model, state: dict, topo: Topology, source: str) -> None:
     names = dict(model.named_parameters())
-    missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+    missing = sorted(set(names) - set(state))
+    # under pipeline parallelism the other stages' parameters are expected
+    unexpected = sorted(set(state) - set(names)) if topo.pp == 1 else []
     if missing or unexpected:
         raise CheckpointError(f"{source}: parameters do not match the model (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}); is the model config the same?")

@@ -57,6 +57,8 @@ class MetricsLogger:
             parts.append(f"skipped {row['skipped']}")
         if "loss_scale" in row:
             parts.append(f"loss scale {row['loss_scale']:.0f}")
+        if "pipeline_wait_ms" in row:
+            parts.append(f"stage-0 p2p wait {100 * row['pipeline_wait_ms'] / row['ms_per_iter']:.0f}%")
         log.info(" | ".join(parts))
 
     def close(self) -> None:

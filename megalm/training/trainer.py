@@ -1,7 +1,8 @@
 """The training loop: one Trainer that builds everything from the config and runs iterations.
 
-Step: this rank's micro-batches of the global batch -> forward/backward each (loss averaged over micro-batches)
--> gradients averaged over data parallelism -> clip by the global norm -> AdamW step at the scheduled LR.
+Step: this rank's micro-batches of the global batch -> forward/backward each through the pipeline schedule (loss
+averaged over micro-batches) -> tied-embedding gradients summed over the first and last stage, gradients averaged
+over data parallelism -> clip by the global norm -> AdamW step at the scheduled LR.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megalm.config import Config, parse_data_path, parse_split
+from megalm.config import Config, num_micro_batches, parse_data_path, parse_split
 from megalm.data.gpt_dataset import IndexCache, build_datasets, split_sample_counts
 from megalm.data.loader import global_batch
 from megalm.data.tokenizers import build_tokenizer
@@ -23,6 +24,9 @@ from megalm.optim.optimizer import build_optimizer, clip_grads_
 from megalm.optim.schedule import learning_rate
 from megalm.parallel.grad_sync import sync_gradients
 from megalm.parallel.state import Topology
+from megalm.pipeline.layout import stage_chunks
+from megalm.pipeline.p2p import PipeComm
+from megalm.pipeline.schedules import bubble_fraction, run_schedule
 from megalm.training import checkpoint as ckpt
 from megalm.training.flops import Throughput, peak_tflops
 from megalm.training.logging import MetricsLogger
@@ -46,9 +50,17 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.device = pick_device()
         self.tokenizer = build_tokenizer(cfg.data)
-        self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo)
+        p = cfg.parallel
+        chunks = stage_chunks(cfg.model.num_layers, topo.pp, topo.pp_rank, p.num_layers_per_virtual_pipeline_stage,
+                              p.pipeline_stage_layers)
+        self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo, chunks)
         self.model.init_weights(t.seed)
         self.model.to(self.device)
+        self.num_micro = num_micro_batches(cfg, topo.world_size)
+        self.comm = None
+        if topo.pp > 1:
+            seq = cfg.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
+            self.comm = PipeComm(topo, (t.micro_batch_size, seq, cfg.model.hidden_size), torch.float32, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.fp16)
         self.compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
@@ -61,13 +73,29 @@ class Trainer:
             parse_data_path(cfg.data.data_path), parse_split(cfg.data.split), counts, cfg.model.seq_length, t.seed,
             self.tokenizer.fingerprint, IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier))
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.throughput = Throughput(cfg.model, *self.model.matmul_parameters(), topo.world_size,
+        layer_params, output_params, num_params = self._sum_over_stages(
+            *self.model.matmul_parameters(), self.model.num_parameters())
+        self.throughput = Throughput(cfg.model, layer_params, output_params, topo.world_size,
                                      peak_tflops(device_name, cfg.logging.peak_tflops))
         if cfg.checkpoint.load:
             self.load(cfg.checkpoint.load)
-        log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x DP %d",
-                 f"{self.model.num_parameters():,}", cfg.model.num_layers, cfg.model.hidden_size,
-                 self.tokenizer.vocab_size, self.model.padded_vocab_size, topo.tp, topo.dp)
+        log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x PP %d x DP %d",
+                 f"{num_params:,}", cfg.model.num_layers, cfg.model.hidden_size,
+                 self.tokenizer.vocab_size, self.model.padded_vocab_size, topo.tp, topo.pp, topo.dp)
+        if topo.pp > 1:
+            virtual = len(chunks)
+            log.info("pipeline: %d stages%s, %d micro-batches per step: %s schedule, ideal bubble %.1f%% "
+                     "((P - 1) / (%sm + P - 1))", topo.pp, f" x {virtual} virtual" if virtual > 1 else "",
+                     self.num_micro, "interleaved 1F1B" if virtual > 1 else "1F1B",
+                     100 * bubble_fraction(topo.pp, self.num_micro, virtual), "V " if virtual > 1 else "")
+
+    def _sum_over_stages(self, *values: int) -> list:
+        """Per-stage counts summed over the pipeline (identical across TP and DP already)."""
+        if self.topo.pp == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.topo.pp_group)
+        return [int(v) for v in t.tolist()]
 
     def _autocast(self):
         if self.compute_dtype is None:
@@ -81,31 +109,44 @@ class Trainer:
                             self.topo.dp, eod=self.tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
                             reset_position_ids=d.reset_position_ids)
 
-    def _dp_mean(self, value: torch.Tensor) -> float:
+    def _mean_loss(self, total: torch.Tensor) -> float:
+        """The step's loss as every rank reports it: from the last stage, averaged over data parallelism."""
+        if self.topo.pp > 1:
+            total = total.clone()
+            dist.all_reduce(total, group=self.topo.pp_group)  # only the last stage's is non-zero
         if self.topo.dp > 1:
-            value = value.clone()
-            dist.all_reduce(value, group=self.topo.dp_group)
-            value /= self.topo.dp
-        return float(value)
+            total = total.clone()
+            dist.all_reduce(total, group=self.topo.dp_group)
+            total /= self.topo.dp
+        return float(total)
 
-    def _loss(self, batch) -> torch.Tensor:
-        """Mean loss over the micro-batch's unmasked tokens."""
-        positions = batch.get("position_ids")
-        with self._autocast():
-            per_token = self.model(batch["tokens"].to(self.device), batch["labels"].to(self.device),
-                                   None if positions is None else positions.to(self.device))
-        mask = batch["loss_mask"].to(self.device)
-        return (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
+    def _run_micro_batches(self, micro_batches, forward_only: bool) -> torch.Tensor:
+        """Forward (and backward) every micro-batch through this rank's stage; returns the sum of the
+        micro-batches' mean losses divided by their count (zero before the last stage)."""
+        total = torch.zeros((), device=self.device)
+
+        def forward(chunk, i, hidden):
+            batch = micro_batches[i]
+            positions = batch.get("position_ids")
+            with self._autocast():
+                out = self.model(batch["tokens"].to(self.device), batch["labels"].to(self.device),
+                                 None if positions is None else positions.to(self.device), hidden=hidden, chunk=chunk)
+            if not self.model.is_last_chunk(chunk):
+                return out
+            mask = batch["loss_mask"].to(self.device)
+            loss = (out.float() * mask).sum() / mask.sum().clamp_min(1.0) / len(micro_batches)
+            total.add_(loss.detach())
+            return loss if forward_only else self.scaler.scale(loss)
+
+        self.schedule_stats = run_schedule(forward, self.comm, len(micro_batches), self.topo.pp, self.topo.pp_rank,
+                                           len(self.model.chunks), forward_only)
+        return total
 
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over this rank's micro-batches; returns loss, grad norm, lr, skipped."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            loss = self._loss(batch) / len(micro_batches)
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
+        total = self._run_micro_batches(micro_batches, forward_only=False)
         params = list(self.model.parameters())
         sync_gradients(params, self.topo)
         self.scaler.unscale_(self.optimizer)
@@ -117,7 +158,7 @@ class Trainer:
         if not skipped:
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {"loss": self._dp_mean(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
+        return {"loss": self._mean_loss(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -127,9 +168,8 @@ class Trainer:
         self.model.eval()
         gbs, losses = self.cfg.train.global_batch_size, []
         for i in range(self.cfg.train.eval_iters):
-            micro = self._micro_batches(self.valid_ds, i * gbs)
-            losses.append(sum(self._loss(b) for b in micro) / len(micro))
-        return self._dp_mean(torch.stack(losses).mean())
+            losses.append(self._run_micro_batches(self._micro_batches(self.valid_ds, i * gbs), forward_only=True))
+        return self._mean_loss(torch.stack(losses).mean())
 
     def train(self) -> None:
         t, lg = self.cfg.train, self.cfg.logging
@@ -137,6 +177,7 @@ class Trainer:
         saved_at = None
         while self.iteration < t.train_iters:
             start = time.perf_counter()
+            waited = self.comm.wait_seconds if self.comm else 0.0
             step = self.train_step(self._micro_batches(self.train_ds, self.consumed_samples))
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -147,6 +188,9 @@ class Trainer:
                    "ms_per_iter": 1000 * elapsed, "consumed_samples": self.consumed_samples}
             if t.fp16:
                 row["loss_scale"] = self.scaler.get_scale()
+            if self.comm:  # this rank's stage (rank 0: the first): time blocked on its neighbours, activations held
+                row["pipeline_wait_ms"] = 1000 * (self.comm.wait_seconds - waited)
+                row["pipeline_peak_micro_batches"] = self.schedule_stats.peak_in_flight
             self.metrics.record(row)
             if self.iteration % lg.log_interval == 0 or self.iteration == 1:
                 self.metrics.progress(row, t.train_iters)
@@ -174,7 +218,8 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         meta = {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
-                "tokenizer": self.tokenizer.fingerprint, "layout": {"tp": self.topo.tp, "dp": self.topo.dp}}
+                "tokenizer": self.tokenizer.fingerprint,
+                "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp}}
         ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.cfg,
                              self.topo, meta, rng)
 
