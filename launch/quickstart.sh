@@ -12,9 +12,11 @@ $PY -m megalm.tools.preprocess_data --input "$OUT/corpus.jsonl" --output-prefix 
   --tokenizer-type GPT2BPETokenizer --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" \
   --append-eod --workers 2
 rm -rf "$OUT/checkpoints" "$OUT/metrics.jsonl" "$OUT/tensorboard"
-# tensor parallelism over 2 processes (gloo on CPU); one thread each on a 2-core machine
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY -m torch.distributed.run --standalone --nproc_per_node 2 megalm/pretrain.py \
-  --config configs/gpt_tiny.yaml --tensor-model-parallel-size 2 --data-path "$OUT/corpus_text_document" \
+# tensor parallelism 2 x pipeline parallelism 2 over 4 processes (gloo on CPU), one thread each; micro-batches
+# of 4 give the 1F1B schedule 4 micro-batches per step (ideal bubble (P - 1) / (m + P - 1) = 20%)
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY -m torch.distributed.run --standalone --nproc_per_node 4 megalm/pretrain.py \
+  --config configs/gpt_tiny.yaml --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+  --micro-batch-size 4 --data-path "$OUT/corpus_text_document" \
   --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" \
   --save "$OUT/checkpoints" --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard"
 $PY -m megalm.tools.summarize_metrics "$OUT/metrics.jsonl"
