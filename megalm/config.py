@@ -94,6 +94,14 @@ class OptimConfig:
     adam_beta1: float = opt(0.9, "Adam beta1")
     adam_beta2: float = opt(0.999, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
+    zero_stage: int = opt(0, "shard over data parallelism: 0 nothing, 1 optimizer state, 2 also gradients",
+                          choices=(0, 1, 2))
+    use_distributed_optimizer: bool = opt(False, "Megatron's name for --zero-stage 1")
+    ddp_bucket_size: int = opt(1 << 22, "parameters per gradient-reduction bucket")
+    loss_scale: Optional[float] = opt(None, "static loss scale for --fp16 (default: dynamic)")
+    initial_loss_scale: float = opt(2.0 ** 16, "first dynamic loss scale for --fp16")
+    loss_scale_window: int = opt(1000, "clean steps before the dynamic loss scale doubles")
+    min_loss_scale: float = opt(1.0, "floor of the dynamic loss scale")
 
 
 @dataclass
@@ -269,6 +277,8 @@ def finalize(cfg: Config, world_size: Optional[int] = None) -> Config:
         m.max_position_embeddings = m.seq_length
     if o.lr_decay_iters is None:
         o.lr_decay_iters = t.train_iters
+    if o.use_distributed_optimizer:
+        o.zero_stage = max(o.zero_stage, 1)
     validate(cfg, world_size)
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * data_parallel_size(cfg, world_size or 1)
@@ -399,6 +409,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if o.lr_decay_iters < o.lr_warmup_iters:
         raise ConfigError(f"--lr-decay-iters {o.lr_decay_iters} is smaller than --lr-warmup-iters "
                           f"{o.lr_warmup_iters}")
+    _positive(o.ddp_bucket_size, "--ddp-bucket-size")
+    _positive(o.loss_scale_window, "--loss-scale-window")
+    for value, flag in [(o.loss_scale, "--loss-scale"), (o.initial_loss_scale, "--initial-loss-scale"),
+                        (o.min_loss_scale, "--min-loss-scale")]:
+        if value is not None:
+            _positive(value, flag)
     if o.weight_decay < 0 or o.clip_grad < 0:
         raise ConfigError("--weight-decay and --clip-grad must be >= 0")
     if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1) or o.adam_eps <= 0:

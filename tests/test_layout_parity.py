@@ -30,7 +30,14 @@ LAYOUTS = {
     "vpp2x2-llama-recompute": (2, "llama-deep", PP2 + ["--num-layers-per-virtual-pipeline-stage", "1",
                                                        "--recompute-granularity", "full"]),
     "tp2-pp2-sp-llama": (4, "llama-deep", PP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    "tp2-pp2-dp2-gpt2": (8, "gpt2-deep", PP2 + ["--tensor-model-parallel-size", "2"]),
+    "tp2-pp2-dp2-zero1-gpt2": (8, "gpt2-deep", PP2 + ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]),
+    "dp2-zero1-gpt2": (2, "gpt2", ["--zero-stage", "1"]),
+    "dp2-zero2-llama": (2, "llama", ["--zero-stage", "2", "--ddp-bucket-size", "5000"]),
+    "dp4-gpt2": (4, "gpt2-deep", []),
+    "dp4-zero1-gpt2": (4, "gpt2-deep", ["--use-distributed-optimizer"]),
+    "dp4-zero2-gpt2": (4, "gpt2-deep", ["--zero-stage", "2", "--ddp-bucket-size", "5000"]),
+    "tp2-dp2-zero2-sp-llama": (4, "llama", ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                            "--zero-stage", "2"]),
 }
 
 
@@ -85,7 +92,13 @@ def test_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single,
             continue
         assert_close(params[name], ref, 1e-4, f"{layout} final {name}")
     pp = flag(layout_flags, "--pipeline-model-parallel-size", 1)
+    tp = flag(layout_flags, "--tensor-model-parallel-size", 1)
+    dp = nproc // pp // tp
+    if dp == nproc > 1 and ("--zero-stage" in layout_flags or "--use-distributed-optimizer" in layout_flags):
+        # Adam moments of 1/DP of the parameters (up to the padding that splits each bucket evenly)
+        unsharded = ref_rows[0]["optimizer_state_bytes"]
+        assert abs(got[0]["optimizer_state_bytes"] - unsharded / dp) <= 8 * dp * 16, (got[0], unsharded)
     if pp > 1 and "--num-layers-per-virtual-pipeline-stage" not in layout_flags:
         # 1F1B: the first stage holds at most P micro-batches of activations, of the m in a step
-        micro = 16 // 2 // (nproc // pp // flag(layout_flags, "--tensor-model-parallel-size", 1))
+        micro = 16 // 2 // dp
         assert micro > pp and all(r["pipeline_peak_micro_batches"] == pp for r in got), (micro, got[0])

@@ -1,5 +1,6 @@
 """pretrain end to end on the fixture corpus: metrics, validation, exact resume, precision modes, bad input."""
 import json
+import math
 import os
 
 import pytest
@@ -110,3 +111,35 @@ def test_eod_mask_and_position_reset_train(tmp_path, dataset_prefix, bpe_flags, 
     assert all(r["loss"] == r["loss"] for r in eod)
     # the options reach the loss once a batch holds an end of document (batches of 132 tokens, documents ~250)
     assert [r["loss"] for r in plain] != [r["loss"] for r in eod]
+
+
+def test_fp16_skips_a_step_with_an_inf_gradient(dataset_prefix, bpe_flags):
+    """An overflowed gradient: the step is skipped on the update, the loss scale halves, training goes on."""
+    import torch
+
+    from megalm.config import load_config
+    from megalm.parallel.state import Topology
+    from megalm.training.trainer import Trainer
+
+    cfg = load_config([str(a) for a in tiny_train_flags(dataset_prefix, bpe_flags, "--fp16", "--train-iters", "4")])
+    trainer = Trainer(cfg, Topology())
+
+    def step():
+        out = trainer.train_step(trainer._micro_batches(trainer.train_ds, trainer.consumed_samples))
+        trainer.iteration += 1
+        trainer.consumed_samples += cfg.train.global_batch_size
+        return out
+
+    assert not step()["skipped"]
+    scale = trainer.scaler.scale
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    victim = trainer.model.layers["0"].mlp.w2.weight
+    handle = victim.register_hook(lambda g: g * float("inf"))
+    bad = step()
+    handle.remove()
+    assert bad["skipped"] == 1 and not math.isfinite(bad["grad_norm"])
+    assert trainer.scaler.scale == scale / 2
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    good = step()
+    assert not good["skipped"] and good["loss"] == good["loss"]
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())

@@ -5,12 +5,12 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megalm.model.gpt import GPT  # noqa: E402
-from megalm.parallel.grad_sync import sync_gradients  # noqa: E402
 from megalm.parallel.state import Topology, destroy_distributed, init_distributed  # noqa: E402
 from megalm.training.checkpoint import _gather_full, _unpad  # noqa: E402
 from parity import FLAVOURS, VOCAB, fixed_batch, parity_model_config  # noqa: E402
@@ -22,7 +22,9 @@ def run(flavour: str, topo: Topology) -> dict:
     tokens, labels = fixed_batch()
     loss = model(tokens, labels).mean()
     loss.backward()
-    sync_gradients(list(model.parameters()), topo)  # sums sequence-parallel partial gradients over TP
+    for p in model.parameters():  # sequence parallelism: each TP rank holds a partial gradient of the norms
+        if p.sequence_parallel and topo.sequence_parallel:
+            dist.all_reduce(p.grad, group=topo.tp_group)
     grads = {n: _unpad(_gather_full(p.grad, getattr(p, "tp_dim", None), topo), p, VOCAB)
              for n, p in model.named_parameters()}
     with torch.no_grad():

@@ -73,11 +73,12 @@ def model_state(model, topo: Topology) -> dict:
             for name, p in _owned(model)}
 
 
-def optimizer_state(model, optimizer, topo: Topology) -> dict:
-    """Adam moments in global coordinates, keyed like the model, plus the step counts."""
+def optimizer_state(model, full_state: dict, topo: Topology) -> dict:
+    """Adam moments in global coordinates, keyed like the model, plus the step counts. ``full_state`` maps a
+    parameter to its moments with this TP rank's whole tensors (``DistributedOptimizer.full_state``)."""
     out = {}
     for name, p in _owned(model):
-        state = optimizer.state.get(p)
+        state = full_state.get(p)
         if not state:
             continue
         out[name] = {k: (_unpad(_gather_full(v, getattr(p, "tp_dim", None), topo), p, model.vocab_size)
@@ -109,11 +110,11 @@ def _merge_stages(state: dict, topo: Topology) -> dict:
     return {k: v for part in (parts or []) if part for k, v in part.items()}
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, cfg: Config, topo: Topology,
+def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict, cfg: Config, topo: Topology,
                     meta: dict, rng: dict) -> Optional[str]:
     """Every rank calls this (the gathers are collectives); global rank 0 writes."""
     tensors = {"model.pt": _merge_stages(model_state(model, topo), topo),
-               "optimizer.pt": _merge_stages(optimizer_state(model, optimizer, topo), topo), "rng.pt": rng}
+               "optimizer.pt": _merge_stages(optimizer_state(model, optimizer_full_state, topo), topo), "rng.pt": rng}
     final = iteration_dir(root, iteration)
     if topo.rank == 0:
         os.makedirs(root, exist_ok=True)
@@ -203,10 +204,9 @@ def load_model_state(model, state: dict, topo: Topology, source: str) -> None:
         p.copy_(shard)
 
 
-def load_optimizer_state(model, optimizer, state: dict, topo: Topology) -> None:
-    for name, p in model.named_parameters():
-        if name not in state:
-            continue
-        optimizer.state[p] = {k: (_shard(_pad(v, p, topo), getattr(p, "tp_dim", None), topo).to(p.device).clone()
-                                  if v.ndim > 0 else v.clone())
-                              for k, v in state[name].items()}
+def load_optimizer_state(model, state: dict, topo: Topology) -> dict:
+    """{parameter: moments with this TP rank's whole tensors} from the checkpoint's global ones."""
+    return {p: {k: (_shard(_pad(v, p, topo), getattr(p, "tp_dim", None), topo).to(p.device).clone()
+                    if v.ndim > 0 else v.clone())
+                for k, v in state[name].items()}
+            for name, p in model.named_parameters() if name in state}

@@ -20,9 +20,9 @@ from megalm.data.gpt_dataset import IndexCache, build_datasets, split_sample_cou
 from megalm.data.loader import global_batch
 from megalm.data.tokenizers import build_tokenizer
 from megalm.model.gpt import GPT
-from megalm.optim.optimizer import build_optimizer, clip_grads_
+from megalm.optim.distributed import DistributedOptimizer
+from megalm.optim.loss_scaler import LossScaler
 from megalm.optim.schedule import learning_rate
-from megalm.parallel.grad_sync import sync_gradients
 from megalm.parallel.state import Topology
 from megalm.pipeline.layout import stage_chunks
 from megalm.pipeline.p2p import PipeComm
@@ -61,8 +61,10 @@ class Trainer:
         if topo.pp > 1:
             seq = cfg.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
             self.comm = PipeComm(topo, (t.micro_batch_size, seq, cfg.model.hidden_size), torch.float32, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.fp16)
+        o = cfg.optim
+        self.optimizer = DistributedOptimizer(self.model, o, topo, o.zero_stage, self.num_micro, o.ddp_bucket_size)
+        self.scaler = LossScaler(t.fp16, o.initial_loss_scale, o.loss_scale_window, o.min_loss_scale,
+                                 o.loss_scale or 0.0)
         self.compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
         self.iteration = 0
         self.consumed_samples = 0
@@ -82,6 +84,10 @@ class Trainer:
         log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x PP %d x DP %d",
                  f"{num_params:,}", cfg.model.num_layers, cfg.model.hidden_size,
                  self.tokenizer.vocab_size, self.model.padded_vocab_size, topo.tp, topo.pp, topo.dp)
+        mem = self.optimizer.memory_bytes()
+        log.info("memory per rank (rank 0): parameters %.1f MB, gradients %.1f MB, optimizer state %.1f MB "
+                 "(ZeRO stage %d over DP %d)", mem["param_bytes"] / 1e6, mem["grad_bytes"] / 1e6,
+                 mem["optimizer_state_bytes"] / 1e6, self.optimizer.zero_stage, topo.dp)
         if topo.pp > 1:
             virtual = len(chunks)
             log.info("pipeline: %d stages%s, %d micro-batches per step: %s schedule, ideal bubble %.1f%% "
@@ -136,7 +142,7 @@ class Trainer:
             mask = batch["loss_mask"].to(self.device)
             loss = (out.float() * mask).sum() / mask.sum().clamp_min(1.0) / len(micro_batches)
             total.add_(loss.detach())
-            return loss if forward_only else self.scaler.scale(loss)
+            return loss if forward_only else loss * self.scaler.scale
 
         self.schedule_stats = run_schedule(forward, self.comm, len(micro_batches), self.topo.pp, self.topo.pp_rank,
                                            len(self.model.chunks), forward_only)
@@ -145,19 +151,11 @@ class Trainer:
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over this rank's micro-batches; returns loss, grad norm, lr, skipped."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         total = self._run_micro_batches(micro_batches, forward_only=False)
-        params = list(self.model.parameters())
-        sync_gradients(params, self.topo)
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grads_(params, self.cfg.optim.clip_grad, self.topo)
         lr = learning_rate(self.cfg.optim, self.iteration + 1)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        skipped = not math.isfinite(grad_norm)
-        if not skipped:
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
+        grad_norm, skipped = self.optimizer.step(lr, self.scaler.scale)
+        self.scaler.update(skipped)
         return {"loss": self._mean_loss(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
 
     @torch.no_grad()
@@ -187,7 +185,9 @@ class Trainer:
             row = {"iteration": self.iteration, **step, **self.throughput(tokens_per_iter, elapsed),
                    "ms_per_iter": 1000 * elapsed, "consumed_samples": self.consumed_samples}
             if t.fp16:
-                row["loss_scale"] = self.scaler.get_scale()
+                row["loss_scale"] = self.scaler.scale
+            if self.iteration == 1:  # measured, not estimated: the Adam moments this rank allocated
+                row["optimizer_state_bytes"] = self.optimizer.state_bytes()
             if self.comm:  # this rank's stage (rank 0: the first): time blocked on its neighbours, activations held
                 row["pipeline_wait_ms"] = 1000 * (self.comm.wait_seconds - waited)
                 row["pipeline_peak_micro_batches"] = self.schedule_stats.peak_in_flight
@@ -220,8 +220,8 @@ class Trainer:
         meta = {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
                 "tokenizer": self.tokenizer.fingerprint,
                 "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp}}
-        ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer, self.cfg,
-                             self.topo, meta, rng)
+        ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer.full_state(),
+                             self.cfg, self.topo, meta, rng)
 
     def load(self, path: str) -> None:
         state = ckpt.read_checkpoint(path)
@@ -234,7 +234,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{state['path']}: saved with tokenizer {state['meta'].get('tokenizer')}, "
                                        f"this run uses {self.tokenizer.fingerprint}")
         ckpt.load_model_state(self.model, state["model"], self.topo, state["path"])
-        ckpt.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.topo)
+        self.optimizer.load_full_state(ckpt.load_optimizer_state(self.model, state["optimizer"], self.topo))
         meta = state["meta"]
         self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
         if meta.get("scaler"):

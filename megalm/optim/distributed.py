@@ -1,0 +1,311 @@
+"""Data-parallel gradient reduction and the AdamW step, with optional ZeRO sharding of optimizer state (and
+gradients) over the data-parallel group.
+
+Parameters are packed into contiguous buckets (in reverse order, roughly the order backward produces gradients),
+each padded to split evenly over the DP ranks, and become views into one flat fp32 buffer per bucket. As soon as
+every parameter of a bucket has its gradient for the step, a hook starts the bucket's reduction asynchronously, so
+communication overlaps the rest of backward:
+
+- ZeRO 0: all-reduce each bucket; every rank updates every parameter (plain data parallelism).
+- ZeRO 1: reduce-scatter each bucket; rank ``d`` updates only its 1/DP slice (its Adam moments exist for that slice
+  only), then the updated slices are all-gathered back into the parameters.
+- ZeRO 2: as ZeRO 1, but no full gradient buffer lives across micro-batches: each micro-batch's gradients are
+  copied into a short-lived bucket, reduce-scattered, and added to this rank's slice.
+
+Adam is elementwise, so updating slices gives exactly the unsharded result. Parameters whose gradients need a
+sum over another group first (sequence-parallel norm weights over TP, the two copies of a tied embedding over the
+first and last pipeline stage) sit in a separate bucket reduced after the pipeline schedule ends.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megalm.config import OptimConfig
+from megalm.optim.optimizer import adamw, decays
+from megalm.parallel.state import Topology
+
+
+@dataclass
+class Piece:
+    """The part of one parameter that lies in this rank's slice of a bucket."""
+    param: torch.nn.Parameter
+    start: int  # offset in the flattened parameter
+    values: torch.Tensor  # view into the bucket's flat parameters
+    tp_sharded: bool
+    counted: bool  # in the gradient norm (the last stage's copy of a tied embedding is not)
+
+
+@dataclass
+class Bucket:
+    params: list
+    offsets: list  # start of each parameter in the flat buffer
+    numel: int  # padded to a multiple of the number of slices
+    deferred: bool  # reduced after the schedule, not from hooks
+    data: Optional[torch.Tensor] = None  # flat parameters
+    grad: Optional[torch.Tensor] = None  # flat gradients (ZeRO 0/1), or the short-lived copy (ZeRO 2)
+    shard_grad: Optional[torch.Tensor] = None  # reduced gradients of this rank's slice (ZeRO 1/2)
+    ready: int = 0  # hook calls seen since the last launch
+    pending: list = field(default_factory=list)  # (work handle, output to add into shard_grad or None)
+
+
+class DistributedOptimizer:
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, topo: Topology, zero_stage: int,
+                 micro_batches: int, bucket_numel: int):
+        self.cfg, self.topo = cfg, topo
+        self.zero_stage = zero_stage if topo.dp > 1 else 0  # nothing to shard over one rank
+        self.slices = topo.dp if zero_stage >= 1 else 1
+        self.slice_index = topo.dp_rank if zero_stage >= 1 else 0
+        self.micro_batches = micro_batches
+        params = [p for p in model.parameters() if p.requires_grad]
+        device = params[0].device
+        special = [p for p in params if getattr(p, "sequence_parallel", False) or getattr(p, "shared_embedding", False)]
+        regular = [p for p in reversed(params) if all(p is not q for q in special)]
+        self.buckets = [self._bucket(group, False, device) for group in self._split(regular, bucket_numel)]
+        if special:
+            self.buckets.append(self._bucket(special, True, device))
+        self.pieces = [piece for b in self.buckets for piece in self._pieces(b)]
+        self.adam = adamw([pc.values for pc in self.pieces if decays(pc.param)],
+                          [pc.values for pc in self.pieces if not decays(pc.param)], cfg, device.type == "cuda")
+        self._owner, self._offset = {}, {}
+        for b in self.buckets:
+            for p, off in zip(b.params, b.offsets):
+                self._owner[p], self._offset[p] = b, off
+                if not b.deferred:
+                    p.register_post_accumulate_grad_hook(self._on_grad)
+        self.zero_grad()
+
+    # ---- layout ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _split(params, bucket_numel):
+        group, size = [], 0
+        for p in params:
+            group.append(p)
+            size += p.numel()
+            if size >= bucket_numel:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+    def _bucket(self, params, deferred, device) -> Bucket:
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += p.numel()
+        numel = math.ceil(total / self.slices) * self.slices
+        b = Bucket(params=params, offsets=offsets, numel=numel, deferred=deferred)
+        b.data = torch.zeros(numel, dtype=torch.float32, device=device)
+        for p, off in zip(params, offsets):
+            if p.dtype != torch.float32:
+                raise TypeError(f"parameters must be fp32 (mixed precision runs under autocast), got {p.dtype}")
+            b.data[off:off + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = b.data[off:off + p.numel()].view_as(p)
+        if self.slices > 1:
+            b.shard_grad = torch.zeros(numel // self.slices, dtype=torch.float32, device=device)
+        return b
+
+    def _slice_range(self, b: Bucket):
+        size = b.numel // self.slices
+        return self.slice_index * size, (self.slice_index + 1) * size
+
+    def _pieces(self, b: Bucket):
+        lo, hi = self._slice_range(b)
+        for p, off in zip(b.params, b.offsets):
+            a, z = max(off, lo), min(off + p.numel(), hi)
+            if a < z:
+                yield Piece(p, a - off, b.data[a:z], getattr(p, "tp_dim", None) is not None,
+                            not getattr(p, "tied_copy", False))
+
+    def _piece_grad(self, pc: Piece) -> torch.Tensor:
+        b = self._owner[pc.param]
+        lo, _ = self._slice_range(b)
+        a = self._offset[pc.param] + pc.start
+        src = b.shard_grad if self.slices > 1 else b.grad
+        return src[a - lo: a - lo + pc.values.numel()]
+
+    # ---- gradients -------------------------------------------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.ready = 0
+            if b.shard_grad is not None:
+                b.shard_grad.zero_()
+            if self.zero_stage < 2:
+                if b.grad is None:
+                    b.grad = torch.zeros_like(b.data)
+                    for p, off in zip(b.params, b.offsets):
+                        p.grad = b.grad[off:off + p.numel()].view_as(p)
+                else:
+                    b.grad.zero_()
+            else:
+                for p in b.params:
+                    p.grad = None
+
+    def _on_grad(self, p) -> None:
+        b = self._owner[p]
+        if self.zero_stage == 2:  # move this micro-batch's gradient into the bucket and free it
+            if b.grad is None:
+                b.grad = torch.zeros_like(b.data)
+            off = self._offset[p]
+            b.grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad = None
+        b.ready += 1
+        per_launch = len(b.params) * (1 if self.zero_stage == 2 else self.micro_batches)
+        if b.ready == per_launch:
+            self._launch(b)
+
+    def _launch(self, b: Bucket) -> None:
+        b.ready = 0
+        if self.topo.dp == 1:
+            return
+        b.grad.mul_(1.0 / self.topo.dp)
+        if self.slices == 1:
+            b.pending.append((dist.all_reduce(b.grad, group=self.topo.dp_group, async_op=True), None))
+        elif self.zero_stage == 1:
+            b.pending.append((dist.reduce_scatter_tensor(b.shard_grad, b.grad, group=self.topo.dp_group,
+                                                         async_op=True), None))
+        else:
+            out = torch.empty_like(b.shard_grad)
+            b.pending.append((dist.reduce_scatter_tensor(out, b.grad, group=self.topo.dp_group, async_op=True), out))
+            b.grad = None  # freed once the reduction completes
+
+    def finish_gradients(self) -> None:
+        """After the schedule: sum the special gradients over their groups, reduce every bucket not yet reduced,
+        and wait for all reductions."""
+        for b in self.buckets:
+            if not b.deferred:
+                continue
+            for p in b.params:
+                if self.zero_stage == 2 and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if getattr(p, "sequence_parallel", False) and self.topo.tp > 1:
+                    dist.all_reduce(p.grad, group=self.topo.tp_group)
+                if getattr(p, "shared_embedding", False):
+                    dist.all_reduce(p.grad, group=self.topo.embedding_group)
+            if self.zero_stage == 2:
+                b.grad = torch.cat([p.grad.reshape(-1) for p in b.params]
+                                   + [b.data.new_zeros(b.numel - sum(p.numel() for p in b.params))])
+                for p in b.params:
+                    p.grad = None
+            self._launch(b)
+        for b in self.buckets:
+            if b.ready:  # some parameter got no gradient this step
+                raise RuntimeError("a parameter received no gradient in this step; every parameter must be used")
+            for work, out in b.pending:
+                if work is not None:
+                    work.wait()
+                if out is not None:
+                    b.shard_grad.add_(out)
+            b.pending.clear()
+
+    # ---- step ------------------------------------------------------------------------------------------------
+
+    def grads(self) -> list:
+        return [self._piece_grad(pc) for pc in self.pieces]
+
+    def global_grad_norm(self, grads: list) -> float:
+        """L2 norm of the whole model's gradient from this rank's slices: TP shards summed over TP, replicated
+        parameters once, slices summed over DP when sharded, stages summed over the pipeline."""
+        device = self.buckets[0].data.device
+        sq_tp = torch.zeros((), dtype=torch.float32, device=device)
+        sq_rep = torch.zeros((), dtype=torch.float32, device=device)
+        for pc, g in zip(self.pieces, grads):
+            if pc.counted:
+                if pc.tp_sharded:
+                    sq_tp += g.float().pow(2).sum()
+                else:
+                    sq_rep += g.float().pow(2).sum()
+        if self.topo.tp > 1:
+            dist.all_reduce(sq_tp, group=self.topo.tp_group)
+        total = sq_tp + sq_rep
+        if self.slices > 1:
+            dist.all_reduce(total, group=self.topo.dp_group)
+        if self.topo.pp > 1:
+            dist.all_reduce(total, group=self.topo.pp_group)
+        return float(total.sqrt())
+
+    def step(self, lr: float, grad_scale: float = 1.0) -> tuple:
+        """Unscale, clip and apply AdamW at ``lr``; returns (grad norm before clipping, skipped). A non-finite norm
+        (an fp16 overflow) skips the update on every rank alike."""
+        self.finish_gradients()
+        grads = self.grads()
+        if grad_scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / grad_scale)
+        norm = self.global_grad_norm(grads)
+        if not math.isfinite(norm):
+            return norm, True
+        if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
+            torch._foreach_mul_(grads, self.cfg.clip_grad / (norm + 1e-6))
+        for pc, g in zip(self.pieces, grads):
+            pc.values.grad = g
+        for group in self.adam.param_groups:
+            group["lr"] = lr
+        self.adam.step()
+        for pc in self.pieces:
+            pc.values.grad = None
+        if self.slices > 1:
+            for b in self.buckets:
+                lo, hi = self._slice_range(b)
+                dist.all_gather_into_tensor(b.data, b.data[lo:hi].clone(), group=self.topo.dp_group)
+        return norm, False
+
+    # ---- state in global coordinates ---------------------------------------------------------------------------
+
+    def memory_bytes(self) -> dict:
+        """This rank's persistent training state: parameters, gradients (full or slice), Adam moments (as
+        allocated after the first step)."""
+        params = sum(b.data.numel() for b in self.buckets) * 4
+        if self.zero_stage == 2:
+            grads = sum(b.shard_grad.numel() for b in self.buckets) * 4
+        else:
+            grads = params + sum(b.shard_grad.numel() for b in self.buckets if b.shard_grad is not None) * 4
+        return {"param_bytes": params, "grad_bytes": grads,
+                "optimizer_state_bytes": 2 * 4 * sum(pc.values.numel() for pc in self.pieces)}
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.adam.state.values() for t in s.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+
+    def full_state(self) -> dict:
+        """{parameter: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}} with this TP rank's whole tensors (a
+        collective over DP when sharded). Empty before the first step."""
+        if not any(self.adam.state.get(pc.values) for pc in self.pieces):
+            return {}
+        out = {}
+        for b in self.buckets:
+            lo, hi = self._slice_range(b)
+            flats = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                mine = torch.zeros(hi - lo, dtype=torch.float32, device=b.data.device)
+                for pc in self.pieces:
+                    if self._owner[pc.param] is b:
+                        a = self._offset[pc.param] + pc.start - lo
+                        mine[a:a + pc.values.numel()] = self.adam.state[pc.values][key]
+                full = mine
+                if self.slices > 1:
+                    full = torch.empty(b.numel, dtype=torch.float32, device=b.data.device)
+                    dist.all_gather_into_tensor(full, mine, group=self.topo.dp_group)
+                flats[key] = full
+            step = next(iter(self.adam.state.values()))["step"]
+            for p, off in zip(b.params, b.offsets):
+                out[p] = {k: f[off:off + p.numel()].view_as(p).clone() for k, f in flats.items()}
+                out[p]["step"] = step.clone()
+        return out
+
+    def load_full_state(self, state: dict) -> None:
+        """Inverse of ``full_state``: ``state`` maps a parameter to its whole (TP-local) moments and step."""
+        for pc in self.pieces:
+            s = state.get(pc.param)
+            if s is None:
+                continue
+            n = pc.values.numel()
+            self.adam.state[pc.values] = {
+                "step": s["step"].clone().float(),
+                **{k: s[k].reshape(-1)[pc.start:pc.start + n].to(pc.values.device).clone()
+                   for k in ("exp_avg", "exp_avg_sq")}}
