@@ -43,7 +43,8 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest", "megatron-core", "transformers", "safetensors", "tiktoken"]},
+    extras_require={"test": ["pytest", "megatron-core", "transformers", "safetensors", "tiktoken"],
+                    "deepspeed": ["deepspeed>=0.14"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": [

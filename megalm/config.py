@@ -74,6 +74,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = opt(1, "pipeline stages that split the layers")
     num_layers_per_virtual_pipeline_stage: Optional[int] = opt(None, "interleaved 1F1B: layers per virtual stage "
                                                                "(each rank holds several non-adjacent chunks)")
+    deepspeed: bool = opt(False, "train with DeepSpeed's engine (launch with the deepspeed launcher or torchrun)")
+    deepspeed_config: Optional[str] = opt(None, "DeepSpeed JSON config to add to the one rendered from the flags",
+                                          flag="--deepspeed_config")
     pipeline_stage_layers: list = opt([], "uneven pipeline split: layers of each stage, e.g. 3 3 2 (default: "
                                       "--num-layers / --pipeline-model-parallel-size each)", nargs="+")
 
@@ -94,8 +97,8 @@ class OptimConfig:
     adam_beta1: float = opt(0.9, "Adam beta1")
     adam_beta2: float = opt(0.999, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
-    zero_stage: int = opt(0, "shard over data parallelism: 0 nothing, 1 optimizer state, 2 also gradients",
-                          choices=(0, 1, 2))
+    zero_stage: int = opt(0, "shard over data parallelism: 0 nothing, 1 optimizer state, 2 also gradients, "
+                          "3 also parameters (with --deepspeed)", choices=(0, 1, 2, 3))
     use_distributed_optimizer: bool = opt(False, "Megatron's name for --zero-stage 1")
     ddp_bucket_size: int = opt(1 << 22, "parameters per gradient-reduction bucket")
     loss_scale: Optional[float] = opt(None, "static loss scale for --fp16 (default: dynamic)")
@@ -146,6 +149,10 @@ class CheckpointConfig:
     save: Optional[str] = opt(None, "checkpoint directory to write")
     load: Optional[str] = opt(None, "checkpoint directory to resume from")
     save_interval: Optional[int] = opt(None, "iterations between checkpoints (default: only at the end)")
+    no_load_optim: bool = opt(False, "with --load: fresh optimizer state and loss scale")
+    no_load_rng: bool = opt(False, "with --load: do not restore the random generators")
+    finetune: bool = opt(False, "with --load: weights only, iteration and samples start at 0")
+    keep_last_n: Optional[int] = opt(None, "delete older checkpoints, keeping this many")
 
 
 @dataclass
@@ -223,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megalm-pretrain", description="Train a GPT with megalm.",
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with the sections " + ", ".join(SECTIONS))
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher
+
     for section in SECTIONS:
         section_cls = type(getattr(Config(), section))
         group = parser.add_argument_group(section)
@@ -426,6 +435,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             if not os.path.exists(prefix + ext):
                 raise ConfigError(f"--data-path: {prefix + ext} does not exist (give the prefix, without "
                                   f".bin/.idx; megalm-preprocess writes PREFIX_text_document.bin/.idx)")
+    if o.zero_stage == 3 and not p.deepspeed:
+        raise ConfigError("--zero-stage 3 (sharded parameters) needs --deepspeed; megalm's own optimizer does 0-2")
+    if p.deepspeed and (p.model_parallel_size > 1 or p.sequence_parallel):
+        raise ConfigError("--deepspeed runs with data parallelism (ZeRO 0-3) only: for --tensor-model-parallel-size "
+                          "or --pipeline-model-parallel-size > 1 use megalm's own path (drop --deepspeed; "
+                          "--zero-stage 1/2 shards the optimizer there)")
+    if p.deepspeed_config and not p.deepspeed:
+        raise ConfigError("--deepspeed_config needs --deepspeed")
+    if p.deepspeed_config and not os.path.exists(p.deepspeed_config):
+        raise ConfigError(f"--deepspeed_config: no such file {p.deepspeed_config}")
+    if ck.keep_last_n is not None:
+        _positive(ck.keep_last_n, "--keep-last-n")
+    if (ck.finetune or ck.no_load_optim or ck.no_load_rng) and not ck.load:
+        raise ConfigError("--finetune, --no-load-optim and --no-load-rng need --load")
     if ck.save_interval is not None:
         _positive(ck.save_interval, "--save-interval")
         if not ck.save:

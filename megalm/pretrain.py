@@ -38,7 +38,10 @@ def main(argv=None) -> int:
         return 2
     init_distributed()
     try:
-        from megalm.training.trainer import Trainer
+        if cfg.parallel.deepspeed:
+            from megalm.training.deepspeed_trainer import DeepSpeedTrainer as Trainer
+        else:
+            from megalm.training.trainer import Trainer
 
         p = cfg.parallel
         topo = Topology.build(p.tensor_model_parallel_size, p.sequence_parallel, p.pipeline_model_parallel_size)

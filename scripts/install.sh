@@ -10,4 +10,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 fi
 .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
+# DeepSpeed ships as source: built against the torch above, hence after it and without build isolation
+.venv/bin/python -c "import deepspeed" 2>/dev/null ||
+  .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
 .venv/bin/python -c "from megalm.kernels import extension; assert extension() is not None, 'megalm._C did not build'"

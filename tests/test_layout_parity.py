@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_train_flags, torchrun
+from conftest import deepspeed_launch, tiny_train_flags, torchrun
 from parity import assert_close
 from megalm.pretrain import main
 
@@ -72,6 +72,19 @@ def single(tmp_path_factory, dataset_prefix, bpe_flags):
     return out
 
 
+def assert_matches(layout, ref, got_rows, got_params):
+    ref_rows, ref_params = ref
+    assert len(got_rows) == len(ref_rows) == 10
+    for a, b in zip(ref_rows, got_rows):
+        assert abs(a["loss"] - b["loss"]) / abs(a["loss"]) < 1e-5, f"{layout} iteration {a['iteration']}"
+        assert abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] < 1e-4
+    assert set(got_params) == set(ref_params)
+    for name, ref_param in ref_params.items():
+        if name.endswith(NO_EFFECT):
+            continue
+        assert_close(got_params[name], ref_param, 1e-4, f"{layout} final {name}")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single, layout):
     nproc, flavour, layout_flags = LAYOUTS[layout]
@@ -79,18 +92,9 @@ def test_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single,
     res = torchrun(nproc, "megalm/pretrain.py", *flags, "--metrics-file", tmp_path / "m.jsonl",
                    "--save", tmp_path / "ck")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    ref_rows, ref_params = single[flavour]
+    ref_rows = single[flavour][0]
     got = rows(tmp_path / "m.jsonl")
-    assert len(got) == len(ref_rows) == 10
-    for a, b in zip(ref_rows, got):
-        assert abs(a["loss"] - b["loss"]) / abs(a["loss"]) < 1e-5, f"{layout} iteration {a['iteration']}"
-        assert abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] < 1e-4
-    params = final_params(tmp_path / "ck")
-    assert set(params) == set(ref_params)
-    for name, ref in ref_params.items():
-        if name.endswith(NO_EFFECT):
-            continue
-        assert_close(params[name], ref, 1e-4, f"{layout} final {name}")
+    assert_matches(layout, single[flavour], got, final_params(tmp_path / "ck"))
     pp = flag(layout_flags, "--pipeline-model-parallel-size", 1)
     tp = flag(layout_flags, "--tensor-model-parallel-size", 1)
     dp = nproc // pp // tp
@@ -102,3 +106,25 @@ def test_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single,
         # 1F1B: the first stage holds at most P micro-batches of activations, of the m in a step
         micro = 16 // 2 // dp
         assert micro > pp and all(r["pipeline_peak_micro_batches"] == pp for r in got), (micro, got[0])
+
+
+# DeepSpeed's engine under its own launcher: ZeRO 1 and 2 from the flags, ZeRO 3 from an example JSON file
+DEEPSPEED = {
+    "ds-zero1-gpt2": ("gpt2", ["--zero-stage", "1"]),
+    "ds-zero2-llama": ("llama", ["--zero-stage", "2"]),
+    "ds-zero3-gpt2": ("gpt2", ["--deepspeed_config", "configs/deepspeed/zero3.json"]),
+}
+
+
+@pytest.mark.parametrize("layout", DEEPSPEED)
+def test_deepspeed_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single, layout):
+    pytest.importorskip("deepspeed")
+    flavour, layout_flags = DEEPSPEED[layout]
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "10", *FLAVOURS[flavour], "--deepspeed",
+                             *layout_flags)
+    res = deepspeed_launch(2, "megalm/pretrain.py", *flags, "--metrics-file", tmp_path / "m.jsonl",
+                           "--save", tmp_path / "ck")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    stage = "3" if "zero3" in layout else layout_flags[1]
+    assert f"DeepSpeed engine: ZeRO stage {stage} over DP 2" in res.stdout + res.stderr
+    assert_matches(layout, single[flavour], rows(tmp_path / "m.jsonl"), final_params(tmp_path / "ck"))

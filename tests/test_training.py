@@ -143,3 +143,40 @@ def test_fp16_skips_a_step_with_an_inf_gradient(dataset_prefix, bpe_flags):
     good = step()
     assert not good["skipped"] and good["loss"] == good["loss"]
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_resume_under_another_layout(tmp_path, dataset_prefix, bpe_flags):
+    """A one-process checkpoint resumes under PP 2 x DP 2 with ZeRO 2 (optimizer state resharded on load) and
+    continues with the losses of the uninterrupted run."""
+    from conftest import torchrun
+
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--num-layers", "4",
+                             "--global-batch-size", "8")
+    assert main(flags + ["--save", tmp_path / "a", "--save-interval", "3", "--metrics-file", tmp_path / "a.jsonl"]) == 0
+    res = torchrun(4, "megalm/pretrain.py", *flags, "--pipeline-model-parallel-size", "2", "--zero-stage", "2",
+                   "--load", tmp_path / "a" / "iter_0000003", "--metrics-file", tmp_path / "b.jsonl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, _ = read_metrics(tmp_path / "a.jsonl")
+    b, _ = read_metrics(tmp_path / "b.jsonl")
+    assert [r["iteration"] for r in b] == [4, 5, 6]
+    for x, y in zip(a[3:], b):
+        assert abs(x["loss"] - y["loss"]) / x["loss"] < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-4
+
+
+def test_finetune_no_load_optim_and_keep_last_n(tmp_path, dataset_prefix, bpe_flags):
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "4")
+    assert main(flags + ["--save", tmp_path / "a", "--save-interval", "1", "--keep-last-n", "2"]) == 0
+    assert sorted(os.listdir(tmp_path / "a")) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    # --finetune: weights only, from iteration 0 (four more iterations here)
+    assert main(flags + ["--load", tmp_path / "a", "--finetune", "--metrics-file", tmp_path / "ft.jsonl"]) == 0
+    ft, _ = read_metrics(tmp_path / "ft.jsonl")
+    assert [r["iteration"] for r in ft] == [1, 2, 3, 4]
+    # --no-load-optim: progress resumes, Adam starts afresh, so iteration 4's loss is the same but not its update
+    extra = ["--train-iters", "5", "--metrics-file"]
+    assert main(flags + ["--load", tmp_path / "a" / "iter_0000003", *extra, tmp_path / "full.jsonl"]) == 0
+    assert main(flags + ["--load", tmp_path / "a" / "iter_0000003", "--no-load-optim", *extra,
+                         tmp_path / "fresh.jsonl"]) == 0
+    full, _ = read_metrics(tmp_path / "full.jsonl")
+    fresh, _ = read_metrics(tmp_path / "fresh.jsonl")
+    assert full[0]["iteration"] == fresh[0]["iteration"] == 4 and full[0]["loss"] == fresh[0]["loss"]
+    assert full[1]["loss"] != fresh[1]["loss"]

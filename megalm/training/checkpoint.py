@@ -152,6 +152,18 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict
     return final
 
 
+def prune(root: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` iteration directories (never the one the pointer names)."""
+    iters = sorted(d for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
+    pointer = os.path.join(root, LATEST)
+    current = iteration_dir(root, int(open(pointer).read().strip())) if os.path.exists(pointer) else None
+    for d in iters[:-keep]:
+        path = os.path.join(root, d)
+        if path != current:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed old checkpoint %s (--keep-last-n %d)", path, keep)
+
+
 def resolve(path: str) -> str:
     """``path`` may be a save root (follow its pointer) or an ``iter_*`` directory itself."""
     pointer = os.path.join(path, LATEST)

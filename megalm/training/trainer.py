@@ -57,12 +57,15 @@ class Trainer:
         self.model.init_weights(t.seed)
         self.model.to(self.device)
         self.num_micro = num_micro_batches(cfg, topo.world_size)
+        # counted before an optimizer (DeepSpeed ZeRO 3) may partition the parameters
+        layer_params, output_params, num_params = self._sum_over_stages(
+            *self.model.matmul_parameters(), self.model.num_parameters())
         self.comm = None
         if topo.pp > 1:
             seq = cfg.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
             self.comm = PipeComm(topo, (t.micro_batch_size, seq, cfg.model.hidden_size), torch.float32, self.device)
         o = cfg.optim
-        self.optimizer = DistributedOptimizer(self.model, o, topo, o.zero_stage, self.num_micro, o.ddp_bucket_size)
+        self.optimizer = self.build_optimizer()
         self.scaler = LossScaler(t.fp16, o.initial_loss_scale, o.loss_scale_window, o.min_loss_scale,
                                  o.loss_scale or 0.0)
         self.compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
@@ -75,8 +78,6 @@ class Trainer:
             parse_data_path(cfg.data.data_path), parse_split(cfg.data.split), counts, cfg.model.seq_length, t.seed,
             self.tokenizer.fingerprint, IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier))
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        layer_params, output_params, num_params = self._sum_over_stages(
-            *self.model.matmul_parameters(), self.model.num_parameters())
         self.throughput = Throughput(cfg.model, layer_params, output_params, topo.world_size,
                                      peak_tflops(device_name, cfg.logging.peak_tflops))
         if cfg.checkpoint.load:
@@ -84,16 +85,26 @@ class Trainer:
         log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x PP %d x DP %d",
                  f"{num_params:,}", cfg.model.num_layers, cfg.model.hidden_size,
                  self.tokenizer.vocab_size, self.model.padded_vocab_size, topo.tp, topo.pp, topo.dp)
-        mem = self.optimizer.memory_bytes()
-        log.info("memory per rank (rank 0): parameters %.1f MB, gradients %.1f MB, optimizer state %.1f MB "
-                 "(ZeRO stage %d over DP %d)", mem["param_bytes"] / 1e6, mem["grad_bytes"] / 1e6,
-                 mem["optimizer_state_bytes"] / 1e6, self.optimizer.zero_stage, topo.dp)
+        self.log_memory()
         if topo.pp > 1:
             virtual = len(chunks)
             log.info("pipeline: %d stages%s, %d micro-batches per step: %s schedule, ideal bubble %.1f%% "
                      "((P - 1) / (%sm + P - 1))", topo.pp, f" x {virtual} virtual" if virtual > 1 else "",
                      self.num_micro, "interleaved 1F1B" if virtual > 1 else "1F1B",
                      100 * bubble_fraction(topo.pp, self.num_micro, virtual), "V " if virtual > 1 else "")
+
+    def build_optimizer(self):
+        o = self.cfg.optim
+        return DistributedOptimizer(self.model, o, self.topo, o.zero_stage, self.num_micro, o.ddp_bucket_size)
+
+    def optimizer_state_bytes(self) -> int:
+        return self.optimizer.state_bytes()
+
+    def log_memory(self) -> None:
+        mem = self.optimizer.memory_bytes()
+        log.info("memory per rank (rank 0): parameters %.1f MB, gradients %.1f MB, optimizer state %.1f MB "
+                 "(ZeRO stage %d over DP %d)", mem["param_bytes"] / 1e6, mem["grad_bytes"] / 1e6,
+                 mem["optimizer_state_bytes"] / 1e6, self.optimizer.zero_stage, self.topo.dp)
 
     def _sum_over_stages(self, *values: int) -> list:
         """Per-stage counts summed over the pipeline (identical across TP and DP already)."""
@@ -187,7 +198,7 @@ class Trainer:
             if t.fp16:
                 row["loss_scale"] = self.scaler.scale
             if self.iteration == 1:  # measured, not estimated: the Adam moments this rank allocated
-                row["optimizer_state_bytes"] = self.optimizer.state_bytes()
+                row["optimizer_state_bytes"] = self.optimizer_state_bytes()
             if self.comm:  # this rank's stage (rank 0: the first): time blocked on its neighbours, activations held
                 row["pipeline_wait_ms"] = 1000 * (self.comm.wait_seconds - waited)
                 row["pipeline_peak_micro_batches"] = self.schedule_stats.peak_in_flight
@@ -213,18 +224,28 @@ class Trainer:
         if self.metrics.enabled:
             log.info("validation at iter %d | loss %.4f | perplexity %.2f", self.iteration, valid, ppl)
 
-    def save(self) -> None:
+    def rng_state(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "tracker": self.model.rng_tracker.state_dict()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        meta = {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
-                "tokenizer": self.tokenizer.fingerprint,
-                "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp}}
-        ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, self.optimizer.full_state(),
-                             self.cfg, self.topo, meta, rng)
+        return rng
 
-    def load(self, path: str) -> None:
-        state = ckpt.read_checkpoint(path)
+    def checkpoint_meta(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
+                "tokenizer": self.tokenizer.fingerprint,
+                "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp,
+                           "zero_stage": self.cfg.optim.zero_stage}}
+
+    def save(self) -> None:
+        ck = self.cfg.checkpoint
+        ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.full_state(), self.cfg, self.topo,
+                             self.checkpoint_meta(), self.rng_state())
+        if ck.keep_last_n and self.topo.rank == 0:
+            ckpt.prune(ck.save, ck.keep_last_n)
+
+    def read_and_check(self, path: str, parts) -> dict:
+        """Read a checkpoint and refuse one whose model or tokenizer differs from this run's."""
+        state = ckpt.read_checkpoint(path, parts)
         saved, here = state["config"].model.__dict__, self.cfg.model.__dict__
         differ = sorted(k for k in here if k not in _RUNTIME_MODEL_FIELDS and saved.get(k) != here[k])
         if differ:
@@ -233,16 +254,40 @@ class Trainer:
         if state["meta"].get("tokenizer") != self.tokenizer.fingerprint:
             raise ckpt.CheckpointError(f"{state['path']}: saved with tokenizer {state['meta'].get('tokenizer')}, "
                                        f"this run uses {self.tokenizer.fingerprint}")
+        return state
+
+    def load(self, path: str) -> None:
+        """Weights always; optimizer state, loss scale, RNG and progress unless --finetune (weights only, from
+        iteration 0), --no-load-optim or --no-load-rng say otherwise."""
+        ck = self.cfg.checkpoint
+        parts = ["model"]
+        if not (ck.finetune or ck.no_load_optim):
+            parts.append("optimizer")
+        if not (ck.finetune or ck.no_load_rng):
+            parts.append("rng")
+        state = self.read_and_check(path, parts)
         ckpt.load_model_state(self.model, state["model"], self.topo, state["path"])
-        self.optimizer.load_full_state(ckpt.load_optimizer_state(self.model, state["optimizer"], self.topo))
+        if "optimizer" in parts:
+            if not state["optimizer"]:
+                log.warning("%s holds no optimizer state (saved by the DeepSpeed path or before the first step): "
+                            "Adam starts afresh", state["path"])
+            self.optimizer.load_full_state(ckpt.load_optimizer_state(self.model, state["optimizer"], self.topo))
+        if ck.finetune:
+            log.info("fine-tuning from the weights of %s, starting at iteration 0", state["path"])
+            return
+        self.restore_progress(state)
+
+    def restore_progress(self, state: dict) -> None:
         meta = state["meta"]
         self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
-        if meta.get("scaler"):
+        if meta.get("scaler") and not self.cfg.checkpoint.no_load_optim:
             self.scaler.load_state_dict(meta["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "tracker" in state["rng"]:
-            self.model.rng_tracker.load_state_dict(state["rng"]["tracker"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "tracker" in rng:
+                self.model.rng_tracker.load_state_dict(rng["tracker"])
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
         log.info("resumed from %s at iteration %d (%d samples consumed)", state["path"], self.iteration,
                  self.consumed_samples)

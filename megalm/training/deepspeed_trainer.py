@@ -1,0 +1,140 @@
+"""The DeepSpeed path: ``deepspeed megalm/pretrain.py --deepspeed [--deepspeed_config FILE] ...``.
+
+Same model, data, schedule of learning rates and metrics as the Trainer; DeepSpeed's engine does gradient
+accumulation, reduction, clipping, loss scaling and the (ZeRO 0-3) optimizer step. The DeepSpeed config is rendered
+from megalm's config tree; a file given with ``--deepspeed_config`` adds to it, and may not contradict the batch
+sizes. Checkpoints hold megalm's weights (gathered, global coordinates: they load into any layout) plus
+DeepSpeed's own engine state under ``SAVE/deepspeed/`` for exact resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+
+import torch
+
+from megalm.config import Config, ConfigError
+from megalm.optim.optimizer import build_optimizer
+from megalm.optim.schedule import learning_rate
+from megalm.training import checkpoint as ckpt
+from megalm.training.trainer import Trainer
+
+log = logging.getLogger("megalm")
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def render_deepspeed_config(cfg: Config, micro_batches: int) -> dict:
+    """DeepSpeed's JSON config from megalm's; a user file's entries win except the batch sizes, which must agree."""
+    t, o = cfg.train, cfg.optim
+    out = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": micro_batches,
+        "gradient_clipping": o.clip_grad,
+        "zero_optimization": {"stage": o.zero_stage},
+        "zero_allow_untested_optimizer": True,  # megalm hands DeepSpeed torch's AdamW
+        "bf16": {"enabled": t.bf16},
+        "fp16": {"enabled": t.fp16, "loss_scale": o.loss_scale or 0,
+                 "initial_scale_power": int(math.log2(o.initial_loss_scale)),
+                 "loss_scale_window": o.loss_scale_window, "min_loss_scale": o.min_loss_scale},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    path = cfg.parallel.deepspeed_config
+    if path:
+        try:
+            with open(path) as fh:
+                user = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--deepspeed_config {path}: {exc}") from None
+        for key in BATCH_KEYS:
+            if key in user and user[key] != "auto" and user[key] != out[key]:
+                raise ConfigError(f"--deepspeed_config {path}: {key} is {user[key]}, but megalm's flags give "
+                                  f"{out[key]} (--micro-batch-size/--global-batch-size); make them agree or drop it")
+        user = {k: v for k, v in user.items() if k not in BATCH_KEYS}
+        for key, value in user.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+    return out
+
+
+class DeepSpeedTrainer(Trainer):
+    def build_optimizer(self):
+        import deepspeed
+
+        self.ds_config = render_deepspeed_config(self.cfg, self.num_micro)
+        self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
+        tied = not self.cfg.model.untie_embeddings_and_output_weights
+        if self.zero_stage == 3 and tied:
+            # the output layer reads the embedding matrix outside the embedding module's forward
+            deepspeed.zero.register_external_parameter(self.model, self.model.embedding.weight)
+        self.engine, optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=build_optimizer(self.model, self.cfg.optim), config=self.ds_config,
+            dist_init_required=False)
+        return optimizer
+
+    def log_memory(self) -> None:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("DeepSpeed engine: ZeRO stage %d over DP %d; parameters %.1f MB on this rank", self.zero_stage,
+                 self.topo.dp, params / 1e6)
+
+    def optimizer_state_bytes(self) -> int:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+
+    def _autocast(self):
+        return contextlib.nullcontext()  # the engine casts the model itself for bf16/fp16
+
+    def train_step(self, micro_batches) -> dict:
+        self.engine.train()
+        lr = learning_rate(self.cfg.optim, self.iteration + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            positions = batch.get("position_ids")
+            per_token = self.engine(batch["tokens"].to(self.device), batch["labels"].to(self.device),
+                                    None if positions is None else positions.to(self.device))
+            mask = batch["loss_mask"].to(self.device)
+            loss = (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
+            self.engine.backward(loss)  # the engine divides by the accumulation steps
+            self.engine.step()
+            total += loss.detach() / len(micro_batches)
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        skipped = bool(getattr(self.optimizer, "overflow", False))
+        if self.cfg.train.fp16:
+            self.scaler.scale = float(getattr(self.optimizer, "cur_scale", self.scaler.scale))
+        return {"loss": self._mean_loss(total), "grad_norm": norm, "lr": lr, "skipped": int(skipped)}
+
+    def _gathered(self):
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        return contextlib.nullcontext()
+
+    def save(self) -> None:
+        with self._gathered():
+            ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, {}, self.cfg, self.topo,
+                                 self.checkpoint_meta(), self.rng_state())
+        tag = os.path.basename(ckpt.iteration_dir("", self.iteration))
+        self.engine.save_checkpoint(os.path.join(self.cfg.checkpoint.save, "deepspeed"), tag=tag)
+
+    def load(self, path: str) -> None:
+        state = self.read_and_check(path, parts=("rng",))
+        root = os.path.dirname(state["path"])
+        engine_dir = os.path.join(root, "deepspeed")
+        tag = os.path.basename(state["path"])
+        if not os.path.isdir(os.path.join(engine_dir, tag)):
+            raise ckpt.CheckpointError(f"{state['path']}: no DeepSpeed engine state at {engine_dir}/{tag}; "
+                                       f"a checkpoint from megalm's own path loads without --deepspeed")
+        self.engine.load_checkpoint(engine_dir, tag=tag)
+        self.restore_progress(state)
