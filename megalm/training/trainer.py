@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import time
 from typing import Optional
 
@@ -99,6 +100,14 @@ class Trainer:
 
     def optimizer_state_bytes(self) -> int:
         return self.optimizer.state_bytes()
+
+    def memory_row(self) -> dict:
+        """Rank 0's training state in bytes after the first step, and its peak resident memory."""
+        row = {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if hasattr(self.optimizer, "memory_bytes"):
+            row.update(self.optimizer.memory_bytes())
+        row["optimizer_state_bytes"] = self.optimizer_state_bytes()
+        return row
 
     def log_memory(self) -> None:
         mem = self.optimizer.memory_bytes()
@@ -198,7 +207,7 @@ class Trainer:
             if t.fp16:
                 row["loss_scale"] = self.scaler.scale
             if self.iteration == 1:  # measured, not estimated: the Adam moments this rank allocated
-                row["optimizer_state_bytes"] = self.optimizer_state_bytes()
+                row.update(self.memory_row())
             if self.comm:  # this rank's stage (rank 0: the first): time blocked on its neighbours, activations held
                 row["pipeline_wait_ms"] = 1000 * (self.comm.wait_seconds - waited)
                 row["pipeline_peak_micro_batches"] = self.schedule_stats.peak_in_flight
