@@ -69,6 +69,8 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = opt(1, "ranks that split each layer")
+    distributed_timeout_minutes: float = opt(10.0, "a collective waiting longer than this fails (a dead or hung "
+                                             "rank), ending the job instead of hanging it")
     sequence_parallel: bool = opt(False, "split norms, dropout and activations between blocks along the sequence "
                                   "over the TP ranks (no effect at TP 1)")
     pipeline_model_parallel_size: int = opt(1, "pipeline stages that split the layers")
@@ -133,6 +135,10 @@ class TrainConfig:
     eval_iters: int = opt(10, "batches per validation run")
     bf16: bool = opt(False, "bfloat16 compute with fp32 master weights")
     fp16: bool = opt(False, "float16 compute with fp32 master weights and a dynamic loss scale")
+    exit_interval: Optional[int] = opt(None, "save and exit after an iteration that is a multiple of this")
+    exit_duration_in_mins: Optional[float] = opt(None, "save and exit once the run has trained this long")
+    nonfinite_patience: int = opt(10, "stop after more than this many consecutive steps with a non-finite loss or "
+                                  "gradient (each such step is skipped)")
 
 
 @dataclass
@@ -435,6 +441,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             if not os.path.exists(prefix + ext):
                 raise ConfigError(f"--data-path: {prefix + ext} does not exist (give the prefix, without "
                                   f".bin/.idx; megalm-preprocess writes PREFIX_text_document.bin/.idx)")
+    for value, flag in [(t.exit_interval, "--exit-interval"), (t.exit_duration_in_mins, "--exit-duration-in-mins"),
+                        (p.distributed_timeout_minutes, "--distributed-timeout-minutes")]:
+        if value is not None:
+            _positive(value, flag)
+    if t.nonfinite_patience < 0:
+        raise ConfigError(f"--nonfinite-patience must be >= 0, got {t.nonfinite_patience}")
     if o.zero_stage == 3 and not p.deepspeed:
         raise ConfigError("--zero-stage 3 (sharded parameters) needs --deepspeed; megalm's own optimizer does 0-2")
     if p.deepspeed and (p.model_parallel_size > 1 or p.sequence_parallel):

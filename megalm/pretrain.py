@@ -19,11 +19,21 @@ from megalm.data.tokenizers import TokenizerError
 from megalm.parallel.state import LayoutError, Topology, destroy_distributed, init_distributed, launch_environment
 from megalm.training.checkpoint import CheckpointError
 from megalm.training.logging import setup_logging
+from megalm.training.stopping import TrainingDiverged
 
 log = logging.getLogger("megalm")
 
 USER_ERRORS = (ConfigError, DatasetError, IndexedFormatError, TokenizerError, LayoutError, CheckpointError,
                FileNotFoundError)
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or (
+        isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed",
+                                                                   "Timed out", "timed out")))
 
 
 def main(argv=None) -> int:
@@ -36,7 +46,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
         return 2
-    init_distributed()
+    init_distributed(cfg.parallel.distributed_timeout_minutes)
     try:
         if cfg.parallel.deepspeed:
             from megalm.training.deepspeed_trainer import DeepSpeedTrainer as Trainer
@@ -50,6 +60,20 @@ def main(argv=None) -> int:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
         destroy_distributed(barrier=False)
         return 2
+    except TrainingDiverged as exc:
+        print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
+        destroy_distributed(barrier=False)
+        return 3
+    except Exception as exc:
+        if not _is_collective_failure(exc):
+            destroy_distributed(barrier=False)
+            raise
+        print(f"megalm-pretrain: error: rank {launch['rank']}: communication with the other ranks failed "
+              f"(a rank died, or a collective waited longer than --distributed-timeout-minutes "
+              f"{cfg.parallel.distributed_timeout_minutes}): {str(exc).strip().splitlines()[0][:300]}",
+              file=sys.stderr)
+        destroy_distributed(barrier=False)
+        return 1
     except BaseException:
         destroy_distributed(barrier=False)
         raise

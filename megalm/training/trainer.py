@@ -31,6 +31,7 @@ from megalm.pipeline.schedules import bubble_fraction, run_schedule
 from megalm.training import checkpoint as ckpt
 from megalm.training.flops import Throughput, peak_tflops
 from megalm.training.logging import MetricsLogger
+from megalm.training.stopping import StopConditions, request_requeue
 
 log = logging.getLogger("megalm")
 
@@ -192,6 +193,16 @@ class Trainer:
     def train(self) -> None:
         t, lg = self.cfg.train, self.cfg.logging
         tokens_per_iter = t.global_batch_size * self.cfg.model.seq_length
+        stop = StopConditions(t.exit_interval, t.exit_duration_in_mins, t.nonfinite_patience)
+        stop.install()
+        try:
+            self._train_loop(stop, tokens_per_iter)
+        finally:
+            stop.uninstall()
+        self.metrics.close()
+
+    def _train_loop(self, stop: StopConditions, tokens_per_iter: int) -> None:
+        t, lg, ck = self.cfg.train, self.cfg.logging, self.cfg.checkpoint
         saved_at = None
         while self.iteration < t.train_iters:
             start = time.perf_counter()
@@ -216,13 +227,22 @@ class Trainer:
                 self.metrics.progress(row, t.train_iters)
             if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
                 self.log_validation()
-            interval = self.cfg.checkpoint.save_interval
-            if self.cfg.checkpoint.save and interval and self.iteration % interval == 0:
+            stop.check_finite(self.iteration, step["loss"], step["grad_norm"])
+            if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
                 saved_at = self.iteration
-        if self.cfg.checkpoint.save and saved_at != self.iteration:
+            reason = stop.reason(self.iteration)
+            if reason and self.iteration < t.train_iters:
+                log.info("stopping after iteration %d: %s", self.iteration, reason)
+                if ck.save and saved_at != self.iteration:
+                    self.save()
+                if ck.save and self.topo.rank == 0:
+                    request_requeue(ck.save, reason)
+                if not ck.save:
+                    log.warning("no --save: the progress of this run is not kept")
+                return
+        if ck.save and saved_at != self.iteration:
             self.save()
-        self.metrics.close()
 
     def log_validation(self) -> None:
         valid = self.evaluate()

@@ -1,0 +1,138 @@
+"""Preemption, time limits, divergence, a dead rank and a crash mid-save: the run stops cleanly or fails fast, and
+the last checkpoint stays loadable."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import PYTHON, ROOT, free_port, tiny_train_flags
+from megalm.pretrain import main as _main
+from megalm.training import checkpoint as ckpt
+
+
+def main(argv):
+    return _main([str(a) for a in argv])
+
+
+def iterations(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line)["iteration"] for line in fh if '"loss"' in line]
+
+
+def spawn_ranks(world, args, env=None):
+    """Start ``world`` ranks of ``python -m megalm.pretrain`` directly (RANK/WORLD_SIZE in the environment, as
+    a launcher would set them), so the test can signal or kill one rank."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        e = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+        procs.append(subprocess.Popen([PYTHON, "-m", "megalm.pretrain", *map(str, args)], cwd=ROOT, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_for_iteration(path, n, procs, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(iterations(path)) >= n:
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a rank exited early:\n" + "\n".join(p.communicate()[0][-2000:] for p in procs))
+        time.sleep(0.2)
+    raise AssertionError(f"no iteration {n} within {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_signal_to_one_rank_stops_all_after_saving(tmp_path, dataset_prefix, bpe_flags, sig):
+    metrics, save = tmp_path / "m.jsonl", tmp_path / "ck"
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "100000", "--eval-interval", "100000",
+                             "--metrics-file", metrics, "--save", save)
+    procs = spawn_ranks(2, flags)
+    wait_for_iteration(metrics, 3, procs)
+    procs[1].send_signal(sig)  # only one rank hears it, as when a signal reaches nodes at different times
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    done = iterations(metrics)[-1]
+    assert open(save / ckpt.LATEST).read() == str(done)  # both ranks stopped after the same iteration and saved
+    assert f"stopping after iteration {done}: signal {sig.name}" in outs[0]
+    assert (save / "requeue_requested").exists()
+
+
+def test_exit_interval_and_duration(tmp_path, dataset_prefix, bpe_flags):
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "10", "--save", tmp_path / "a")
+    assert main(flags + ["--exit-interval", "3", "--metrics-file", tmp_path / "a.jsonl"]) == 0
+    assert iterations(tmp_path / "a.jsonl") == [1, 2, 3]
+    assert open(tmp_path / "a" / ckpt.LATEST).read() == "3"
+    assert main(flags + ["--load", tmp_path / "a", "--exit-duration-in-mins", "1e-9",
+                         "--metrics-file", tmp_path / "b.jsonl"]) == 0
+    assert iterations(tmp_path / "b.jsonl") == [4]
+
+
+def test_divergence_stops_with_the_iteration(tmp_path, dataset_prefix, bpe_flags):
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "10", "--lr", "1e30", "--clip-grad", "0",
+                             "--lr-warmup-iters", "0", "--nonfinite-patience", "1")
+    res = subprocess.run([PYTHON, "-m", "megalm.pretrain", *map(str, flags)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "consecutive steps without a finite loss and gradient" in res.stderr
+    assert "iteration " in res.stderr
+
+
+def test_dead_rank_ends_the_job(tmp_path, dataset_prefix, bpe_flags):
+    """Kill -9 one rank of four: the others fail fast with a message, instead of hanging."""
+    metrics = tmp_path / "m.jsonl"
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "100000", "--eval-interval", "100000",
+                             "--global-batch-size", "8", "--metrics-file", metrics,
+                             "--distributed-timeout-minutes", "1")
+    procs = spawn_ranks(4, flags)
+    wait_for_iteration(metrics, 2, procs)
+    start = time.time()
+    procs[3].kill()
+    outs = [p.communicate(timeout=90)[0] for p in procs[:3]]
+    assert time.time() - start < 90
+    assert all(p.returncode not in (0, None) for p in procs[:3]), outs
+    assert any("communication with the other ranks failed" in o for o in outs), outs[0][-2000:]
+
+
+CRASH_MID_SAVE = """
+import os, sys, time, torch
+sys.path.insert(0, {root!r})
+from megalm.config import Config
+from megalm.parallel.state import Topology
+from megalm.training import checkpoint as ckpt
+model = torch.nn.Linear(2, 2)
+model.vocab_size = 0
+cfg = Config()
+ckpt.save_checkpoint({save!r}, 1, model, {{}}, cfg, Topology(), {{"consumed_samples": 1}}, {{}})
+real_save = torch.save
+def slow_save(obj, path, *a, **k):
+    real_save(obj, path, *a, **k)
+    open({marker!r}, "w").close()
+    time.sleep(60)
+torch.save = slow_save
+ckpt.save_checkpoint({save!r}, 2, model, {{}}, cfg, Topology(), {{"consumed_samples": 2}}, {{}})
+"""
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    save, marker = tmp_path / "ck", tmp_path / "writing"
+    code = CRASH_MID_SAVE.format(root=ROOT, save=str(save), marker=str(marker))
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert open(save / ckpt.LATEST).read() == "1"
+    state = ckpt.read_checkpoint(str(save))  # the pointer leads to a complete, verified checkpoint
+    assert state["meta"]["iteration"] == 1 and "weight" in state["model"]
+    assert any(".tmp-" in d for d in os.listdir(save))  # the interrupted save never became an iter_ directory
+    assert not (save / "iter_0000002").exists()
