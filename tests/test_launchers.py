@@ -1,0 +1,73 @@
+"""launch/pretrain_gpt.sh run for real on this machine, with stand-in ``srun`` and ``scontrol`` on PATH that start
+local processes: the master address from ``scontrol show hostnames``, one task per rank, automatic resume from
+$SAVE and requeue after an early stop."""
+import os
+import stat
+import subprocess
+import sys
+
+from conftest import ROOT, free_port, tiny_train_flags
+
+FAKE_SCONTROL = """#!{python}
+import os, sys
+with open(os.environ["FAKE_SLURM_LOG"], "a") as fh:
+    fh.write("scontrol " + " ".join(sys.argv[1:]) + "\\n")
+if sys.argv[1:3] == ["show", "hostnames"]:
+    print("localhost")
+    print("otherhost")
+"""
+
+# srun --kill-on-bad-exit=1 --ntasks-per-node=N CMD...: N local tasks with Slurm's per-task variables
+FAKE_SRUN = """#!{python}
+import os, subprocess, sys
+args = sys.argv[1:]
+ntasks = 1
+while args and args[0].startswith("--"):
+    if args[0].startswith("--ntasks-per-node="):
+        ntasks = int(args[0].split("=", 1)[1])
+    args = args[1:]
+with open(os.environ["FAKE_SLURM_LOG"], "a") as fh:
+    fh.write(f"srun {{ntasks}} tasks, MASTER_ADDR={{os.environ.get('MASTER_ADDR')}}\\n")
+procs = [subprocess.Popen(args, env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                                         SLURM_NTASKS=str(ntasks), SLURM_NODEID="0"))
+         for i in range(ntasks)]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+def install(bin_dir, name, text):
+    path = bin_dir / name
+    path.write_text(text.format(python=sys.executable))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_sbatch_script_resumes_and_requeues(tmp_path, dataset_prefix, bpe_flags):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    install(bin_dir, "scontrol", FAKE_SCONTROL)
+    install(bin_dir, "srun", FAKE_SRUN)
+    log, save = tmp_path / "slurm.log", tmp_path / "ck"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=str(log),
+               SLURM_JOB_ID="4242", SLURM_JOB_NAME="test", SLURM_JOB_NODELIST="node[01-02]", SLURM_NNODES="1",
+               SLURM_NTASKS_PER_NODE="2", SAVE=str(save), PYTHON=sys.executable, MEGALM_ROOT=ROOT,
+               MASTER_PORT=str(free_port()))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(var, None)
+    flags = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "4", "--exit-interval",
+                                               "2")]
+    script = os.path.join(ROOT, "launch", "pretrain_gpt.sh")
+    first = subprocess.run(["bash", script, *flags], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    lines = log.read_text().splitlines()
+    assert lines[0] == "scontrol show hostnames node[01-02]"
+    assert lines[1] == "srun 2 tasks, MASTER_ADDR=localhost"
+    assert "layout TP 1 x PP 1 x DP 2" in first.stdout + first.stderr  # two ranks found each other
+    assert lines[2] == "scontrol requeue 4242"  # stopped at iteration 2 of 4: requeued
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+    env["MASTER_PORT"] = str(free_port())
+    second = subprocess.run(["bash", script, *flags], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from" in second.stdout and "(iteration 2)" in second.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert "requeue" not in "".join(log.read_text().splitlines()[3:])  # finished: no second requeue
