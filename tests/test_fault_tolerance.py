@@ -63,6 +63,11 @@ def test_signal_to_one_rank_stops_all_after_saving(tmp_path, dataset_prefix, bpe
     assert open(save / ckpt.LATEST).read() == str(done)  # both ranks stopped after the same iteration and saved
     assert f"stopping after iteration {done}: signal {sig.name}" in outs[0]
     assert (save / "requeue_requested").exists()
+    if sig == signal.SIGTERM:  # the next start resumes from that iteration
+        more = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", str(done + 1), "--load", save,
+                                "--metrics-file", tmp_path / "next.jsonl")
+        assert main(more) == 0
+        assert iterations(tmp_path / "next.jsonl") == [done + 1]
 
 
 def test_exit_interval_and_duration(tmp_path, dataset_prefix, bpe_flags):

@@ -62,11 +62,17 @@ def test_checkpoint_errors(tmp_path, dataset_prefix, bpe_flags):
     res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c", "--hidden-size", "64")
     assert res.returncode == 2 and "model config differs from this run in ffn_hidden_size" in res.stderr
     model_pt = tmp_path / "c" / "iter_0000002" / "model.pt"
-    data = bytearray(model_pt.read_bytes())
+    original = model_pt.read_bytes()
+    data = bytearray(original)
     data[-100] ^= 0xFF
     model_pt.write_bytes(bytes(data))
-    res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c")
+    res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c", "--save", tmp_path / "c")
     assert res.returncode == 2 and "model.pt: checksum mismatch" in res.stderr
+    assert model_pt.read_bytes() == bytes(data)  # nothing overwritten
+    model_pt.write_bytes(original)
+    (tmp_path / "c" / "iter_0000002" / "optimizer.pt").unlink()
+    res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c")
+    assert res.returncode == 2 and "optimizer.pt: missing from the checkpoint" in res.stderr
 
 
 def test_bad_input_errors(tmp_path, dataset_prefix, bpe_flags):
@@ -145,22 +151,32 @@ def test_fp16_skips_a_step_with_an_inf_gradient(dataset_prefix, bpe_flags):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
-def test_resume_under_another_layout(tmp_path, dataset_prefix, bpe_flags):
-    """A one-process checkpoint resumes under PP 2 x DP 2 with ZeRO 2 (optimizer state resharded on load) and
-    continues with the losses of the uninterrupted run."""
+def test_resume_under_other_layouts(tmp_path, dataset_prefix, bpe_flags):
+    """Saved at TP 2 x PP 2 x DP 2 with ZeRO 1, continued at TP 1 x PP 1 x DP 1, at PP 4, and at DP 4 with ZeRO 2
+    (weights and Adam state resharded on load, no conversion step): the losses of the uninterrupted run."""
     from conftest import torchrun
 
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--num-layers", "4",
-                             "--global-batch-size", "8")
-    assert main(flags + ["--save", tmp_path / "a", "--save-interval", "3", "--metrics-file", tmp_path / "a.jsonl"]) == 0
-    res = torchrun(4, "megalm/pretrain.py", *flags, "--pipeline-model-parallel-size", "2", "--zero-stage", "2",
-                   "--load", tmp_path / "a" / "iter_0000003", "--metrics-file", tmp_path / "b.jsonl")
+                             "--global-batch-size", "8", "--eval-interval", "100")
+    assert main(flags + ["--metrics-file", tmp_path / "ref.jsonl"]) == 0
+    res = torchrun(8, "megalm/pretrain.py", *flags, "--tensor-model-parallel-size", "2",
+                   "--pipeline-model-parallel-size", "2", "--zero-stage", "1", "--save", tmp_path / "a",
+                   "--save-interval", "3")
     assert res.returncode == 0, res.stderr[-3000:]
-    a, _ = read_metrics(tmp_path / "a.jsonl")
-    b, _ = read_metrics(tmp_path / "b.jsonl")
-    assert [r["iteration"] for r in b] == [4, 5, 6]
-    for x, y in zip(a[3:], b):
-        assert abs(x["loss"] - y["loss"]) / x["loss"] < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-4
+    ref, _ = read_metrics(tmp_path / "ref.jsonl")
+    layouts = {"single": (1, []), "pp4": (4, ["--pipeline-model-parallel-size", "4"]),
+               "dp4-zero2": (4, ["--zero-stage", "2"])}
+    for name, (nproc, layout) in layouts.items():
+        args = [*flags, *layout, "--load", tmp_path / "a" / "iter_0000003", "--metrics-file", tmp_path / f"{name}.jsonl"]
+        if nproc == 1:
+            assert main(args) == 0
+        else:
+            res = torchrun(nproc, "megalm/pretrain.py", *args)
+            assert res.returncode == 0, res.stderr[-3000:]
+        got, _ = read_metrics(tmp_path / f"{name}.jsonl")
+        assert [r["iteration"] for r in got] == [4, 5, 6]
+        for x, y in zip(ref[3:], got):
+            assert abs(x["loss"] - y["loss"]) / x["loss"] < 1e-6, (name, x["iteration"], x["loss"], y["loss"])
 
 
 def test_finetune_no_load_optim_and_keep_last_n(tmp_path, dataset_prefix, bpe_flags):
