@@ -1,7 +1,9 @@
-"""Text generation from a megalm checkpoint: greedy, temperature, top-k and top-p sampling with a KV cache.
+"""Text generation from a megalm checkpoint: batches of prompts, greedy, temperature, top-k and top-p sampling,
+stop tokens, a preallocated KV cache, and an optional local HTTP endpoint.
 
-``python -m megalm.generate --load CKPT --prompt "..."``; under ``torchrun`` with
+``python -m megalm.generate --load CKPT --prompt "..." [--prompt ...]``; under ``torchrun`` with
 ``--tensor-model-parallel-size N`` each rank holds a shard and every rank draws the same tokens.
+``--serve`` answers ``POST /generate`` on 127.0.0.1 (``--host``/``--port`` to change).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 
 from megalm.data.tokenizers import TokenizerError, build_tokenizer
 from megalm.model.gpt import GPT
@@ -42,30 +45,58 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: List[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, stop_ids=(), use_cache: bool = True, seed: int = 0) -> List[int]:
-    """Prompt followed by up to ``max_new_tokens`` generated ids (stopping after any of ``stop_ids``)."""
+def generate_batch(model: GPT, prompts: List[List[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, stop_ids=(), use_cache: bool = True, seed: int = 0,
+                   pad_id: int = 0) -> List[List[int]]:
+    """Each prompt followed by up to ``max_new_tokens`` generated ids (a sequence stops after any of
+    ``stop_ids``). Prompts of different lengths are left-padded into one batch; padding is masked out and
+    positions start at each prompt's first token, so every sequence comes out as it would alone."""
     model.eval()
     device = next(model.parameters()).device
-    limit = model.cfg.max_position_embeddings if model.cfg.position_embedding_type == "learned_absolute" else None
-    if not prompt:
+    if not prompts or any(not p for p in prompts):
         raise ValueError("empty prompt: give at least one token")
-    if limit is not None:
-        max_new_tokens = min(max_new_tokens, limit - len(prompt))
-        if max_new_tokens < 0:
-            raise ValueError(f"prompt of {len(prompt)} tokens is longer than the model's {limit} positions")
+    longest = max(len(p) for p in prompts)
+    if model.cfg.position_embedding_type == "learned_absolute":
+        limit = model.cfg.max_position_embeddings
+        if longest > limit:
+            raise ValueError(f"prompt of {longest} tokens is longer than the model's {limit} positions")
+        max_new_tokens = min(max_new_tokens, limit - longest)
+    total = longest + max_new_tokens
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    valid = torch.ones(len(prompts), total, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
+        valid[i, : longest - len(p)] = False
+    positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+    padded = not bool(valid.all())
     generator = torch.Generator(device=device).manual_seed(seed)
-    ids = list(prompt)
-    cache = KVCache() if use_cache else None
-    step_input = torch.tensor([ids], device=device)
-    for _ in range(max_new_tokens):
-        logits = model(step_input, kv_cache=cache)[:, -1]
-        nxt = int(sample_next(logits, temperature, top_k, top_p, generator))
-        ids.append(nxt)
-        if nxt in stop_ids:
+    outputs = [list(p) for p in prompts]
+    done = [False] * len(prompts)
+    cache = KVCache(total, valid if padded else None)
+    step_tokens, step_pos = tokens, positions[:, :longest]
+    for t in range(max_new_tokens):
+        if not use_cache:  # recompute everything: a fresh cache that only holds this step
+            cache = KVCache(0, valid if padded else None)
+        logits = model(step_tokens, position_ids=step_pos, kv_cache=cache)[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        for i, token in enumerate(nxt.tolist()):
+            if not done[i]:
+                outputs[i].append(token)
+                done[i] = token in stop_ids
+        if all(done):
             break
-        step_input = torch.tensor([[nxt]] if use_cache else [ids], device=device)
-    return ids
+        if use_cache:
+            step_tokens, step_pos = nxt[:, None], positions[:, longest + t: longest + t + 1]
+        else:
+            step_tokens = torch.cat((step_tokens, nxt[:, None]), dim=1)
+            step_pos = positions[:, : step_tokens.shape[1]]
+    return outputs
+
+
+def generate(model: GPT, prompt: List[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, stop_ids=(), use_cache: bool = True, seed: int = 0) -> List[int]:
+    """One prompt: ``generate_batch`` of one."""
+    return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_ids, use_cache, seed)[0]
 
 
 def load_for_inference(path: str, topo: Topology, overrides: dict):
@@ -83,10 +114,86 @@ def load_for_inference(path: str, topo: Topology, overrides: dict):
     return model.eval(), tokenizer
 
 
+class Generator:
+    """What the command line and the HTTP endpoint share: prompts in, texts out, on every TP rank alike."""
+
+    def __init__(self, model, tokenizer, args):
+        self.model, self.tok, self.args = model, tokenizer, args
+
+    def __call__(self, prompts: List[str], **options) -> List[str]:
+        a = self.args
+        opts = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k,
+                "top_p": a.top_p, "seed": a.seed, **options}
+        stop = () if a.no_stop_at_eod else (self.tok.eod,)
+        ids = [self.tok.tokenize(p) for p in prompts]
+        texts = []
+        for start in range(0, len(ids), a.batch_size or len(ids)):
+            batch = ids[start: start + (a.batch_size or len(ids))]
+            outs = generate_batch(self.model, batch, int(opts["max_new_tokens"]), float(opts["temperature"]),
+                                  int(opts["top_k"]), float(opts["top_p"]), stop, not a.no_kv_cache,
+                                  int(opts["seed"]), pad_id=self.tok.eod)
+            texts += [self.tok.detokenize(o[len(p):]) for p, o in zip(batch, outs)]
+        return texts
+
+
+def serve(gen: Generator, host: str, port: int, topo: Topology) -> None:
+    """POST /generate {"prompts": [...], "max_new_tokens": ..., "temperature": ...} -> {"texts": [...]}.
+    Rank 0 listens; every request is broadcast so all TP ranks run the same forward passes."""
+    import json
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    def run(request):
+        if topo.world_size > 1:
+            box = [request]
+            dist.broadcast_object_list(box, src=0)
+            request = box[0]
+        if request is None:
+            return None
+        options = {k: v for k, v in request.items() if k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                              "seed")}
+        return gen([str(p) for p in request["prompts"]], **options)
+
+    if topo.rank != 0:
+        while run(None) is not None:
+            pass
+        return
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path != "/generate" or not isinstance(body.get("prompts"), list) or not body["prompts"]:
+                    raise ValueError('POST /generate with {"prompts": ["..."]}')
+                reply, code = {"texts": run(body)}, 200
+            except (ValueError, TypeError, KeyError) as exc:
+                reply, code = {"error": str(exc)}, 400
+            data = json.dumps(reply).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, fmt, *args):
+            log.info("http: " + fmt, *args)
+
+    server = HTTPServer((host, port), Handler)
+    log.info("serving on http://%s:%d/generate", host, server.server_address[1])
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        if topo.world_size > 1:
+            dist.broadcast_object_list([None], src=0)  # release the other ranks
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="megalm-generate", description="Generate text from a megalm checkpoint.")
     p.add_argument("--load", required=True, help="checkpoint directory (a --save root or an iter_* directory)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for several")
+    p.add_argument("--batch-size", type=int, default=0, help="prompts per forward batch (default: all at once)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -95,12 +202,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence at every step")
     p.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--serve", action="store_true", help="answer POST /generate over HTTP instead of --prompt")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on with --serve (default: local only)")
+    p.add_argument("--port", type=int, default=5000)
     p.add_argument("--vocab-file")
     p.add_argument("--merge-file")
     p.add_argument("--tokenizer-model")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1 or args.top_k < 0 or args.temperature < 0 or args.max_new_tokens < 0:
         p.error("need 0 < --top-p <= 1, --top-k >= 0, --temperature >= 0, --max-new-tokens >= 0")
+    if not args.prompt and not args.serve:
+        p.error("give --prompt (one or more) or --serve")
     setup_logging(launch_environment()["rank"])
     init_distributed()
     try:
@@ -108,13 +220,13 @@ def main(argv=None) -> int:
         model, tok = load_for_inference(args.load, topo, {"vocab_file": args.vocab_file,
                                                           "merge_file": args.merge_file,
                                                           "tokenizer_model": args.tokenizer_model})
-        stop = () if args.no_stop_at_eod else (tok.eod,)
-        for prompt in args.prompt:
-            ids = tok.tokenize(prompt)
-            out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop,
-                           not args.no_kv_cache, args.seed)
-            if topo.rank == 0:
-                print(f"--- prompt: {prompt!r}\n{prompt}{tok.detokenize(out[len(ids):])}\n", flush=True)
+        gen = Generator(model, tok, args)
+        if args.serve:
+            serve(gen, args.host, args.port, topo)
+        else:
+            for prompt, text in zip(args.prompt, gen(args.prompt)):
+                if topo.rank == 0:
+                    print(f"--- prompt: {prompt!r}\n{prompt}{text}\n", flush=True)
     except (CheckpointError, TokenizerError, LayoutError, ValueError, FileNotFoundError) as exc:
         print(f"megalm-generate: error: {exc}", file=sys.stderr)
         destroy_distributed(barrier=False)

@@ -59,19 +59,41 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding; ``length`` is how many positions it holds."""
+    """Keys and values of every layer for incremental decoding, preallocated for ``capacity`` positions (so a
+    decoding step writes in place instead of copying the cache); ``length`` is how many positions it holds.
 
-    def __init__(self):
+    ``valid`` (``[batch, capacity]``, optional) marks real positions in a batch of left-padded prompts: padding
+    keys are masked out, so each sequence decodes as it would alone."""
+
+    def __init__(self, capacity: int = 0, valid: Optional[torch.Tensor] = None):
+        self.capacity, self.valid = capacity, valid
         self.keys, self.values = {}, {}
         self.length = 0
 
     def update(self, layer: str, k, v):
-        if layer not in self.keys:
-            self.keys[layer], self.values[layer] = k, v
-        else:
-            self.keys[layer] = torch.cat((self.keys[layer], k), dim=2)
-            self.values[layer] = torch.cat((self.values[layer], v), dim=2)
-        return self.keys[layer], self.values[layer]
+        end = self.length + k.shape[2]
+        if layer not in self.keys or end > self.keys[layer].shape[2]:
+            size = max(self.capacity, end)
+            keys = k.new_empty(k.shape[:2] + (size,) + k.shape[3:])
+            values = v.new_empty(v.shape[:2] + (size,) + v.shape[3:])
+            if layer in self.keys:
+                keys[:, :, : self.length] = self.keys[layer][:, :, : self.length]
+                values[:, :, : self.length] = self.values[layer][:, :, : self.length]
+            self.keys[layer], self.values[layer] = keys, values
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def mask(self, queries: int, device) -> Optional[torch.Tensor]:
+        """Boolean ``[batch, 1, queries, keys]``: causal, padding keys excluded (a padding query sees itself, so
+        no row is empty); None without padding."""
+        if self.valid is None:
+            return None
+        keys = self.length + queries
+        causal = torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=self.length)
+        own = torch.zeros_like(causal)
+        own[:, self.length:] = torch.eye(queries, dtype=torch.bool, device=device)
+        return ((causal & self.valid[:, None, None, :keys].to(device)) | own)
 
 
 def unfused_attention(q, k, v, causal_offset: Optional[int], dropout: float, training: bool):
@@ -110,12 +132,16 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
+        past, mask = 0, None
         if kv_cache is not None:
-            past = kv_cache.length
+            past, mask = kv_cache.length, kv_cache.mask(s, x.device)
             k, v = kv_cache.update(self.layer, k, v)
         if self.cfg.recompute_granularity == "selective" and self.training and kv_cache is None:
             out = recomputed(self._attend, self.rng, q, k, v)
+        elif mask is not None:  # a padded batch: explicit mask, plain attention
+            rep = self.n_heads // self.n_kv
+            k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = self._attend(q, k, v, past)
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * hd))
