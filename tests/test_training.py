@@ -167,7 +167,8 @@ def test_resume_under_other_layouts(tmp_path, dataset_prefix, bpe_flags):
     layouts = {"single": (1, []), "pp4": (4, ["--pipeline-model-parallel-size", "4"]),
                "dp4-zero2": (4, ["--zero-stage", "2"])}
     for name, (nproc, layout) in layouts.items():
-        args = [*flags, *layout, "--load", tmp_path / "a" / "iter_0000003", "--metrics-file", tmp_path / f"{name}.jsonl"]
+        args = [*flags, *layout, "--load", tmp_path / "a" / "iter_0000003",
+                "--metrics-file", tmp_path / f"{name}.jsonl"]
         if nproc == 1:
             assert main(args) == 0
         else:

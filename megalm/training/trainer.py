@@ -191,7 +191,7 @@ class Trainer:
         return self._mean_loss(torch.stack(losses).mean())
 
     def train(self) -> None:
-        t, lg = self.cfg.train, self.cfg.logging
+        t = self.cfg.train
         tokens_per_iter = t.global_batch_size * self.cfg.model.seq_length
         stop = StopConditions(t.exit_interval, t.exit_duration_in_mins, t.nonfinite_patience)
         stop.install()
