@@ -51,6 +51,8 @@ setup(
         "megalm-preprocess=megalm.tools.preprocess_data:main",
         "megalm-pretrain=megalm.pretrain:main",
         "megalm-generate=megalm.generate:main",
+        "megalm-export-hf=megalm.tools.hf:export_main",
+        "megalm-import-hf=megalm.tools.hf:import_main",
         "megalm-build-corpus=megalm.tools.build_corpus:main",
         "megalm-train-tokenizer=megalm.tools.train_tokenizer:main",
         "megalm-merge-datasets=megalm.tools.merge_datasets:main",

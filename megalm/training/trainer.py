@@ -36,7 +36,8 @@ from megalm.training.stopping import StopConditions, request_requeue
 log = logging.getLogger("megalm")
 
 # model fields that may differ between the run that saved a checkpoint and the one that loads it
-_RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropout"}
+_RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropout", "seq_length",
+                         "recompute_granularity", "recompute_method", "recompute_num_layers"}
 
 
 def pick_device() -> torch.device:

@@ -1,0 +1,286 @@
+"""Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT2LMHeadModel or
+LlamaForCausalLM, safetensors weights, config.json, the run's tokenizer files) from a checkpoint of any layout;
+``megalm-import-hf`` turns such a directory into a megalm checkpoint that loads under any layout.
+
+Checkpoints already hold whole, unpadded tensors under global names, so conversion is renaming: GPT-2's fused
+``c_attn`` is our ``wq|wk|wv`` stacked and its Conv1D weights are transposed; Llama's names map one to one (our
+RoPE uses the same half-split layout). transformers itself is not needed here, only to load the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+
+import torch
+
+from megalm.config import Config, ModelConfig
+from megalm.training.checkpoint import CheckpointError, read_checkpoint
+
+log = logging.getLogger("megalm")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def flavour(m: ModelConfig) -> str:
+    """'gpt2' or 'llama', or a ConversionError naming what neither architecture has."""
+    if (m.position_embedding_type, m.normalization, m.swiglu) == ("learned_absolute", "LayerNorm", False):
+        if not m.add_bias_linear or m.untie_embeddings_and_output_weights or m.num_query_groups != m.num_attention_heads:
+            raise ConversionError("GPT-2 needs biases, tied embeddings and one key/value head per query head")
+        return "gpt2"
+    if (m.position_embedding_type, m.normalization, m.swiglu) == ("rope", "RMSNorm", True):
+        return "llama"
+    raise ConversionError(f"no transformers architecture for position {m.position_embedding_type}, "
+                          f"{m.normalization}, swiglu={m.swiglu}: export supports the GPT-2 flavour "
+                          f"(learned, LayerNorm, GELU) and the Llama flavour (rope, RMSNorm, SwiGLU)")
+
+
+def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
+    if flavour(m) == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
+                "n_positions": m.max_position_embeddings, "n_embd": m.hidden_size, "n_layer": m.num_layers,
+                "n_head": m.num_attention_heads, "n_inner": m.ffn_hidden_size, "activation_function": "gelu",
+                "layer_norm_epsilon": m.norm_epsilon, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
+                "tie_word_embeddings": True, "torch_dtype": "float32"}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+            "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+            "num_key_value_heads": m.num_query_groups, "head_dim": m.head_dim,
+            "max_position_embeddings": m.max_position_embeddings, "rms_norm_eps": m.norm_epsilon,
+            "rope_theta": m.rotary_base, "hidden_act": "silu", "attention_bias": m.add_bias_linear,
+            "mlp_bias": m.add_bias_linear, "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
+            "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
+            "torch_dtype": "float32"}
+
+
+def _gpt2_names(layers: int):
+    """(megalm name, HF name, transpose) for every tensor but the fused attention."""
+    pairs = [("embedding.weight", "transformer.wte.weight", False),
+             ("position_embedding.weight", "transformer.wpe.weight", False),
+             ("final_norm.weight", "transformer.ln_f.weight", False),
+             ("final_norm.bias", "transformer.ln_f.bias", False)]
+    for i in range(layers):
+        a, h = f"layers.{i}.", f"transformer.h.{i}."
+        pairs += [(a + "attention_norm.weight", h + "ln_1.weight", False),
+                  (a + "attention_norm.bias", h + "ln_1.bias", False),
+                  (a + "attention.wo.weight", h + "attn.c_proj.weight", True),
+                  (a + "attention.wo.bias", h + "attn.c_proj.bias", False),
+                  (a + "mlp_norm.weight", h + "ln_2.weight", False), (a + "mlp_norm.bias", h + "ln_2.bias", False),
+                  (a + "mlp.w1.weight", h + "mlp.c_fc.weight", True), (a + "mlp.w1.bias", h + "mlp.c_fc.bias", False),
+                  (a + "mlp.w2.weight", h + "mlp.c_proj.weight", True),
+                  (a + "mlp.w2.bias", h + "mlp.c_proj.bias", False)]
+    return pairs
+
+
+def _llama_names(m: ModelConfig):
+    pairs = [("embedding.weight", "model.embed_tokens.weight"), ("final_norm.weight", "model.norm.weight")]
+    if m.untie_embeddings_and_output_weights:
+        pairs.append(("output.weight", "lm_head.weight"))
+    biases = ("weight", "bias") if m.add_bias_linear else ("weight",)
+    for i in range(m.num_layers):
+        a, h = f"layers.{i}.", f"model.layers.{i}."
+        pairs += [(a + "attention_norm.weight", h + "input_layernorm.weight"),
+                  (a + "mlp_norm.weight", h + "post_attention_layernorm.weight")]
+        for ours, theirs in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+                             ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
+                             ("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj")):
+            pairs += [(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in biases]
+    return pairs
+
+
+def to_hf(m: ModelConfig, state: dict) -> dict:
+    """transformers state dict from megalm's full-tensor state."""
+    out = {}
+    if flavour(m) == "llama":
+        for ours, theirs in _llama_names(m):
+            out[theirs] = state[ours]
+        return {k: v.contiguous() for k, v in out.items()}
+    for ours, theirs, transpose in _gpt2_names(m.num_layers):
+        out[theirs] = state[ours].t() if transpose else state[ours]
+    for i in range(m.num_layers):
+        a, h = f"layers.{i}.attention.", f"transformer.h.{i}.attn."
+        out[h + "c_attn.weight"] = torch.cat([state[a + w + ".weight"] for w in ("wq", "wk", "wv")]).t()
+        out[h + "c_attn.bias"] = torch.cat([state[a + w + ".bias"] for w in ("wq", "wk", "wv")])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf(m: ModelConfig, hf: dict) -> dict:
+    """megalm's full-tensor state from a transformers state dict (inverse of ``to_hf``)."""
+    out = {}
+    if flavour(m) == "llama":
+        for ours, theirs in _llama_names(m):
+            out[ours] = hf[theirs]
+        return {k: v.float().contiguous() for k, v in out.items()}
+    for ours, theirs, transpose in _gpt2_names(m.num_layers):
+        out[ours] = hf[theirs].t() if transpose else hf[theirs]
+    for i in range(m.num_layers):
+        a, h = f"layers.{i}.attention.", f"transformer.h.{i}.attn."
+        for leaf, tensor in (("weight", hf[h + "c_attn.weight"].t()), ("bias", hf[h + "c_attn.bias"])):
+            for name, part in zip(("wq", "wk", "wv"), tensor.split(m.hidden_size)):
+                out[f"{a}{name}.{leaf}"] = part
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    m = ModelConfig()
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        m.num_layers, m.hidden_size, m.num_attention_heads = hf["n_layer"], hf["n_embd"], hf["n_head"]
+        m.ffn_hidden_size = hf.get("n_inner") or 4 * hf["n_embd"]
+        m.max_position_embeddings = m.seq_length = hf["n_positions"]
+        m.norm_epsilon = hf.get("layer_norm_epsilon", 1e-5)
+        m.num_query_groups = m.num_attention_heads
+        if hf.get("activation_function", "gelu_new") not in ("gelu",):
+            log.warning("config.json uses activation %s; megalm's GPT-2 flavour uses exact GELU, logits will "
+                        "differ slightly", hf.get("activation_function", "gelu_new"))
+        return m
+    if kind == "llama":
+        m.position_embedding_type, m.normalization, m.swiglu = "rope", "RMSNorm", True
+        m.num_layers, m.hidden_size = hf["num_hidden_layers"], hf["hidden_size"]
+        m.num_attention_heads = hf["num_attention_heads"]
+        m.num_query_groups = hf.get("num_key_value_heads") or m.num_attention_heads
+        m.ffn_hidden_size = hf["intermediate_size"]
+        m.max_position_embeddings = m.seq_length = hf.get("max_position_embeddings", 2048)
+        m.norm_epsilon, m.rotary_base = hf.get("rms_norm_eps", 1e-6), float(hf.get("rope_theta", 10000.0))
+        m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
+        m.add_bias_linear = bool(hf.get("attention_bias", False))
+        if hf.get("rope_scaling"):
+            raise ConversionError("config.json: rope_scaling is not supported")
+        if hf.get("head_dim") not in (None, m.head_dim):
+            raise ConversionError(f"config.json: head_dim {hf['head_dim']} != hidden_size / heads ({m.head_dim})")
+        return m
+    raise ConversionError(f"config.json: model_type {kind!r} is not supported (gpt2 or llama)")
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model")
+
+
+def _tokenizer_files(cfg: Config) -> list:
+    d = cfg.data
+    paths = [d.vocab_file, d.merge_file, d.tokenizer_model]
+    dirs = {os.path.dirname(p) for p in paths if p and os.path.isfile(p)} | {p for p in paths if p and os.path.isdir(p)}
+    found = [p for p in paths if p and os.path.isfile(p)]
+    for folder in dirs:  # the tokenizer.json megalm-train-tokenizer writes beside vocab.json/merges.txt
+        found += [os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
+    return sorted(set(found))
+
+
+def export_hf(load: str, output: str) -> str:
+    from safetensors.torch import save_file
+
+    from megalm.data.tokenizers import build_tokenizer
+
+    state = read_checkpoint(load, parts=("model",))
+    cfg = state["config"]
+    tok = build_tokenizer(cfg.data)
+    weights = to_hf(cfg.model, state["model"])
+    os.makedirs(output, exist_ok=True)
+    save_file(weights, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(output, "config.json"), "w") as fh:
+        json.dump(hf_config(cfg.model, tok.vocab_size, tok.eod), fh, indent=1)
+    for path in _tokenizer_files(cfg):
+        shutil.copy(path, os.path.join(output, os.path.basename(path)))
+    eos = tok.detokenize([tok.eod]) if cfg.data.tokenizer_type != "NullTokenizer" else None
+    with open(os.path.join(output, "tokenizer_config.json"), "w") as fh:
+        json.dump({"model_max_length": cfg.model.max_position_embeddings, "eos_token": eos, "bos_token": eos,
+                   "unk_token": eos, "add_prefix_space": False}, fh, indent=1)
+    log.info("exported %s (%s flavour) to %s", state["path"], flavour(cfg.model), output)
+    return output
+
+
+def _read_hf_weights(folder: str) -> dict:
+    st = os.path.join(folder, "model.safetensors")
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    binary = os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise ConversionError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded checkpoints: merge first)")
+
+
+def import_hf(folder: str, save: str) -> str:
+    from megalm.data.tokenizers import build_tokenizer
+    from megalm.model.gpt import GPT
+    from megalm.parallel.state import Topology
+    from megalm.training.checkpoint import load_model_state, save_checkpoint
+
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise ConversionError(f"{folder}: no config.json")
+    with open(config_path) as fh:
+        hf = json.load(fh)
+    cfg = Config()
+    cfg.model = model_config_from_hf(hf)
+    tok_dir = os.path.join(save, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(folder, f)):
+            shutil.copy(os.path.join(folder, f), os.path.join(tok_dir, f))
+    d = cfg.data
+    if all(os.path.exists(os.path.join(tok_dir, f)) for f in ("vocab.json", "merges.txt")):
+        d.tokenizer_type, d.vocab_file, d.merge_file = ("GPT2BPETokenizer", os.path.join(tok_dir, "vocab.json"),
+                                                        os.path.join(tok_dir, "merges.txt"))
+    elif os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        d.tokenizer_type, d.tokenizer_model = "HuggingFaceTokenizer", os.path.join(tok_dir, "tokenizer.json")
+    elif os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
+        d.tokenizer_type, d.tokenizer_model = "SentencePieceTokenizer", os.path.join(tok_dir, "tokenizer.model")
+    else:
+        raise ConversionError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    tok = build_tokenizer(d)
+    state = from_hf(cfg.model, _read_hf_weights(folder))
+    for name in ("embedding.weight", "output.weight"):
+        if name in state:
+            rows = state[name].shape[0]
+            if rows < tok.vocab_size:
+                raise ConversionError(f"{folder}: {rows} embedding rows for a tokenizer of {tok.vocab_size}")
+            state[name] = state[name][: tok.vocab_size]  # rows past the tokenizer are padding
+    model = GPT(cfg.model, tok.vocab_size, Topology())
+    load_model_state(model, state, Topology(), folder)
+    meta = {"consumed_samples": 0, "tokenizer": tok.fingerprint, "imported_from": os.path.abspath(folder)}
+    path = save_checkpoint(save, 0, model, {}, cfg, Topology(), meta, {})
+    log.info("imported %s (%s) into %s", folder, hf.get("model_type"), path)
+    return path
+
+
+def export_main(argv=None) -> int:
+    from megalm.training.logging import setup_logging
+
+    p = argparse.ArgumentParser(prog="megalm-export-hf", description="megalm checkpoint -> transformers directory")
+    p.add_argument("--load", required=True, help="checkpoint (a --save root or an iter_* directory), any layout")
+    p.add_argument("--output", required=True, help="directory to write")
+    args = p.parse_args(argv)
+    setup_logging(0)
+    try:
+        export_hf(args.load, args.output)
+    except (CheckpointError, ConversionError, FileNotFoundError) as exc:
+        print(f"megalm-export-hf: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def import_main(argv=None) -> int:
+    from megalm.training.logging import setup_logging
+
+    p = argparse.ArgumentParser(prog="megalm-import-hf", description="transformers directory -> megalm checkpoint")
+    p.add_argument("--input", required=True, help="local directory with config.json and model.safetensors")
+    p.add_argument("--save", required=True, help="checkpoint directory to write (iteration 0)")
+    args = p.parse_args(argv)
+    setup_logging(0)
+    try:
+        import_hf(args.input, args.save)
+    except (CheckpointError, ConversionError, FileNotFoundError, KeyError) as exc:
+        print(f"megalm-import-hf: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(export_main())
