@@ -123,6 +123,9 @@ class DataConfig:
     data_cache_path: Optional[str] = opt(None, "where sample indices are cached (default: beside the data)")
     eod_mask_loss: bool = opt(False, "no loss on positions whose input token is the end-of-document id")
     reset_position_ids: bool = opt(False, "restart position ids after every end-of-document token")
+    reset_attention_mask: bool = opt(False, "attention does not cross end-of-document tokens (packed documents)")
+    sft_data: Optional[str] = opt(None, "supervised fine-tuning: JSON lines of prompt/response pairs or chat "
+                                  "messages (instead of --data-path); loss on responses only, packed documents")
 
 
 @dataclass
@@ -453,6 +456,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError("--deepspeed runs with data parallelism (ZeRO 0-3) only: for --tensor-model-parallel-size "
                           "or --pipeline-model-parallel-size > 1 use megalm's own path (drop --deepspeed; "
                           "--zero-stage 1/2 shards the optimizer there)")
+    if d.sft_data is not None:
+        if not os.path.isfile(d.sft_data):
+            raise ConfigError(f"--sft-data: no such file {d.sft_data}")
+        if d.data_path:
+            raise ConfigError("give --data-path (pretraining) or --sft-data (fine-tuning), not both")
     if p.deepspeed_config and not p.deepspeed:
         raise ConfigError("--deepspeed_config needs --deepspeed")
     if p.deepspeed_config and not os.path.exists(p.deepspeed_config):

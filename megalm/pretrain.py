@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     setup_logging(launch["rank"])
     try:
         cfg = load_config(argv, world_size=launch["world_size"])
-        if not cfg.data.data_path:
-            raise ConfigError("--data-path is required (a prefix written by megalm-preprocess)")
+        if not cfg.data.data_path and not cfg.data.sft_data:
+            raise ConfigError("--data-path is required (a prefix written by megalm-preprocess), or --sft-data "
+                              "for fine-tuning")
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
         return 2

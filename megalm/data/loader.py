@@ -21,13 +21,23 @@ def micro_batch_sample_ids(consumed: int, global_batch: int, micro_batch: int, d
 
 
 def collate(dataset, ids, eod: Optional[int] = None, eod_mask_loss: bool = False,
-            reset_position_ids: bool = False) -> dict:
+            reset_position_ids: bool = False, reset_attention_mask: bool = False) -> dict:
     """Stack samples into ``tokens`` and ``labels`` (int64, ``[micro_batch, seq_length]``) and a float
-    ``loss_mask``; with ``reset_position_ids`` also ``position_ids`` that restart after each ``eod`` token."""
+    ``loss_mask``; with ``reset_position_ids`` also ``position_ids`` that restart after each ``eod`` token, with
+    ``reset_attention_mask`` ``document_ids`` (attention stays within a document). Samples of shape
+    ``[2, seq + 1]`` (supervised fine-tuning) carry their own loss weights in the second row."""
     samples = np.stack([dataset[i] for i in ids])
+    weights = None
+    if samples.ndim == 3:
+        samples, weights = samples[:, 0].astype(np.int64), samples[:, 1]
     x = torch.from_numpy(samples)
     tokens = x[:, :-1].contiguous()
     batch = {"tokens": tokens, "labels": x[:, 1:].contiguous(), "loss_mask": torch.ones(tokens.shape)}
+    if weights is not None:
+        batch["loss_mask"] = torch.from_numpy(weights[:, 1:].astype(np.float32)).contiguous()
+    if reset_attention_mask:
+        is_eod = (tokens == eod).long()
+        batch["document_ids"] = torch.cumsum(is_eod, dim=1) - is_eod  # an eod belongs to the document it ends
     if eod_mask_loss:
         batch["loss_mask"][tokens == eod] = 0.0
     if reset_position_ids:

@@ -92,7 +92,7 @@ class GPT(nn.Module):
         return chunk == len(self.chunks) - 1 and self.topo.is_last_stage
 
     def hidden_states(self, tokens, position_ids=None, kv_cache: Optional[KVCache] = None, hidden=None,
-                      chunk: int = 0):
+                      chunk: int = 0, document_ids=None):
         """Run one chunk: the embedding first on the first stage (else start from the received ``hidden``),
         the chunk's layers, and the final norm on the last stage."""
         start = kv_cache.length if kv_cache is not None else 0
@@ -111,25 +111,29 @@ class GPT(nn.Module):
         else:
             x = hidden
         blocks = [self.layers[str(i)] for i in self.chunks[chunk]]
+        mask = None
+        if document_ids is not None:  # causal within each packed document
+            same = document_ids[:, :, None] == document_ids[:, None, :]
+            mask = (same & torch.ones_like(same[0]).tril())[:, None]
         if self.cfg.recompute_granularity == "full" and self.training and kv_cache is None:
-            x = self._run_recomputed(blocks, x, rope)
+            x = self._run_recomputed(blocks, x, rope, mask)
         else:
             for block in blocks:
-                x = block(x, rope, kv_cache)
+                x = block(x, rope, kv_cache, mask)
         if not self.is_last_chunk(chunk):
             return x
         if kv_cache is not None:
             kv_cache.length += tokens.shape[1]
         return self.final_norm(x)
 
-    def _run_recomputed(self, blocks, x, rope):
+    def _run_recomputed(self, blocks, x, rope, mask=None):
         """Full recomputation: groups of ``recompute_num_layers`` layers (uniform), or only the first that many
         layers one by one (block), keep just their inputs; the rest run normally."""
         n = self.cfg.recompute_num_layers
 
         def run(h, *group):
             for block in group:
-                h = block(h, rope)
+                h = block(h, rope, None, mask)
             return h
 
         if self.cfg.recompute_method == "uniform":
@@ -137,7 +141,7 @@ class GPT(nn.Module):
                 x = recomputed(lambda h, g=blocks[i:i + n]: run(h, *g), self.rng_tracker, x)
             return x
         for i, block in enumerate(blocks):
-            x = recomputed(lambda h, b=block: run(h, b), self.rng_tracker, x) if i < n else block(x, rope)
+            x = recomputed(lambda h, b=block: run(h, b), self.rng_tracker, x) if i < n else block(x, rope, None, mask)
         return x
 
     def logits_shard(self, h):
@@ -147,10 +151,10 @@ class GPT(nn.Module):
         return F.linear(enter_tp_region(h, self.topo), self.embedding.weight)
 
     def forward(self, tokens, labels=None, position_ids=None, kv_cache: Optional[KVCache] = None, hidden=None,
-                chunk: int = 0):
+                chunk: int = 0, document_ids=None):
         """Per-token loss ``[b, s]`` when ``labels`` are given, else full logits ``[b, s, vocab]``; before the
         last pipeline stage, the hidden states to send on."""
-        h = self.hidden_states(tokens, position_ids, kv_cache, hidden, chunk)
+        h = self.hidden_states(tokens, position_ids, kv_cache, hidden, chunk, document_ids)
         if not self.is_last_chunk(chunk):
             return h
         logits = self.logits_shard(h)

@@ -122,7 +122,8 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias, input_entered=True)
         self.wo = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, bias)
 
-    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None):
+    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, doc_mask=None):
+        """``doc_mask``: boolean ``[b, 1, s, s]`` allowed query-key pairs (packed documents), else causal."""
         hd = self.cfg.head_dim
         x = enter_tp_region(x, self.topo)  # the whole sequence, also when x was a sequence-parallel shard
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -132,28 +133,28 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past, mask = 0, None
+        past, mask = 0, doc_mask
         if kv_cache is not None:
             past, mask = kv_cache.length, kv_cache.mask(s, x.device)
             k, v = kv_cache.update(self.layer, k, v)
         if self.cfg.recompute_granularity == "selective" and self.training and kv_cache is None:
-            out = recomputed(self._attend, self.rng, q, k, v)
-        elif mask is not None:  # a padded batch: explicit mask, plain attention
-            rep = self.n_heads // self.n_kv
-            k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = recomputed(self._attend, self.rng, q, k, v, 0, mask)
         else:
-            out = self._attend(q, k, v, past)
+            out = self._attend(q, k, v, past, mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * hd))
 
-    def _attend(self, q, k, v, past: int = 0):
+    def _attend(self, q, k, v, past: int = 0, mask=None):
         """The attention core (scores, softmax, dropout, weighted values): what selective recomputation redoes."""
         dropout = self.cfg.attention_dropout if self.training else 0.0
         with self.rng.fork() if dropout > 0 else contextlib.nullcontext():
-            return self._attend_with(q, k, v, past, dropout)
+            return self._attend_with(q, k, v, past, dropout, mask)
 
-    def _attend_with(self, q, k, v, past: int, dropout: float):
+    def _attend_with(self, q, k, v, past: int, dropout: float, mask=None):
         s = q.shape[2]
+        if mask is not None:  # packed documents or a padded batch: an explicit mask, SDPA's math
+            rep = self.n_heads // self.n_kv
+            k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if self.cfg.attention_backend == "sdpa":
             if past == 0:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
@@ -209,7 +210,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, topo)
         self.dropout = cfg.hidden_dropout
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, doc_mask=None):
         drop = lambda y: hidden_dropout(y, self.dropout, self.training, self.topo, self.rng)  # noqa: E731
-        x = x + drop(self.attention(self.attention_norm(x), rope, kv_cache))
+        x = x + drop(self.attention(self.attention_norm(x), rope, kv_cache, doc_mask))
         return x + drop(self.mlp(self.mlp_norm(x)))

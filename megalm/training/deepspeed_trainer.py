@@ -99,9 +99,8 @@ class DeepSpeedTrainer(Trainer):
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            positions = batch.get("position_ids")
-            per_token = self.engine(batch["tokens"].to(self.device), batch["labels"].to(self.device),
-                                    None if positions is None else positions.to(self.device))
+            extra = {k: batch[k].to(self.device) for k in ("position_ids", "document_ids") if k in batch}
+            per_token = self.engine(batch["tokens"].to(self.device), batch["labels"].to(self.device), **extra)
             mask = batch["loss_mask"].to(self.device)
             loss = (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
             self.engine.backward(loss)  # the engine divides by the accumulation steps

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megalm.config import Config, num_micro_batches, parse_data_path, parse_split
 from megalm.data.gpt_dataset import IndexCache, build_datasets, split_sample_counts
 from megalm.data.loader import global_batch
+from megalm.data.sft import build_sft_datasets
 from megalm.data.tokenizers import build_tokenizer
 from megalm.model.gpt import GPT
 from megalm.optim.distributed import DistributedOptimizer
@@ -76,10 +77,14 @@ class Trainer:
         self.consumed_samples = 0
         self.metrics = MetricsLogger(topo.rank == 0, cfg.logging.metrics_file, cfg.logging.tensorboard_dir)
         barrier = dist.barrier if dist.is_initialized() else None
-        counts = split_sample_counts(t.train_iters, t.global_batch_size, t.eval_iters)
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            parse_data_path(cfg.data.data_path), parse_split(cfg.data.split), counts, cfg.model.seq_length, t.seed,
-            self.tokenizer.fingerprint, IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier))
+        if cfg.data.sft_data:
+            self.train_ds, self.valid_ds = build_sft_datasets(cfg.data.sft_data, self.tokenizer, cfg.model.seq_length,
+                                                              parse_split(cfg.data.split), t.seed)
+        else:
+            counts = split_sample_counts(t.train_iters, t.global_batch_size, t.eval_iters)
+            self.train_ds, self.valid_ds, _ = build_datasets(
+                parse_data_path(cfg.data.data_path), parse_split(cfg.data.split), counts, cfg.model.seq_length,
+                t.seed, self.tokenizer.fingerprint, IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier))
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.throughput = Throughput(cfg.model, layer_params, output_params, topo.world_size,
                                      peak_tflops(device_name, cfg.logging.peak_tflops))
@@ -133,9 +138,11 @@ class Trainer:
     def _micro_batches(self, dataset, consumed: int):
         t = self.cfg.train
         d = self.cfg.data
+        sft = bool(d.sft_data)  # packed examples: positions and attention restart at every end of document
         return global_batch(dataset, consumed, t.global_batch_size, t.micro_batch_size, self.topo.dp_rank,
                             self.topo.dp, eod=self.tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
-                            reset_position_ids=d.reset_position_ids)
+                            reset_position_ids=d.reset_position_ids or sft,
+                            reset_attention_mask=d.reset_attention_mask or sft)
 
     def _mean_loss(self, total: torch.Tensor) -> float:
         """The step's loss as every rank reports it: from the last stage, averaged over data parallelism."""
@@ -155,10 +162,10 @@ class Trainer:
 
         def forward(chunk, i, hidden):
             batch = micro_batches[i]
-            positions = batch.get("position_ids")
+            extra = {k: batch[k].to(self.device) for k in ("position_ids", "document_ids") if k in batch}
             with self._autocast():
-                out = self.model(batch["tokens"].to(self.device), batch["labels"].to(self.device),
-                                 None if positions is None else positions.to(self.device), hidden=hidden, chunk=chunk)
+                out = self.model(batch["tokens"].to(self.device), batch["labels"].to(self.device), hidden=hidden,
+                                 chunk=chunk, **extra)
             if not self.model.is_last_chunk(chunk):
                 return out
             mask = batch["loss_mask"].to(self.device)
