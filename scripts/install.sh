@@ -13,4 +13,7 @@ fi
 # DeepSpeed ships as source: built against the torch above, hence after it and without build isolation
 .venv/bin/python -c "import deepspeed" 2>/dev/null ||
   .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
+# lm-eval, for the evaluation route on exported models (scripts/lm_eval_local.py)
+.venv/bin/python -c "import lm_eval" 2>/dev/null ||
+  .venv/bin/pip install -q --disable-pip-version-check "lm-eval[hf]"
 .venv/bin/python -c "from megalm.kernels import extension; assert extension() is not None, 'megalm._C did not build'"

@@ -1,0 +1,27 @@
+"""The documented lm-eval route (scripts/lm_eval_local.py) on an exported tiny model, offline."""
+import json
+import math
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, ROOT, tiny_train_flags
+from megalm.pretrain import main
+from megalm.tools.hf import export_main
+
+
+def test_lm_eval_on_exported_model(tmp_path, dataset_prefix, bpe_flags, corpus):
+    pytest.importorskip("lm_eval")
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "3", "--save", tmp_path / "ck")
+    assert main([str(f) for f in flags]) == 0
+    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "hf")]) == 0
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps({"question": q, "choices": c, "answer": 0}) + "\n"
+                               for q, c in [("The file", [" object", " zebra"]), ("Return a", [" list", " qq"])]))
+    res = subprocess.run([PYTHON, "scripts/lm_eval_local.py", "--model", tmp_path / "hf", "--data", corpus,
+                          "--choices", choices, "--output", tmp_path / "out", "--limit", "3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    results = json.loads(res.stdout[res.stdout.rindex("\n{\n"):])
+    assert math.isfinite(results["megalm_local_ppl"]["word_perplexity,none"])
+    assert 0 <= results["megalm_local_choice"]["acc,none"] <= 1
