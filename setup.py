@@ -52,6 +52,7 @@ setup(
         "megalm-pretrain=megalm.pretrain:main",
         "megalm-generate=megalm.generate:main",
         "megalm-export-hf=megalm.tools.hf:export_main",
+        "megalm-estimate=megalm.tools.estimate:main",
         "megalm-import-hf=megalm.tools.hf:import_main",
         "megalm-build-corpus=megalm.tools.build_corpus:main",
         "megalm-train-tokenizer=megalm.tools.train_tokenizer:main",

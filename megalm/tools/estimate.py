@@ -1,0 +1,189 @@
+"""``megalm-estimate``: per-GPU memory and step time of a model and a TP / PP / DP / ZeRO layout, on paper.
+
+Takes the same flags as ``megalm-pretrain`` plus ``--world-size``. Parameters are counted exactly by building
+every pipeline stage on PyTorch's meta device (no memory, no compute), so they follow megalm's real layer shapes,
+vocabulary padding and tied-embedding copies. Bytes per parameter follow megalm's optimizer: fp32 parameters
+(also the master weights under bf16/fp16 autocast), fp32 gradients (a full buffer, plus the reduced 1/DP slice at
+ZeRO 1, only the slice at ZeRO 2), Adam's two fp32 moments (1/DP of them at ZeRO 1 and 2).
+
+Activations saved for backward per layer and micro-batch, in units of ``s b h`` elements (s sequence, b micro
+batch, h hidden; ``r = query groups / heads``, ``f`` the MLP width, ``t`` TP), from the tensors megalm's layers
+keep (measured with saved-tensor hooks; tests/test_estimate.py checks the formula against a measurement):
+
+    norms, their outputs, residual inputs:  4 (LayerNorm) or 6 (RMSNorm), divided by t under sequence parallelism,
+                                            plus 2 full copies for the gathered inputs of the column-parallel layers
+    q, k, v, attention output:              (2 + 2 r) / t
+    MLP:                                    2 f / h / t (GELU) or 4 f / h / t (SwiGLU)
+    attention probabilities (fused/unfused): a s / h / t
+
+Full recomputation keeps only each layer's input (1, or 1/t with SP) plus one layer's full set while it is
+recomputed. Under mixed precision linear-layer activations take 2 bytes. The first pipeline stage holds
+``min(P, m)`` micro-batches in flight with 1F1B (times ``1 + (P - 1) / (P V)`` interleaved); the last stage also
+keeps the fp32 logits of one micro-batch for the loss (``s b V / t``). Step time is the model FLOPs
+(6 N + 12 L h s per token, with recomputation's extra forward) at an assumed fraction of the peak.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from megalm.config import Config, ConfigError, build_parser, data_parallel_size, load_config, num_micro_batches
+from megalm.data.tokenizers import padded_vocab_size
+from megalm.parallel.state import Topology
+from megalm.pipeline.layout import stage_chunks
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    parameters: int  # count on this rank (TP shard)
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def stage_parameters(cfg: Config, vocab_size: int, pp_rank: int) -> tuple:
+    """(parameters on one TP rank of stage ``pp_rank``, of which layer parameters), from a meta-device model."""
+    from megalm.model.gpt import GPT
+
+    p = cfg.parallel
+    topo = Topology(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, pp_rank=pp_rank,
+                    sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1)
+    chunks = stage_chunks(cfg.model.num_layers, topo.pp, pp_rank, p.num_layers_per_virtual_pipeline_stage,
+                          p.pipeline_stage_layers)
+    with torch.device("meta"):
+        model = GPT(cfg.model, vocab_size, topo, chunks)
+    total = sum(t.numel() for t in model.parameters())
+    layers = sum(t.numel() for t in model.layers.parameters())
+    return total, layers, sum(len(c) for c in chunks)
+
+
+def activation_units_per_layer(cfg: Config) -> float:
+    """Saved activation elements per layer and micro-batch, in units of s b h (see the module docstring)."""
+    m, p = cfg.model, cfg.parallel
+    t = p.tensor_model_parallel_size
+    sp = p.sequence_parallel and t > 1
+    norms = 6.0 if m.normalization == "RMSNorm" else 4.0
+    units = norms / t + (2.0 if t > 1 else 0.0) if sp else norms
+    r = m.num_query_groups / m.num_attention_heads
+    units += (2 + 2 * r) / t
+    units += (4 if m.swiglu else 2) * m.ffn_hidden_size / m.hidden_size / t
+    if m.attention_backend != "sdpa":
+        units += m.num_attention_heads * m.seq_length / m.hidden_size / t  # the softmax output
+    return units
+
+
+def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = data_parallel_size(cfg, world_size)
+    micro = num_micro_batches(cfg, world_size)
+    virtual = m.num_layers // (pp * p.num_layers_per_virtual_pipeline_stage) if \
+        p.num_layers_per_virtual_pipeline_stage else 1
+    zero = o.zero_stage if dp > 1 else 0
+    mixed = t.bf16 or t.fp16
+    sbh = m.seq_length * t.micro_batch_size * m.hidden_size
+    per_layer = activation_units_per_layer(cfg) * sbh * (2 if mixed else 4)
+    sp = p.sequence_parallel and tp > 1
+    out = []
+    for stage in range(pp):
+        params, _, layers = stage_parameters(cfg, vocab_size, stage)
+        param_bytes = 4 * params
+        if zero == 2:
+            grad_bytes = 4 * math.ceil(params / dp)
+        else:
+            grad_bytes = 4 * params + (4 * math.ceil(params / dp) if zero == 1 else 0)
+        optimizer_bytes = 8 * (math.ceil(params / dp) if zero >= 1 else params)
+        if m.recompute_granularity == "full":
+            kept = layers * sbh * 4 / (tp if sp else 1)
+            acts = kept + per_layer
+        else:
+            acts = layers * per_layer
+        in_flight = 1
+        if pp > 1:
+            in_flight = min(pp - stage, micro) if virtual == 1 else pp * (1 + (pp - 1) / (pp * virtual))
+            in_flight = min(in_flight, micro * virtual) if virtual > 1 else in_flight
+        acts *= in_flight
+        if stage == pp - 1:
+            padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
+            acts += 4 * m.seq_length * t.micro_batch_size * padded / tp
+        out.append(StageMemory(stage, params, param_bytes, grad_bytes, optimizer_bytes, int(acts)))
+    return out
+
+
+def _whole_model(cfg: Config, vocab_size: int):
+    from megalm.model.gpt import GPT
+
+    with torch.device("meta"):
+        return GPT(cfg.model, vocab_size)
+
+
+def total_parameters(cfg: Config, vocab_size: int) -> int:
+    """The whole model's parameters (unpadded vocabulary, tied copies once)."""
+    return _whole_model(cfg, vocab_size).num_parameters()
+
+
+def step_seconds(cfg: Config, world_size: int, vocab_size: int, peak_tflops: float, mfu: float) -> float:
+    """Seconds per optimizer step if every GPU ran the step's FLOPs (recomputation included) at ``mfu``."""
+    from megalm.training.flops import flops_per_token
+
+    done = flops_per_token(cfg.model, *_whole_model(cfg, vocab_size).matmul_parameters())[1]
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    return done * tokens / (world_size * peak_tflops * 1e12 * mfu)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    parser.prog = "megalm-estimate"
+    parser.description = "Per-GPU memory and step time of a model and parallel layout, without a GPU."
+    parser.add_argument("--world-size", dest="world_size_", type=int, required=True, help="number of GPUs")
+    parser.add_argument("--padded-vocab", dest="vocab_", type=int, default=None,
+                        help="vocabulary size (default: from the tokenizer flags)")
+    parser.add_argument("--assumed-mfu", dest="mfu_", type=float, default=0.45,
+                        help="fraction of peak for the step-time estimate")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, _ = parser.parse_known_args(argv)
+        world, vocab = args.world_size_, args.vocab_
+        rest = [a for a in argv if a not in ("--world-size", str(world), "--padded-vocab", str(vocab),
+                                              "--assumed-mfu", str(getattr(args, "mfu_", "")))]
+        if vocab is not None and "--tokenizer-type" not in rest:
+            rest += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab - 1)]
+        cfg = load_config(rest, world_size=world)
+        if vocab is None:
+            from megalm.data.tokenizers import build_tokenizer
+
+            vocab = build_tokenizer(cfg.data).vocab_size
+    except ConfigError as exc:
+        print(f"megalm-estimate: error: {exc}", file=sys.stderr)
+        return 2
+    stages = estimate(cfg, world, vocab)
+    p = cfg.parallel
+    gib = 1024 ** 3
+    n = total_parameters(cfg, vocab)
+    print(f"model: {n / 1e9:.3f}B parameters; layout TP {p.tensor_model_parallel_size} x PP "
+          f"{p.pipeline_model_parallel_size} x DP {data_parallel_size(cfg, world)}, ZeRO {cfg.optim.zero_stage}, "
+          f"{num_micro_batches(cfg, world)} micro-batches of {cfg.train.micro_batch_size} per step")
+    print(f"{'stage':>5} {'params/GPU':>12} {'params GiB':>11} {'grads GiB':>10} {'Adam GiB':>9} "
+          f"{'activ. GiB':>11} {'total GiB':>10}")
+    for s in stages:
+        print(f"{s.stage:>5} {s.parameters / 1e6:>11.1f}M {s.param_bytes / gib:>11.2f} {s.grad_bytes / gib:>10.2f} "
+              f"{s.optimizer_bytes / gib:>9.2f} {s.activation_bytes / gib:>11.2f} {s.total / gib:>10.2f}")
+    peak = cfg.logging.peak_tflops or 989.0
+    secs = step_seconds(cfg, world, vocab, peak, args.mfu_)
+    print(f"step time at {100 * args.mfu_:.0f}% MFU of {peak:.0f} TFLOP/s per GPU: {secs:.2f} s "
+          f"({cfg.train.global_batch_size * cfg.model.seq_length / secs:,.0f} tokens/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""megalm-estimate against Megatron's published model sizes, against measured per-rank state on CPU runs, and
+its activation formula against the tensors megalm's layers actually keep for backward."""
+import json
+
+import pytest
+import torch
+
+from conftest import run_module, tiny_train_flags, torchrun
+from megalm.config import Config, finalize, load_config
+from megalm.model.gpt import GPT
+from megalm.tools.estimate import activation_units_per_layer, estimate, total_parameters
+
+NULL = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "51199"]
+
+# Narayanan et al. 2021 (Megatron-LM), Table 1: parameters (billions), layers, hidden, heads; vocab 51200, seq 2048
+PUBLISHED = [(1.7, 24, 2304, 24), (7.5, 36, 4096, 32), (39.1, 48, 8192, 64), (145.6, 80, 12288, 96),
+             (529.6, 105, 20480, 128), (1008.0, 128, 25600, 160)]
+
+
+@pytest.mark.parametrize("billions, layers, hidden, heads", PUBLISHED)
+def test_parameter_counts_match_megatron_published_models(billions, layers, hidden, heads):
+    cfg = load_config([*NULL, "--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads",
+                       str(heads), "--seq-length", "2048"])
+    ours = total_parameters(cfg, 51200)
+    # the paper's count: 12 l h^2 (1 + 13 / (12 h) + (V + s) / (12 l h)), rounded to 0.1B in its table
+    paper = 12 * layers * hidden ** 2 * (1 + 13 / (12 * hidden) + (51200 + 2048) / (12 * layers * hidden))
+    assert abs(ours - paper) / paper < 1e-3
+    assert round(ours / 1e9, 1) == pytest.approx(billions, abs=0.051)
+
+
+def test_cli_prints_every_stage():
+    res = run_module("megalm.tools.estimate", "--world-size", "1024", "--padded-vocab", "51200", "--num-layers",
+                     "96", "--hidden-size", "12288", "--num-attention-heads", "96", "--seq-length", "2048",
+                     "--micro-batch-size", "1", "--global-batch-size", "1536", "--tensor-model-parallel-size", "8",
+                     "--pipeline-model-parallel-size", "16", "--sequence-parallel", "--bf16", "--zero-stage", "1")
+    assert res.returncode == 0, res.stderr
+    assert "174.6" in res.stdout and "TP 8 x PP 16 x DP 8" in res.stdout
+    assert len([line for line in res.stdout.splitlines() if line.strip()[:2].strip().isdigit()]) == 16
+
+
+def test_state_bytes_match_a_measured_run(tmp_path, dataset_prefix, bpe_flags):
+    """PP 2 x DP 2 with ZeRO 1 on CPU: rank 0's parameter, gradient and Adam bytes after the first step."""
+    flags = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2", "--num-layers", "4",
+                                               "--global-batch-size", "8", "--pipeline-model-parallel-size", "2",
+                                               "--zero-stage", "1")]
+    res = torchrun(4, "megalm/pretrain.py", *flags, "--metrics-file", tmp_path / "m.jsonl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    measured = json.loads(open(tmp_path / "m.jsonl").readline())
+    cfg = load_config(flags, world_size=4)
+    stage0 = estimate(cfg, 4, 1024)[0]
+    for key, value in (("param_bytes", stage0.param_bytes), ("grad_bytes", stage0.grad_bytes),
+                       ("optimizer_state_bytes", stage0.optimizer_bytes)):
+        assert abs(value - measured[key]) / measured[key] < 0.15, (key, value, measured[key])
+
+
+def saved_activation_bytes(cfg, layers):
+    """Bytes of the distinct non-parameter tensors autograd keeps while running ``layers`` layers."""
+    model = GPT(cfg.model, 1000)
+    model.init_weights(0)
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    x = model.embedding(torch.randint(0, 999, (cfg.train.micro_batch_size, cfg.model.seq_length))).detach()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for i in range(layers):
+            x = model.layers[str(i)](x.requires_grad_() if i == 0 else x)
+    return total[0]
+
+
+@pytest.mark.parametrize("flavour", [{}, dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                                              num_query_groups=2, add_bias_linear=False),
+                                     dict(attention_backend="unfused")], ids=["gpt2", "llama-gqa", "unfused"])
+def test_activation_formula_matches_saved_tensors(flavour):
+    cfg = Config()
+    cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 999
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 3, 128, 8
+    cfg.model.seq_length, cfg.train.micro_batch_size = 256, 2
+    for k, v in flavour.items():
+        setattr(cfg.model, k, v)
+    finalize(cfg)
+    measured = saved_activation_bytes(cfg, 3)
+    sbh = 256 * 2 * 128
+    predicted = 3 * activation_units_per_layer(cfg) * sbh * 4
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
