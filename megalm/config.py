@@ -138,6 +138,8 @@ class TrainConfig:
     eval_iters: int = opt(10, "batches per validation run")
     bf16: bool = opt(False, "bfloat16 compute with fp32 master weights")
     fp16: bool = opt(False, "float16 compute with fp32 master weights and a dynamic loss scale")
+    compile: bool = opt(False, "torch.compile each transformer block (GPU runs; the first steps compile)",
+                        flag="--torch-compile")
     exit_interval: Optional[int] = opt(None, "save and exit after an iteration that is a multiple of this")
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit once the run has trained this long")
     nonfinite_patience: int = opt(10, "stop after more than this many consecutive steps with a non-finite loss or "

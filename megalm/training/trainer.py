@@ -60,6 +60,9 @@ class Trainer:
         self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo, chunks)
         self.model.init_weights(t.seed)
         self.model.to(self.device)
+        if t.compile:
+            for block in self.model.layers.values():
+                block.compile()
         self.num_micro = num_micro_batches(cfg, topo.world_size)
         # counted before an optimizer (DeepSpeed ZeRO 3) may partition the parameters
         layer_params, output_params, num_params = self._sum_over_stages(

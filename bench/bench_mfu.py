@@ -1,0 +1,102 @@
+"""Model-FLOPs utilisation of megalm on one GPU: a 1.3B GPT (24 layers, hidden 2048, 16 heads, sequence 2048,
+vocab 50304) in bf16 with fused AdamW, SDPA (flash) attention and optionally torch.compile, trained through the
+Trainer on random tokens; prints tokens/s, TFLOP/s and MFU against the GPU's dense bf16 peak.
+
+    python bench/bench_mfu.py [--iters 30] [--micro-batch-size 4] [--compile] [--attention-backend sdpa|fused]
+    python bench/bench_mfu.py --smoke      # a tiny model on CPU: what the test suite runs
+
+The reference for the ratio is the target itself: MFU 50% (Megatron-LM reports 41-49% on H100 clusters).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megalm.config import load_config  # noqa: E402
+from megalm.data.indexed import IndexedDatasetWriter  # noqa: E402
+from megalm.parallel.state import Topology  # noqa: E402
+from megalm.training.trainer import Trainer  # noqa: E402
+
+TARGET_MFU = 0.50
+
+
+def random_dataset(workdir, vocab, tokens):
+    prefix = os.path.join(workdir, "random_text_document")
+    writer = IndexedDatasetWriter(prefix, np.int32)
+    rng = np.random.default_rng(0)
+    done = 0
+    while done < tokens:
+        n = int(rng.integers(512, 4096))
+        writer.add_document(rng.integers(0, vocab - 1, size=n))
+        done += n
+    writer.finalize()
+    return prefix
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--global-batch-size", type=int, default=8)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--attention-backend", default="sdpa")
+    ap.add_argument("--recompute", default=None, choices=("full", "selective"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        shape = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128"]
+        vocab, iters, mbs, gbs, precision = 1024, 4, 2, 4, []
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no GPU: run with --smoke on CPU")
+        shape = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "2048"]
+        vocab, iters, mbs, gbs, precision = 50304, args.iters, args.micro_batch_size, args.global_batch_size, \
+            ["--bf16"]
+    seq = int(shape[shape.index("--seq-length") + 1])
+    with tempfile.TemporaryDirectory() as workdir:
+        prefix = random_dataset(workdir, vocab, (iters + 2) * gbs * (seq + 1) + 10 * seq)
+        flags = [*shape, "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs), "--train-iters",
+                 str(iters), "--eval-iters", "0", "--split", "100,0,0", "--data-path", prefix, "--tokenizer-type",
+                 "NullTokenizer", "--vocab-size", str(vocab - 1), "--make-vocab-size-divisible-by", "128",
+                 "--lr", "1e-4", "--attention-backend", args.attention_backend, "--log-interval", "1000",
+                 *precision, *(["--torch-compile"] if args.compile else []),
+                 *(["--recompute-granularity", args.recompute] if args.recompute else [])]
+        cfg = load_config(flags)
+        trainer = Trainer(cfg, Topology())
+        device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+        name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        times = []
+        for i in range(iters):
+            start = time.perf_counter()
+            trainer.train_step(trainer._micro_batches(trainer.train_ds, trainer.consumed_samples))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            trainer.iteration += 1
+            trainer.consumed_samples += gbs
+        steady = statistics.median(times[len(times) // 3:])
+        row = trainer.throughput(gbs * seq, steady)
+        params = trainer.model.num_parameters()
+        print(f"device: {name}; model {params / 1e9:.3f}B parameters, seq {seq}, micro batch {mbs}, global {gbs}, "
+              f"{'bf16' if precision else 'fp32'}, attention {args.attention_backend}"
+              f"{', compiled' if args.compile else ''}")
+        print(f"median step {1000 * steady:.1f} ms | {row['tokens_per_sec']:,.0f} tokens/s | "
+              f"{row['tflops_per_device']:.1f} TFLOP/s")
+        if "mfu" in row:
+            print(f"MFU {100 * row['mfu']:.1f}% (target {100 * TARGET_MFU:.0f}%; ratio "
+                  f"{row['mfu'] / TARGET_MFU:.2f})")
+        else:
+            print("MFU: no peak known for this device (set --peak-tflops in a real run)")
+        if device == "cuda":
+            print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
