@@ -23,7 +23,7 @@ def run(flavour: str, topo: Topology) -> dict:
     loss = model(tokens, labels).mean()
     loss.backward()
     for p in model.parameters():  # sequence parallelism: each TP rank holds a partial gradient of the norms
-        if p.sequence_parallel and topo.sequence_parallel:
+        if getattr(p, "sequence_parallel", False) and topo.sequence_parallel:
             dist.all_reduce(p.grad, group=topo.tp_group)
     grads = {n: _unpad(_gather_full(p.grad, getattr(p, "tp_dim", None), topo), p, VOCAB)
              for n, p in model.named_parameters()}
