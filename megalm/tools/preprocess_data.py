@@ -18,7 +18,7 @@ from typing import List, Optional
 import numpy as np
 
 from megalm.config import ConfigError, DataConfig, validate_tokenizer
-from megalm.data.indexed import IndexedDatasetWriter, optimal_dtype
+from megalm.data.indexed import IndexedDataset, IndexedDatasetWriter, exists, merge_datasets, optimal_dtype
 from megalm.data.tokenizers import TokenizerError, build_tokenizer
 from megalm.tools.jsonl import JsonlError, expand_inputs, iter_lines, parse_document
 
@@ -113,10 +113,16 @@ class Encoder:
                 np.asarray(counts, dtype=np.int64))
 
 
-def batches(files: List[str], size: int):
+def batches(files: List[str], size: int, lines: Optional[range] = None):
+    """Batches of ``size`` lines, each from one file; ``lines`` keeps only those global line numbers (0-based
+    over all files in order), for one partition."""
+    seen = -1
     for path in files:
         buf, first = [], 1
         for _, lineno, line in iter_lines([path]):
+            seen += 1
+            if lines is not None and seen not in lines:
+                continue
             if not buf:
                 first = lineno
             buf.append(line)
@@ -150,10 +156,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     g.add_argument("--batch-lines", type=int, default=1024, help="lines per task sent to a worker")
     g.add_argument("--log-interval", type=int, default=10000, help="documents between progress updates")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="process the input in this many consecutive parts, each written as it completes and "
+                        "merged at the end; a rerun after an interruption skips the finished parts")
     return p
 
 
+def _count_lines(files: List[str]) -> int:
+    return sum(1 for _ in iter_lines(files))
+
+
 def run(args) -> dict:
+    """Preprocess ``args.input``; with ``--partitions N`` part by part (resumable), then merged."""
+    if args.partitions < 1:
+        raise ConfigError("--partitions must be at least 1")
+    if args.partitions == 1:
+        return _run(args, args.output_prefix, None)
+    files = expand_inputs(args.input)
+    total = _count_lines(files)
+    bounds = [total * i // args.partitions for i in range(args.partitions + 1)]
+    level = "sentence" if args.split_sentences else "document"
+    stats = {"docs": 0, "bytes": 0, "bad": 0, "bad_lines": [], "seconds": 0.0, "skipped_partitions": []}
+    parts = []
+    for i in range(args.partitions):
+        prefix = f"{args.output_prefix}_part{i:03d}of{args.partitions:03d}"
+        parts.append(prefix)
+        done = [f"{prefix}_{k}_{level}" for k in args.json_keys]
+        if all(exists(d) for d in done):  # written atomically: present means complete
+            print(f"partition {i + 1}/{args.partitions}: already done ({done[0]}), skipping", file=sys.stderr)
+            stats["skipped_partitions"].append(i)
+            continue
+        print(f"partition {i + 1}/{args.partitions}: lines {bounds[i] + 1}-{bounds[i + 1]}", file=sys.stderr)
+        part = _run(args, prefix, range(bounds[i], bounds[i + 1]), allow_empty=True)
+        for key in ("docs", "bytes", "bad", "seconds"):
+            stats[key] += part[key]
+        stats["bad_lines"] += part["bad_lines"][: max(0, 10 - len(stats["bad_lines"]))]
+    stats["outputs"] = []
+    for key in args.json_keys:
+        final = f"{args.output_prefix}_{key}_{level}"
+        merge_datasets([f"{p}_{key}_{level}" for p in parts], final)
+        stats["outputs"].append(final)
+        if IndexedDataset(final).num_documents == 0:
+            raise JsonlError(f"--input {' '.join(args.input)}: no documents found (empty input)")
+    for p in parts:
+        for key in args.json_keys:
+            for ext in (".bin", ".idx"):
+                os.remove(f"{p}_{key}_{level}{ext}")
+    return stats
+
+
+def _run(args, output_prefix: str, lines: Optional[range], allow_empty: bool = False) -> dict:
     data_cfg = DataConfig(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
                           vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size)
     validate_tokenizer(data_cfg)
@@ -164,7 +216,7 @@ def run(args) -> dict:
                       args.skip_bad_lines)
     tokenizer = encoder.tokenizer
     level = "sentence" if args.split_sentences else "document"
-    outputs = {k: f"{args.output_prefix}_{k}_{level}" for k in args.json_keys}
+    outputs = {k: f"{output_prefix}_{k}_{level}" for k in args.json_keys}
     writers = {k: IndexedDatasetWriter(p, optimal_dtype(tokenizer.vocab_size)) for k, p in outputs.items()}
     stats = {"docs": 0, "bytes": 0, "bad": 0, "bad_lines": [], "outputs": list(outputs.values())}
     compressed = any(f.endswith(".gz") for f in files)
@@ -174,8 +226,8 @@ def run(args) -> dict:
     try:
         from tqdm import tqdm
 
-        results = (pool.imap(encoder.encode, batches(files, args.batch_lines)) if pool
-                   else map(encoder.encode, batches(files, args.batch_lines)))
+        todo = batches(files, args.batch_lines, lines)
+        results = pool.imap(encoder.encode, todo) if pool else map(encoder.encode, todo)
         with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", mininterval=1.0,
                   disable=None) as bar:
             last_log = 0
@@ -195,7 +247,7 @@ def run(args) -> dict:
                     last_log = stats["docs"]
                     print(f"processed {stats['docs']} documents ({stats['docs'] / elapsed:.0f} docs/s, "
                           f"{stats['bytes'] / elapsed / 1e6:.1f} MB/s)", file=sys.stderr)
-        if stats["docs"] == 0:
+        if stats["docs"] == 0 and not allow_empty:
             raise JsonlError(f"--input {' '.join(args.input)}: no documents found (empty input)")
         for writer in writers.values():
             writer.finalize()
