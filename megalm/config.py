@@ -112,6 +112,9 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     data_path: list = opt([], "dataset prefix, or weight prefix pairs to blend: 0.3 A 0.7 B", nargs="+")
+    train_data_path: list = opt([], "training data only (prefix, or weight prefix pairs); replaces --data-path and "
+                                "--split for training", nargs="+")
+    valid_data_path: list = opt([], "validation data only, like --train-data-path", nargs="+")
     split: str = opt("969,30,1", "train,valid,test proportions of the documents")
     tokenizer_type: str = opt("GPT2BPETokenizer", "tokenizer",
                               choices=("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer",
@@ -331,20 +334,20 @@ def parse_split(split: str) -> list:
     return [p / sum(parts) for p in parts]
 
 
-def parse_data_path(paths: list) -> list:
+def parse_data_path(paths: list, flag: str = "--data-path") -> list:
     """[(weight, prefix), ...] from ``A`` or ``0.3 A 0.7 B``; weights normalised to sum 1."""
     if len(paths) == 1:
         return [(1.0, paths[0])]
     if len(paths) % 2:
-        raise ConfigError(f"--data-path: with several datasets give weight-prefix pairs, got {len(paths)} values")
+        raise ConfigError(f"{flag}: with several datasets give weight-prefix pairs, got {len(paths)} values")
     pairs = []
     for weight, prefix in zip(paths[0::2], paths[1::2]):
         try:
             w = float(weight)
         except ValueError:
-            raise ConfigError(f"--data-path: {weight!r} should be the weight before {prefix!r}") from None
+            raise ConfigError(f"{flag}: {weight!r} should be the weight before {prefix!r}") from None
         if not (w > 0 and math.isfinite(w)):
-            raise ConfigError(f"--data-path: weight {weight} of {prefix} must be positive")
+            raise ConfigError(f"{flag}: weight {weight} of {prefix} must be positive")
         pairs.append((w, prefix))
     total = sum(w for w, _ in pairs)
     return [(w / total, p) for w, p in pairs]
@@ -441,11 +444,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError("--adam-beta1/--adam-beta2 must be in [0, 1) and --adam-eps positive")
     parse_split(d.split)
     validate_tokenizer(d)
-    for _, prefix in parse_data_path(d.data_path) if d.data_path else []:
-        for ext in (".idx", ".bin"):
-            if not os.path.exists(prefix + ext):
-                raise ConfigError(f"--data-path: {prefix + ext} does not exist (give the prefix, without "
-                                  f".bin/.idx; megalm-preprocess writes PREFIX_text_document.bin/.idx)")
+    for flag, paths in (("--data-path", d.data_path), ("--train-data-path", d.train_data_path),
+                        ("--valid-data-path", d.valid_data_path)):
+        for _, prefix in parse_data_path(paths, flag) if paths else []:
+            for ext in (".idx", ".bin"):
+                if not os.path.exists(prefix + ext):
+                    raise ConfigError(f"{flag}: {prefix + ext} does not exist (give the prefix, without "
+                                      f".bin/.idx; megalm-preprocess writes PREFIX_text_document.bin/.idx)")
+    if d.data_path and (d.train_data_path or d.valid_data_path):
+        raise ConfigError("give --data-path (split by --split) or --train-data-path/--valid-data-path, not both")
+    if d.valid_data_path and not d.train_data_path:
+        raise ConfigError("--valid-data-path needs --train-data-path")
     for value, flag in [(t.exit_interval, "--exit-interval"), (t.exit_duration_in_mins, "--exit-duration-in-mins"),
                         (p.distributed_timeout_minutes, "--distributed-timeout-minutes")]:
         if value is not None:

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     setup_logging(launch["rank"])
     try:
         cfg = load_config(argv, world_size=launch["world_size"])
-        if not cfg.data.data_path and not cfg.data.sft_data:
+        if not (cfg.data.data_path or cfg.data.train_data_path or cfg.data.sft_data):
             raise ConfigError("--data-path is required (a prefix written by megalm-preprocess), or --sft-data "
                               "for fine-tuning")
     except USER_ERRORS as exc:

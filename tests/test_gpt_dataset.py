@@ -155,3 +155,21 @@ def test_eod_loss_mask_and_position_reset():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0], [0, 0, 1, 2, 3, 4, 5]]
     plain = collate(_Fixed([[1, 2, 9, 3]]), [0], eod=eod)
     assert plain["loss_mask"].tolist() == [[1, 1, 1]] and "position_ids" not in plain
+
+
+def test_per_split_data_paths(tmp_path, dataset_prefix, bpe_flags):
+    """--train-data-path / --valid-data-path: each split from its own files, used whole."""
+    import json
+
+    from conftest import tiny_train_flags
+    from megalm.pretrain import main
+
+    flags = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "4")]
+    i = flags.index("--data-path")
+    flags = flags[:i] + flags[i + 2:]
+    metrics = tmp_path / "m.jsonl"
+    assert main(flags + ["--train-data-path", "0.5", dataset_prefix, "0.5", dataset_prefix, "--valid-data-path",
+                         dataset_prefix, "--metrics-file", str(metrics)]) == 0
+    rows = [json.loads(line) for line in open(metrics)]
+    assert [r["iteration"] for r in rows if "valid_loss" in r] == [4]
+    assert main(flags + ["--valid-data-path", dataset_prefix]) == 2

@@ -85,9 +85,18 @@ class Trainer:
                                                               parse_split(cfg.data.split), t.seed)
         else:
             counts = split_sample_counts(t.train_iters, t.global_batch_size, t.eval_iters)
-            self.train_ds, self.valid_ds, _ = build_datasets(
-                parse_data_path(cfg.data.data_path), parse_split(cfg.data.split), counts, cfg.model.seq_length,
-                t.seed, self.tokenizer.fingerprint, IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier))
+            cache = IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier)
+
+            def datasets(paths, split):
+                return build_datasets(parse_data_path(paths), split, counts, cfg.model.seq_length, t.seed,
+                                      self.tokenizer.fingerprint, cache)
+
+            d = cfg.data
+            if d.train_data_path:  # separate files per split, each used whole
+                self.train_ds = datasets(d.train_data_path, [1.0, 0.0, 0.0])[0]
+                self.valid_ds = datasets(d.valid_data_path, [0.0, 1.0, 0.0])[1] if d.valid_data_path else None
+            else:
+                self.train_ds, self.valid_ds, _ = datasets(d.data_path, parse_split(d.split))
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.throughput = Throughput(cfg.model, layer_params, output_params, topo.world_size,
                                      peak_tflops(device_name, cfg.logging.peak_tflops))
