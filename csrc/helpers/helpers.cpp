@@ -27,6 +27,9 @@ py::array_t<int64_t> build_sample_idx(py::array_t<int32_t, py::array::c_style | 
   int64_t* o = out.mutable_data();
   {
     py::gil_scoped_release release;
+    bool ids_ok = true;  // checked once up front, so the walk below needs no per-document test
+    for (int64_t i = 0; i < n_docs; ++i) ids_ok &= doc_ptr[i] >= 0 && doc_ptr[i] < n_sizes;
+    if (!ids_ok) throw std::out_of_range("build_sample_idx: document id outside sizes");
     int64_t doc_pos = 0, offset = 0;
     o[0] = 0;
     o[1] = 0;
@@ -35,7 +38,6 @@ py::array_t<int64_t> build_sample_idx(py::array_t<int32_t, py::array::c_style | 
       while (remaining != 0) {
         if (doc_pos >= n_docs) throw std::out_of_range("build_sample_idx: ran past the document index");
         const int32_t doc = doc_ptr[doc_pos];
-        if (doc < 0 || doc >= n_sizes) throw std::out_of_range("build_sample_idx: document id outside sizes");
         const int64_t doc_len = static_cast<int64_t>(size_ptr[doc]) - offset;
         remaining -= doc_len;
         if (remaining <= 0) {
