@@ -3,11 +3,11 @@ the per-iteration losses (relative error under 1e-5) and final parameters (under
 import json
 
 import pytest
-import torch
 
 from conftest import deepspeed_launch, tiny_train_flags, torchrun
 from parity import assert_close
 from megalm.pretrain import main
+from megalm.training.checkpoint import read_checkpoint
 
 LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
          "--untie-embeddings-and-output-weights", "--num-query-groups", "2", "--disable-bias-linear"]
@@ -57,7 +57,7 @@ def flag(flags, name, default):
 
 
 def final_params(save_dir):
-    return torch.load(save_dir / "iter_0000010" / "model.pt", weights_only=True)
+    return read_checkpoint(str(save_dir / "iter_0000010"), parts=("model",))["model"]
 
 
 @pytest.fixture(scope="module")

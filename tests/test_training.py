@@ -61,18 +61,18 @@ def test_checkpoint_errors(tmp_path, dataset_prefix, bpe_flags):
     assert main(flags + ["--save", tmp_path / "c"]) == 0
     res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c", "--hidden-size", "64")
     assert res.returncode == 2 and "model config differs from this run in ffn_hidden_size" in res.stderr
-    model_pt = tmp_path / "c" / "iter_0000002" / "model.pt"
+    model_pt = tmp_path / "c" / "iter_0000002" / "model-tp00-pp000.pt"
     original = model_pt.read_bytes()
     data = bytearray(original)
     data[-100] ^= 0xFF
     model_pt.write_bytes(bytes(data))
     res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c", "--save", tmp_path / "c")
-    assert res.returncode == 2 and "model.pt: checksum mismatch" in res.stderr
+    assert res.returncode == 2 and "model-tp00-pp000.pt: checksum mismatch" in res.stderr
     assert model_pt.read_bytes() == bytes(data)  # nothing overwritten
     model_pt.write_bytes(original)
-    (tmp_path / "c" / "iter_0000002" / "optimizer.pt").unlink()
+    (tmp_path / "c" / "iter_0000002" / "optimizer-tp00-pp000.pt").unlink()
     res = run_module("megalm.pretrain", *flags, "--load", tmp_path / "c")
-    assert res.returncode == 2 and "optimizer.pt: missing from the checkpoint" in res.stderr
+    assert res.returncode == 2 and "optimizer-tp00-pp000.pt: missing from the checkpoint" in res.stderr
 
 
 def test_bad_input_errors(tmp_path, dataset_prefix, bpe_flags):

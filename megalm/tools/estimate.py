@@ -24,7 +24,6 @@ keeps the fp32 logits of one micro-batch for the loss (``s b V / t``). Step time
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass

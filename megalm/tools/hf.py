@@ -30,7 +30,8 @@ class ConversionError(ValueError):
 def flavour(m: ModelConfig) -> str:
     """'gpt2' or 'llama', or a ConversionError naming what neither architecture has."""
     if (m.position_embedding_type, m.normalization, m.swiglu) == ("learned_absolute", "LayerNorm", False):
-        if not m.add_bias_linear or m.untie_embeddings_and_output_weights or m.num_query_groups != m.num_attention_heads:
+        mha = m.num_query_groups == m.num_attention_heads
+        if not m.add_bias_linear or m.untie_embeddings_and_output_weights or not mha:
             raise ConversionError("GPT-2 needs biases, tied embeddings and one key/value head per query head")
         return "gpt2"
     if (m.position_embedding_type, m.normalization, m.swiglu) == ("rope", "RMSNorm", True):

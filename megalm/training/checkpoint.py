@@ -1,11 +1,13 @@
-"""Checkpoints in global coordinates: full (unsharded, unpadded) tensors keyed by parameter name.
+"""Checkpoints in global coordinates: every rank of the first data-parallel replica writes its own shards, keyed by
+global parameter name, with their place in the whole tensor recorded in the metadata.
 
 On disk, Megatron's habit: ``SAVE/latest_checkpointed_iteration.txt`` and ``SAVE/iter_0000500/`` holding
-``model.pt``, ``optimizer.pt``, ``rng.pt``, ``config.yaml`` and ``meta.json`` (iteration, consumed samples and a
-SHA-256 of every file). A save is written to a temporary directory, fsynced and renamed before the pointer moves,
-so a crash mid-save leaves the previous checkpoint and the pointer intact. Tensors load with ``weights_only=True``.
-Because tensors are whole and keyed by global names, a checkpoint loads under any tensor- or pipeline-parallel
-layout.
+``model-tpXX-ppYYY.pt`` and ``optimizer-tpXX-ppYYY.pt`` per (TP, PP) rank (Adam moments all-gathered over DP
+first when ZeRO shards them), ``rng.pt``, ``config.yaml`` and ``meta.json`` (iteration, consumed samples, the shard
+index and a SHA-256 of every file). A save is written to a temporary directory, fsynced and renamed before the
+pointer moves, so a crash mid-save leaves the previous checkpoint and the pointer intact. Tensors load with
+``weights_only=True`` (memory-mapped). Reading assembles whole tensors, so a checkpoint loads under any TP / PP /
+DP / ZeRO layout without a conversion step.
 """
 from __future__ import annotations
 
@@ -67,24 +69,27 @@ def _owned(model):
     return [(name, p) for name, p in model.named_parameters() if not getattr(p, "tied_copy", False)]
 
 
-def model_state(model, topo: Topology) -> dict:
-    """Full, unpadded tensors of this stage's parameters (a collective over the TP group)."""
-    return {name: _unpad(_gather_full(p, getattr(p, "tp_dim", None), topo), p, model.vocab_size)
-            for name, p in _owned(model)}
+def _shard_files(topo: Topology) -> tuple:
+    suffix = f"tp{topo.tp_rank:02d}-pp{topo.pp_rank:03d}"
+    return f"model-{suffix}.pt", f"optimizer-{suffix}.pt"
 
 
-def optimizer_state(model, full_state: dict, topo: Topology) -> dict:
-    """Adam moments in global coordinates, keyed like the model, plus the step counts. ``full_state`` maps a
-    parameter to its moments with this TP rank's whole tensors (``DistributedOptimizer.full_state``)."""
-    out = {}
+def local_shards(model, full_state: dict, topo: Topology) -> tuple:
+    """This rank's parameters and Adam state as written, and their place in the global tensors:
+    ``(model, optimizer, index)`` with ``index[name] = [dim, start, stop, padded_rows]`` (``dim`` None for a
+    whole tensor). Parameters replicated over TP are written by TP rank 0 only."""
+    tensors, moments, index = {}, {}, {}
     for name, p in _owned(model):
-        state = full_state.get(p)
-        if not state:
+        dim = getattr(p, "tp_dim", None) if topo.tp > 1 else None
+        if dim is None and topo.tp_rank != 0:
             continue
-        out[name] = {k: (_unpad(_gather_full(v, getattr(p, "tp_dim", None), topo), p, model.vocab_size)
-                         if torch.is_tensor(v) and v.shape == p.shape else v.detach().cpu().clone())
-                     for k, v in state.items()}
-    return out
+        start = topo.tp_rank * p.shape[dim] if dim is not None else 0
+        stop = start + p.shape[dim] if dim is not None else p.shape[0] if p.ndim else 1
+        index[name] = [dim, start, stop, bool(getattr(p, "padded_rows", False))]
+        tensors[name] = p.detach().cpu().clone()
+        if full_state.get(p):
+            moments[name] = {k: v.detach().cpu().clone() for k, v in full_state[p].items()}
+    return tensors, moments, index
 
 
 def _fsync_file(path: str) -> None:
@@ -100,38 +105,51 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _merge_stages(state: dict, topo: Topology) -> dict:
-    """Rank 0 receives every pipeline stage's part (from the first TP and DP rank of each stage)."""
-    if topo.pp == 1:
-        return state
-    mine = state if topo.tp_rank == 0 and topo.dp_rank == 0 else None
-    parts = [None] * topo.world_size if topo.rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    return {k: v for part in (parts or []) if part for k, v in part.items()}
-
-
 def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict, cfg: Config, topo: Topology,
                     meta: dict, rng: dict) -> Optional[str]:
-    """Every rank calls this (the gathers are collectives); global rank 0 writes."""
-    tensors = {"model.pt": _merge_stages(model_state(model, topo), topo),
-               "optimizer.pt": _merge_stages(optimizer_state(model, optimizer_full_state, topo), topo), "rng.pt": rng}
+    """Every rank calls this. The first data-parallel replica writes: each of its ranks its own shard files
+    (``model-tpXX-ppYYY.pt``, ``optimizer-...``), in global coordinates; rank 0 adds the RNG state, config and
+    metadata (the shard index and a SHA-256 per file), then renames the directory and moves the pointer."""
     final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
     if topo.rank == 0:
         os.makedirs(root, exist_ok=True)
-        tmp = final + f".tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        for fname, obj in tensors.items():
+    if dist.is_initialized():
+        dist.barrier()
+    index = None
+    if topo.dp_rank == 0:
+        tensors, moments, index = local_shards(model, optimizer_full_state, topo)
+        model_file, optim_file = _shard_files(topo)
+        for fname, obj in ((model_file, tensors), (optim_file, moments)):
             torch.save(obj, os.path.join(tmp, fname))
+            _fsync_file(os.path.join(tmp, fname))
+        index = {"model": {n: [model_file, *e] for n, e in index.items()},
+                 "optimizer": {n: [optim_file, *index[n]] for n in moments}}
+    indices = [None] * topo.world_size if topo.rank == 0 else None
+    if dist.is_initialized():
+        dist.gather_object(index, indices, dst=0)
+    else:
+        indices = [index]
+    if topo.rank == 0:
+        shards = {"model": {}, "optimizer": {}}
+        for part in (i for i in indices if i):
+            for kind in shards:
+                for name, entry in part[kind].items():
+                    shards[kind].setdefault(name, []).append(entry)
+        torch.save(rng, os.path.join(tmp, "rng.pt"))
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
         files = sorted(os.listdir(tmp))
-        meta = dict(meta, iteration=iteration, checksums={f: _sha256(os.path.join(tmp, f)) for f in files})
+        meta = dict(meta, iteration=iteration, vocab_size=model.vocab_size, shards=shards,
+                    checksums={f: _sha256(os.path.join(tmp, f)) for f in files})
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
-        for f in os.listdir(tmp):
+        for f in ("rng.pt", "config.yaml", "meta.json"):
             _fsync_file(os.path.join(tmp, f))
         if os.path.exists(final):  # re-saving an iteration: move the old one aside first
-            old = final + f".old-{os.getpid()}"
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             shutil.rmtree(old)
         os.replace(tmp, final)
@@ -179,23 +197,43 @@ def resolve(path: str) -> str:
 
 
 def read_checkpoint(path: str, parts=("model", "optimizer", "rng")) -> dict:
-    """Meta, config and the tensors of ``parts`` of a checkpoint, each file read checked against its SHA-256."""
+    """Meta, config and ``parts`` of a checkpoint as whole, unpadded tensors keyed by global name (the shards
+    assembled, memory-mapped while reading); every file read is checked against its SHA-256 first."""
     path = resolve(path)
     with open(os.path.join(path, "meta.json")) as fh:
         meta = json.load(fh)
-    wanted = {"config.yaml"} | {f"{part}.pt" for part in parts}
-    for fname, digest in meta["checksums"].items():
-        if fname not in wanted:
-            continue
+    wanted = {"config.yaml"} | {f for f in meta["checksums"] for part in parts
+                                if f == f"{part}.pt" or f.startswith(f"{part}-")}
+    for fname in sorted(wanted):
         fpath = os.path.join(path, fname)
         if not os.path.exists(fpath):
             raise CheckpointError(f"{fpath}: missing from the checkpoint")
-        if _sha256(fpath) != digest:
+        if _sha256(fpath) != meta["checksums"][fname]:
             raise CheckpointError(f"{fpath}: checksum mismatch, the file is corrupted")
     out = {"path": path, "meta": meta, "config": load_yaml(os.path.join(path, "config.yaml"))}
+    vocab = meta.get("vocab_size")
     for part in parts:
-        out[part] = torch.load(os.path.join(path, f"{part}.pt"), map_location="cpu", weights_only=True)
+        if part == "rng":
+            out["rng"] = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True)
+            continue
+        files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=True, mmap=True)
+                 for f in wanted if f.startswith(f"{part}-")}
+        out[part] = {}
+        for name, entries in meta["shards"][part].items():
+            entries = sorted(entries, key=lambda e: e[2])
+            if part == "model":
+                out[part][name] = _join([files[e[0]][name] for e in entries], entries, vocab)
+            else:
+                first = files[entries[0][0]][name]
+                out[part][name] = {k: (_join([files[e[0]][name][k] for e in entries], entries, vocab)
+                                       if v.ndim > 0 else v.clone()) for k, v in first.items()}
     return out
+
+
+def _join(pieces, entries, vocab_size):
+    dim, padded = entries[0][1], entries[0][4]
+    full = pieces[0].clone() if dim is None else torch.cat(pieces, dim=dim)
+    return full[:vocab_size] if padded and vocab_size else full
 
 
 @torch.no_grad()
