@@ -10,12 +10,12 @@ predicted at each position.
 """
 from __future__ import annotations
 
-import json
 from typing import List, Tuple
 
 import numpy as np
 
 from megalm.data.gpt_dataset import DatasetError
+from megalm.tools.jsonl import JsonlError, iter_lines, parse_object
 
 
 def render(example: dict, where: str) -> List[Tuple[str, bool]]:
@@ -38,17 +38,12 @@ def render(example: dict, where: str) -> List[Tuple[str, bool]]:
 
 def tokenize_examples(path: str, tokenizer) -> List[Tuple[np.ndarray, np.ndarray]]:
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    try:
+        for _, lineno, line in iter_lines([path]):
             where = f"{path}:{lineno}"
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(example, dict):
-                raise DatasetError(f"{where}: expected a JSON object")
+            example = parse_object(line, where)
+            if example is None:
+                continue
             ids, weights = [], []
             for text, loss in render(example, where):
                 piece = tokenizer.tokenize(text)
@@ -57,6 +52,8 @@ def tokenize_examples(path: str, tokenizer) -> List[Tuple[np.ndarray, np.ndarray
             ids.append(tokenizer.eod)
             weights.append(1.0)
             out.append((np.asarray(ids, dtype=np.int64), np.asarray(weights, dtype=np.float32)))
+    except JsonlError as exc:
+        raise DatasetError(str(exc)) from None
     if not out:
         raise DatasetError(f"{path}: no examples")
     return out

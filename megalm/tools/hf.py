@@ -251,36 +251,34 @@ def import_hf(folder: str, save: str) -> str:
     return path
 
 
-def export_main(argv=None) -> int:
+def _cli(argv, prog: str, description: str, flags: list, action, errors: tuple) -> int:
+    """One command: ``flags`` are (name, help) pairs, all required; ``action`` gets their values in order."""
     from megalm.training.logging import setup_logging
 
-    p = argparse.ArgumentParser(prog="megalm-export-hf", description="megalm checkpoint -> transformers directory")
-    p.add_argument("--load", required=True, help="checkpoint (a --save root or an iter_* directory), any layout")
-    p.add_argument("--output", required=True, help="directory to write")
-    args = p.parse_args(argv)
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    for name, help_text in flags:
+        p.add_argument(name, required=True, help=help_text)
+    args = vars(p.parse_args(argv))
     setup_logging(0)
     try:
-        export_hf(args.load, args.output)
-    except (CheckpointError, ConversionError, FileNotFoundError) as exc:
-        print(f"megalm-export-hf: error: {exc}", file=sys.stderr)
+        action(*(args[name.lstrip("-").replace("-", "_")] for name, _ in flags))
+    except errors as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def export_main(argv=None) -> int:
+    return _cli(argv, "megalm-export-hf", "megalm checkpoint -> transformers directory",
+                [("--load", "checkpoint (a --save root or an iter_* directory), any layout"),
+                 ("--output", "directory to write")], export_hf, (CheckpointError, ConversionError, FileNotFoundError))
 
 
 def import_main(argv=None) -> int:
-    from megalm.training.logging import setup_logging
-
-    p = argparse.ArgumentParser(prog="megalm-import-hf", description="transformers directory -> megalm checkpoint")
-    p.add_argument("--input", required=True, help="local directory with config.json and model.safetensors")
-    p.add_argument("--save", required=True, help="checkpoint directory to write (iteration 0)")
-    args = p.parse_args(argv)
-    setup_logging(0)
-    try:
-        import_hf(args.input, args.save)
-    except (CheckpointError, ConversionError, FileNotFoundError, KeyError) as exc:
-        print(f"megalm-import-hf: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return _cli(argv, "megalm-import-hf", "transformers directory -> megalm checkpoint",
+                [("--input", "local directory with config.json and model.safetensors"),
+                 ("--save", "checkpoint directory to write (iteration 0)")], import_hf,
+                (CheckpointError, ConversionError, FileNotFoundError, KeyError))
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def iter_lines(files: List[str], start_line: int = 0) -> Iterator[Tuple[str, int
                 raise JsonlError(f"{path}: not UTF-8 text ({exc})") from None
 
 
-def parse_document(line: str, keys: List[str], where: str) -> Optional[dict]:
-    """The requested fields of one line (None for a blank line); each field a string or a list of strings."""
+def parse_object(line: str, where: str) -> Optional[dict]:
+    """The JSON object on one line (None for a blank line), or a JsonlError naming ``where``."""
     if not line.strip():
         return None
     try:
@@ -53,6 +53,14 @@ def parse_document(line: str, keys: List[str], where: str) -> Optional[dict]:
         raise JsonlError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise JsonlError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_document(line: str, keys: List[str], where: str) -> Optional[dict]:
+    """The requested fields of one line (None for a blank line); each field a string or a list of strings."""
+    obj = parse_object(line, where)
+    if obj is None:
+        return None
     out = {}
     for key in keys:
         if key not in obj:
