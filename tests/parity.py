@@ -1,5 +1,6 @@
 """What the parity tests share: the tiny model of both flavours, a fixed batch, the tolerance check."""
 import torch
+import torch.distributed as dist
 
 from megalm.config import Config, finalize
 
@@ -33,3 +34,17 @@ def assert_close(actual, expected, rtol, what, floor=1e-6):
     a constant added to every score, so it is fp32 rounding of 0, ~1e-11) from comparing noise with noise."""
     err = ((actual - expected).norm() / expected.norm().clamp_min(floor)).item()
     assert err < rtol, f"{what}: relative error {err:.2e} >= {rtol:.0e}"
+
+
+def unpad(full, param, vocab_size):
+    """Drop the padding rows of a vocabulary-sized tensor."""
+    return full[:vocab_size] if getattr(param, "padded_rows", False) else full
+
+
+def gather_full(t, tp_dim, topo):
+    """The whole tensor from every TP rank's shard along ``tp_dim``."""
+    if tp_dim is None or topo.tp == 1:
+        return t.detach().cpu().clone()
+    parts = [torch.empty_like(t) for _ in range(topo.tp)]
+    dist.all_gather(parts, t.detach().contiguous(), group=topo.tp_group)
+    return torch.cat(parts, dim=tp_dim).cpu()

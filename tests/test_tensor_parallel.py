@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from conftest import torchrun
-from parity import FLAVOURS, VOCAB, assert_close, fixed_batch, parity_model_config
+from parity import FLAVOURS, VOCAB, assert_close, fixed_batch, parity_model_config, unpad
 from megalm.model.gpt import GPT
-from megalm.training.checkpoint import _unpad
 
 
 def reference(flavour):
@@ -17,7 +16,7 @@ def reference(flavour):
     loss.backward()
     with torch.no_grad():
         logits = model(tokens)
-    grads = {n: _unpad(p.grad, p, VOCAB) for n, p in model.named_parameters()}
+    grads = {n: unpad(p.grad, p, VOCAB) for n, p in model.named_parameters()}
     return {"loss": loss.detach(), "grads": grads, "logits": logits}
 
 

@@ -12,8 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megalm.model.gpt import GPT  # noqa: E402
 from megalm.parallel.state import Topology, destroy_distributed, init_distributed  # noqa: E402
-from megalm.training.checkpoint import _gather_full, _unpad  # noqa: E402
-from parity import FLAVOURS, VOCAB, fixed_batch, parity_model_config  # noqa: E402
+from parity import FLAVOURS, VOCAB, fixed_batch, gather_full, parity_model_config, unpad  # noqa: E402
 
 
 def run(flavour: str, topo: Topology) -> dict:
@@ -25,7 +24,7 @@ def run(flavour: str, topo: Topology) -> dict:
     for p in model.parameters():  # sequence parallelism: each TP rank holds a partial gradient of the norms
         if getattr(p, "sequence_parallel", False) and topo.sequence_parallel:
             dist.all_reduce(p.grad, group=topo.tp_group)
-    grads = {n: _unpad(_gather_full(p.grad, getattr(p, "tp_dim", None), topo), p, VOCAB)
+    grads = {n: unpad(gather_full(p.grad, getattr(p, "tp_dim", None), topo), p, VOCAB)
              for n, p in model.named_parameters()}
     with torch.no_grad():
         logits = model(tokens)

@@ -37,22 +37,10 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _gather_full(t: torch.Tensor, tp_dim: Optional[int], topo: Topology) -> torch.Tensor:
-    if tp_dim is None or topo.tp == 1:
-        return t.detach().cpu().clone()
-    parts = [torch.empty_like(t) for _ in range(topo.tp)]
-    dist.all_gather(parts, t.detach().contiguous(), group=topo.tp_group)
-    return torch.cat(parts, dim=tp_dim).cpu()
-
-
 def _shard(full: torch.Tensor, tp_dim: Optional[int], topo: Topology) -> torch.Tensor:
     if tp_dim is None or topo.tp == 1:
         return full
     return full.chunk(topo.tp, dim=tp_dim)[topo.tp_rank]
-
-
-def _unpad(full, param, vocab_size):
-    return full[:vocab_size] if getattr(param, "padded_rows", False) else full
 
 
 def _pad(full, param, topo):
