@@ -6,7 +6,7 @@ and the package then installs without the extension (every kernel has a PyTorch 
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ext_modules, cmdclass = [], {}
 try:
@@ -17,7 +17,9 @@ except ImportError:
     print("megalm: torch is not importable at build time; installing without the megalm._C extension")
 
 if torch is not None and os.environ.get("MEGALM_SKIP_EXTENSION") != "1":
-    cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    # csrc/tokenizer/ is its own module, megalm._bpe, which does not link torch: preprocessing workers that
+    # import it start without paying for `import torch`
+    cpp = sorted(p for p in glob.glob("csrc/**/*.cpp", recursive=True) if not p.startswith("csrc/tokenizer/"))
     cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     cxx = ["-O3", "-std=c++17", "-fno-trapping-math"]  # lets GCC if-convert and vectorise the softmax loops
     if torch.version.cuda is not None and CUDA_HOME is not None and cu:
@@ -25,7 +27,10 @@ if torch is not None and os.environ.get("MEGALM_SKIP_EXTENSION") != "1":
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]})
     else:
         ext = CppExtension("megalm._C", cpp, extra_compile_args=cxx)
-    ext_modules = [ext]
+    pybind11_include = [p for p in torch.utils.cpp_extension.include_paths() if os.path.isdir(p + "/pybind11")]
+    bpe = Extension("megalm._bpe", ["csrc/tokenizer/byte_bpe.cpp"], include_dirs=pybind11_include,
+                    language="c++", extra_compile_args=["-O3", "-std=c++17"])
+    ext_modules = [ext, bpe]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(

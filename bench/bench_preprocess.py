@@ -61,8 +61,11 @@ def reference(corpus, prefix, vocab, merges, workers):
 
 def ours(corpus, prefix, vocab, merges, workers):
     """megalm-preprocess in a child process; returns (seconds, peak RSS of its main process in MB)."""
-    code = ("import resource, sys; from megalm.tools.preprocess_data import main; rc = main(sys.argv[1:]); "
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across exec, and this
+    # parent holds torch
+    code = ("import sys; from megalm.tools.preprocess_data import main; rc = main(sys.argv[1:]); "
+            "print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]); "
+            "sys.exit(rc)")
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code, "--input", corpus, "--output-prefix", prefix, "--append-eod",
                           "--workers", str(workers), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,

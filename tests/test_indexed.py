@@ -1,12 +1,13 @@
 """The .bin/.idx format: the worked example byte for byte, validation errors, and megatron-core both ways."""
+import os
 import struct
 import warnings
 
 import numpy as np
 import pytest
 
-from megalm.data.indexed import (IndexedDataset, IndexedDatasetWriter, IndexedFormatError, merge_datasets,
-                                 optimal_dtype)
+from megalm.data.indexed import (IndexedDataset, IndexedDatasetWriter, IndexedFormatError, _SpillArray,
+                                 merge_datasets, optimal_dtype)
 
 
 def write(prefix, docs, dtype=np.uint16):
@@ -37,12 +38,28 @@ def test_reader_random_access_and_empty_document(tmp_path):
         ds.get(1, 3, 2)
 
 
-def test_writer_memory_is_numpy_not_lists(tmp_path):
-    w = IndexedDatasetWriter(str(tmp_path / "big"), np.uint16)
-    for _ in range(70000):  # past the initial chunk, so the arrays grow
-        w.add_document([1, 2])
+def test_writer_spills_index_to_disk_and_streams_it(tmp_path, monkeypatch):
+    """Lengths and the document index live in temporary files, not memory, and reach the .idx in chunks; chunks
+    of 1,000 entries (so pointers cross chunk boundaries) give the same bytes as one whole array."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 60000, rng.integers(0, 9)) for _ in range(5000)]
+    whole = write(tmp_path / "whole", docs)
+    monkeypatch.setattr(_SpillArray, "chunk_items", 1000)
+    w = IndexedDatasetWriter(str(tmp_path / "chunked"), np.uint16)
+    for d in docs:
+        w.add_document(d)
+    assert {f for f in os.listdir(tmp_path) if f.startswith("chunked")} == {
+        "chunked.bin.tmp", "chunked.idx.lengths.tmp", "chunked.idx.documents.tmp"}
     w.finalize()
-    assert len(IndexedDataset(str(tmp_path / "big"))) == 70000
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    for ext in (".bin", ".idx"):
+        assert open(tmp_path / f"chunked{ext}", "rb").read() == open(whole + ext, "rb").read()
+    ds = IndexedDataset(str(tmp_path / "chunked"))
+    assert len(ds) == sum(1 for d in docs if len(d)) and ds.num_documents == len(docs)
+    aborted = IndexedDatasetWriter(str(tmp_path / "aborted"), np.uint16)
+    aborted.add_document([1, 2])
+    aborted.abort()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("aborted")]
 
 
 def test_optimal_dtype():

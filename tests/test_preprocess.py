@@ -153,3 +153,21 @@ def test_partitions_resume_after_an_interruption(tmp_path, corpus, bpe_flags):
     for ext in ("bin", "idx"):
         merged, one_pass = tmp_path / f"p_text_document.{ext}", tmp_path / f"one_text_document.{ext}"
         assert merged.read_bytes() == one_pass.read_bytes()
+
+
+def test_without_compiled_encoder_same_output(tmp_path, corpus, bpe_flags, dataset_prefix, monkeypatch):
+    """The `tokenizers` fallback (extension not built) writes the same bytes as the compiled encoder."""
+    monkeypatch.setattr("megalm.data.tokenizers._native_byte_bpe", lambda *a, **k: None)
+    preprocess("--input", corpus, "--output-prefix", tmp_path / "fallback", "--append-eod", *bpe_flags)
+    for ext in (".bin", ".idx"):
+        assert open(tmp_path / f"fallback_text_document{ext}", "rb").read() == open(dataset_prefix + ext, "rb").read()
+
+
+def test_unpaired_surrogate_names_the_line(tmp_path, bpe_flags):
+    src = tmp_path / "surrogate.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": "emoji \\ud83d\\ude00 is a pair"}\n{"text": "half \\ud83d only"}\n')
+    res = run_module("megalm.tools.preprocess_data", "--input", src, "--output-prefix", tmp_path / "o", *bpe_flags)
+    assert res.returncode == 2 and f"{src}:3: 'text' holds an unpaired surrogate escape" in res.stderr
+    res = run_module("megalm.tools.preprocess_data", "--input", src, "--output-prefix", tmp_path / "o",
+                     "--skip-bad-lines", *bpe_flags)
+    assert res.returncode == 0 and f"skipped 1 bad lines; first: {src}:3" in res.stdout

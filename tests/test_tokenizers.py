@@ -1,31 +1,23 @@
 """Every tokenizer round-trips; GPT-2 BPE ids equal an independent encoder's (tiktoken) on the corpus."""
 import json
 import os
+import random
 
 import pytest
 
+import numpy as np
+
 from megalm.data.tokenizers import (GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, SentencePieceTokenizer,
-                                    TokenizerError, build_tokenizer, padded_vocab_size)
+                                    TokenizerError, build_tokenizer, bytes_to_unicode, padded_vocab_size)
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def _bytes_to_unicode():
-    """GPT-2's printable stand-ins for the 256 byte values (as in its published encoder)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def test_gpt2_bpe_matches_tiktoken(bpe_dir, corpus_texts):
     tiktoken = pytest.importorskip("tiktoken")
-    decoder = {v: k for k, v in _bytes_to_unicode().items()}
+    chars = bytes_to_unicode()
+    assert (chars[ord(" ")], chars[ord("\n")], chars[ord("A")]) == ("Ġ", "Ċ", "A")  # as GPT-2's vocab.json writes them
+    decoder = {v: k for k, v in chars.items()}
     with open(os.path.join(bpe_dir, "vocab.json")) as fh:
         vocab = json.load(fh)
     ranks = {bytes(decoder[c] for c in tok): i for tok, i in vocab.items() if tok != "<|endoftext|>"}
@@ -37,7 +29,39 @@ def test_gpt2_bpe_matches_tiktoken(bpe_dir, corpus_texts):
     enc = tiktoken.Encoding("test-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
     ours = GPT2BPETokenizer(os.path.join(bpe_dir, "vocab.json"), os.path.join(bpe_dir, "merges.txt"))
     texts = corpus_texts[:300] + ["  leading spaces\n\ttabs and ünïcödé — 123 4567 it's we'll", ""]
-    assert ours.tokenize_batch(texts) == enc.encode_ordinary_batch(texts)
+    expected = enc.encode_ordinary_batch(texts)
+    assert ours.tokenize_batch(texts) == expected
+    flat, lengths = ours.encode_flat(texts)  # the compiled encoder preprocessing uses, when built
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert flat.tolist() == [i for e in expected for i in e]
+
+
+# pieces that exercise every branch of the GPT-2 split pattern: contractions (case-sensitive), a space before
+# letters/numbers/punctuation, whitespace runs before a word or at the end, Unicode White_Space that Python's
+# str.isspace disagrees with (\x1c, \x85), letters and numbers outside ASCII, combining marks, emoji, unassigned
+_EDGE_PIECES = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'", "''", " ", "  ", "\t", "\n", "\r\n", "\x0b",
+                "\x1c", "\x85", "\xa0", "\u2028", "\u3000", "\u200b", "the", "The", " dog", "123", "4.5", "½", "Ⅻ",
+                "é", "e\u0301", "日本語", "🙂", "👍🏽", "!", "?!", "...", "\"", "(", "ß", "ǅ", "٣", "x²", "\U0001d400",
+                "_", "a_b", "<|endoftext|>", "\x00", "\ufeff", "İ", "\u0378", "\U000e0001"]
+
+
+def test_compiled_bpe_matches_tokenizers_on_edge_cases(bpe_dir):
+    from megalm.data.tokenizers import _native_byte_bpe
+
+    vocab, merges = os.path.join(bpe_dir, "vocab.json"), os.path.join(bpe_dir, "merges.txt")
+    ref = GPT2BPETokenizer(vocab, merges)
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(_EDGE_PIECES) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
+    expected = ref.tokenize_batch(texts)
+    for cache_entries in (262144, 7):  # the default, and one small enough to be cleared many times
+        native = _native_byte_bpe(vocab, merges, cache_entries)
+        if native is None:
+            pytest.skip("megalm._bpe is not built")
+        flat, lengths = native.encode_batch(texts)
+        assert flat.dtype == np.int32 and lengths.dtype == np.int64
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert flat.tolist() == [i for e in expected for i in e]
+        assert native.cache_size <= cache_entries
 
 
 def test_gpt2_round_trip(bpe_dir, corpus_texts):

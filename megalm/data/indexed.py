@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -36,39 +36,38 @@ def bin_path(prefix: str) -> str:
     return prefix + ".bin"
 
 
-class _GrowingArray:
-    """Append-only numpy array grown in doubling chunks: no Python list of every length or pointer."""
+class _SpillArray:
+    """Append-only array kept in a temporary file, so a writer's memory does not grow with the corpus."""
 
-    def __init__(self, dtype, capacity: int = 1 << 16):
-        self._data = np.empty(capacity, dtype=dtype)
-        self._size = 0
+    chunk_items = 1 << 16  # entries read back at a time: finalize holds a few of these, whatever the corpus size
+
+    def __init__(self, path: str, dtype):
+        self.path, self.dtype, self.size = path, np.dtype(dtype), 0
+        self._fh = open(path, "wb")
 
     def extend(self, values) -> None:
-        values = np.asarray(values, dtype=self._data.dtype).reshape(-1)
-        need = self._size + values.size
-        if need > self._data.size:
-            grown = np.empty(max(need, 2 * self._data.size), dtype=self._data.dtype)
-            grown[: self._size] = self._data[: self._size]
-            self._data = grown
-        self._data[self._size: need] = values
-        self._size = need
+        arr = np.asarray(values, dtype=self.dtype).reshape(-1)
+        self._fh.write(arr.tobytes())
+        self.size += arr.size
 
-    def append(self, value) -> None:
-        self.extend((value,))
+    def chunks(self) -> Iterable[np.ndarray]:
+        self._fh.flush()
+        with open(self.path, "rb") as fh:
+            while data := fh.read(self.chunk_items * self.dtype.itemsize):
+                yield np.frombuffer(data, dtype=self.dtype)
 
-    def __len__(self) -> int:
-        return self._size
-
-    @property
-    def array(self) -> np.ndarray:
-        return self._data[: self._size]
+    def remove(self) -> None:
+        self._fh.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
 
 class IndexedDatasetWriter:
     """Streams documents to ``PREFIX.bin`` and writes ``PREFIX.idx`` on ``finalize``.
 
     Files are written under temporary names and renamed at the end, so an interrupted run never leaves a pair
-    that looks complete. Memory holds one int32 length per sequence and one int64 per document (numpy, no lists).
+    that looks complete. Sequence lengths and the document index go to temporary files as they arrive and are
+    streamed into the ``.idx`` at the end: memory stays flat however large the corpus.
     """
 
     def __init__(self, prefix: str, dtype=np.int32):
@@ -79,9 +78,9 @@ class IndexedDatasetWriter:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self._bin_tmp = bin_path(prefix) + ".tmp"
         self._bin = open(self._bin_tmp, "wb")
-        self._lengths = _GrowingArray(np.int32)
-        self._doc_index = _GrowingArray(np.int64)
-        self._doc_index.append(0)
+        self._lengths = _SpillArray(idx_path(prefix) + ".lengths.tmp", np.int32)
+        self._doc_index = _SpillArray(idx_path(prefix) + ".documents.tmp", np.int64)
+        self._doc_index.extend((0,))
 
     def add_document(self, tokens, lengths: Optional[Sequence[int]] = None) -> None:
         """Append one document; ``lengths`` splits it into several sequences (sentences)."""
@@ -93,12 +92,12 @@ class IndexedDatasetWriter:
                              f"{arr.size} tokens")
         self._bin.write(arr.tobytes(order="C"))
         self._lengths.extend(lengths)
-        self._doc_index.append(len(self._lengths))
+        self._doc_index.extend((self._lengths.size,))
 
     def add_documents(self, flat_tokens: np.ndarray, seq_lengths: np.ndarray, docs_seq_counts: np.ndarray) -> None:
         """Append many documents at once: tokens of all sequences, their lengths, sequences per document."""
         self._bin.write(np.asarray(flat_tokens, dtype=self.dtype).tobytes(order="C"))
-        start = len(self._lengths)
+        start = self._lengths.size
         self._lengths.extend(seq_lengths)
         self._doc_index.extend(start + np.cumsum(docs_seq_counts, dtype=np.int64))
 
@@ -107,7 +106,7 @@ class IndexedDatasetWriter:
         other = IndexedDataset(other_prefix)
         if other.dtype != self.dtype:
             raise IndexedFormatError(f"{other_prefix}: dtype {other.dtype} differs from {self.dtype} of {self.prefix}")
-        start = len(self._lengths)
+        start = self._lengths.size
         self._lengths.extend(other.lengths)
         self._doc_index.extend(start + other.doc_index[1:])
         with open(bin_path(other_prefix), "rb") as src:
@@ -116,28 +115,43 @@ class IndexedDatasetWriter:
 
     def finalize(self) -> None:
         self._bin.close()
-        write_index(idx_path(self.prefix), self.dtype, self._lengths.array, self._doc_index.array)
+        _write_index_chunks(idx_path(self.prefix), self.dtype, self._lengths.size, self._doc_index.size,
+                            self._lengths.chunks, self._doc_index.chunks)
         os.replace(self._bin_tmp, bin_path(self.prefix))
+        self._lengths.remove()
+        self._doc_index.remove()
 
     def abort(self) -> None:
         self._bin.close()
         if os.path.exists(self._bin_tmp):
             os.remove(self._bin_tmp)
+        self._lengths.remove()
+        self._doc_index.remove()
 
 
 def write_index(path: str, dtype, lengths: np.ndarray, doc_index: np.ndarray) -> None:
+    lengths, doc_index = np.asarray(lengths, dtype=np.int32), np.asarray(doc_index, dtype=np.int64)
+    _write_index_chunks(path, dtype, lengths.size, doc_index.size, lambda: [lengths], lambda: [doc_index])
+
+
+def _write_index_chunks(path: str, dtype, n_seq: int, n_doc: int, length_chunks: Callable[[], Iterable[np.ndarray]],
+                        doc_chunks: Callable[[], Iterable[np.ndarray]]) -> None:
+    """Writes an ``.idx`` from chunks of lengths and of the document index (each a callable giving a fresh
+    iterator): pointers are running byte offsets, so the lengths are read twice and never held whole."""
     dtype = np.dtype(dtype)
-    lengths = np.asarray(lengths, dtype=np.int32)
-    pointers = np.zeros(lengths.size, dtype=np.int64)
-    if lengths.size > 1:
-        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
-    pointers *= dtype.itemsize
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as fh:
-        fh.write(HEADER.pack(MAGIC, VERSION, CODES[dtype], lengths.size, doc_index.size))
-        fh.write(lengths.tobytes())
-        fh.write(pointers.tobytes())
-        fh.write(np.asarray(doc_index, dtype=np.int64).tobytes())
+        fh.write(HEADER.pack(MAGIC, VERSION, CODES[dtype], n_seq, n_doc))
+        for chunk in length_chunks():
+            fh.write(np.asarray(chunk, dtype=np.int32).tobytes())
+        offset = 0
+        for chunk in length_chunks():
+            sizes = np.asarray(chunk, dtype=np.int64) * dtype.itemsize
+            pointers = np.cumsum(sizes) - sizes + offset
+            fh.write(pointers.tobytes())
+            offset += int(sizes.sum())
+        for chunk in doc_chunks():
+            fh.write(np.asarray(chunk, dtype=np.int64).tobytes())
     os.replace(tmp, path)
 
 

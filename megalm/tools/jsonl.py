@@ -6,11 +6,16 @@ import gzip
 import io
 import json
 import os
+import re
 from typing import Iterator, List, Optional, Tuple
 
 
 class JsonlError(ValueError):
     """A line that is not a JSON object with the requested string fields."""
+
+
+# the only way a surrogate code point gets into decoded UTF-8 text: a \uD800-\uDFFF escape
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def expand_inputs(patterns: List[str]) -> List[str]:
@@ -68,6 +73,13 @@ def parse_document(line: str, keys: List[str], where: str) -> Optional[dict]:
         value = obj[key]
         if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise JsonlError(f"{where}: {key!r} must be a string or a list of strings, got {type(value).__name__}")
+        if _SURROGATE_ESCAPE.search(line):
+            for text in [value] if isinstance(value, str) else value:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise JsonlError(f"{where}: {key!r} holds an unpaired surrogate escape "
+                                     f"({text[exc.start]!r} at character {exc.start}), which is not text") from None
         out[key] = value
     return out
 

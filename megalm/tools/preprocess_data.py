@@ -50,7 +50,8 @@ class Batch:
 
 
 class Encoder:
-    """Parses and tokenizes a batch of lines; the tokenizer is built lazily in each worker process."""
+    """Parses and tokenizes a batch of lines; the tokenizer is built lazily, once in each worker process (the
+    pool's initializer installs the encoder there, so tasks carry only their lines)."""
 
     def __init__(self, data_cfg: DataConfig, keys: List[str], append_eod: bool, split: bool, keep_newlines: bool,
                  skip_bad_lines: bool):
@@ -95,22 +96,30 @@ class Encoder:
                 parts = split_sentences(value, self.keep_newlines) if self.split else [value]
             pieces.extend(parts)
             owner.extend([d] * len(parts))
-        encoded = self.tokenizer.tokenize_batch(pieces) if pieces else []
-        per_doc = [[] for _ in values]
-        for d, ids in zip(owner, encoded):
-            if ids:
-                per_doc[d].append(ids)
-        eod = self.tokenizer.eod
-        lengths, counts, flat = [], [], []
-        for seqs in per_doc:
-            if seqs and self.append_eod:
-                seqs[-1] = list(seqs[-1]) + [eod]
-            counts.append(len(seqs))
-            for s in seqs:
-                lengths.append(len(s))
-                flat.extend(s)
-        return (np.asarray(flat, dtype=np.int64), np.asarray(lengths, dtype=np.int32),
-                np.asarray(counts, dtype=np.int64))
+        if pieces:
+            flat, lengths = self.tokenizer.encode_flat(pieces)
+        else:
+            flat, lengths = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        keep = lengths > 0  # empty sequences are dropped; they hold no tokens, so `flat` is unchanged
+        lengths, owner = lengths[keep], np.asarray(owner, dtype=np.int64)[keep]
+        if self.append_eod and len(lengths):  # the end-of-document id follows each document's last sequence
+            last = np.flatnonzero(np.append(owner[1:] != owner[:-1], True))
+            flat = np.insert(flat, np.cumsum(lengths)[last], self.tokenizer.eod)
+            lengths[last] += 1
+        counts = np.bincount(owner, minlength=len(values))
+        return flat, lengths.astype(np.int32), counts.astype(np.int64)
+
+
+_worker_encoder: Optional[Encoder] = None  # set in each pool worker by _init_worker
+
+
+def _init_worker(encoder: Encoder) -> None:
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(batch: Batch) -> dict:
+    return _worker_encoder.encode(batch)
 
 
 def batches(files: List[str], size: int, lines: Optional[range] = None):
@@ -221,13 +230,13 @@ def _run(args, output_prefix: str, lines: Optional[range], allow_empty: bool = F
     stats = {"docs": 0, "bytes": 0, "bad": 0, "bad_lines": [], "outputs": list(outputs.values())}
     compressed = any(f.endswith(".gz") for f in files)
     total = None if compressed else sum(os.path.getsize(f) for f in files)
-    pool = mp.get_context("fork").Pool(args.workers) if args.workers > 1 else None
+    pool = mp.get_context("fork").Pool(args.workers, _init_worker, (encoder,)) if args.workers > 1 else None
     start = time.perf_counter()
     try:
         from tqdm import tqdm
 
         todo = batches(files, args.batch_lines, lines)
-        results = pool.imap(encoder.encode, todo) if pool else map(encoder.encode, todo)
+        results = pool.imap(_encode_in_worker, todo) if pool else map(encoder.encode, todo)
         with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", mininterval=1.0,
                   disable=None) as bar:
             last_log = 0
