@@ -58,7 +58,12 @@ def test_sample_idx_matches_reference(seed):
     assert np.array_equal(ext.build_sample_idx(sizes, doc_idx, seq, epochs, tpe, 1), ref)
 
 
-@pytest.mark.parametrize("weights", [[0.5, 0.5], [0.3, 0.7], [0.1, 0.2, 0.3, 0.4], [1.0]])
+# the extension has a branch-free loop per dataset count up to 8 and a general one above: both are covered
+_RANDOM_WEIGHTS = [np.random.RandomState(n).dirichlet(np.ones(n)).tolist() for n in (5, 8, 9, 13)]
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.5], [0.3, 0.7], [0.1, 0.2, 0.3, 0.4], [1.0], *_RANDOM_WEIGHTS,
+                                     [1 / 3] * 3, [0.1] * 10])
 def test_blending_matches_reference(weights):
     ref_idx, ref_sample = reference_blending(weights, 500)
     for impl in (ib.build_blending_indices_numpy, extension().build_blending_indices):
@@ -66,6 +71,7 @@ def test_blending_matches_reference(weights):
         assert idx.tolist() == ref_idx and sample.tolist() == ref_sample
     counts = np.bincount(idx, minlength=len(weights)) / 500
     assert np.allclose(counts, weights, atol=2 / 500)
+    assert sample.dtype == np.int64 and idx.dtype == np.int16
 
 
 def test_split_ranges():
