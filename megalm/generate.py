@@ -2,7 +2,8 @@
 stop tokens, a preallocated KV cache, and an optional local HTTP endpoint.
 
 ``python -m megalm.generate --load CKPT --prompt "..." [--prompt ...]``; under ``torchrun`` with
-``--tensor-model-parallel-size N`` each rank holds a shard and every rank draws the same tokens.
+``--tensor-model-parallel-size N`` and/or ``--pipeline-model-parallel-size P`` each rank holds its shard of its
+stage's layers (any layout: checkpoints reshard on load), and every rank ends with the same tokens.
 ``--serve`` answers ``POST /generate`` on 127.0.0.1 (``--host``/``--port`` to change).
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch.distributed as dist
 from megalm.data.tokenizers import TokenizerError, build_tokenizer
 from megalm.model.gpt import GPT
 from megalm.model.transformer import KVCache
+from megalm.pipeline.inference import from_last_stage, last_position_logits
+from megalm.pipeline.layout import stage_chunks
 from megalm.parallel.state import LayoutError, Topology, destroy_distributed, init_distributed, launch_environment
 from megalm.training.checkpoint import CheckpointError, load_model_state, read_checkpoint
 from megalm.training.logging import setup_logging
@@ -77,8 +80,9 @@ def generate_batch(model: GPT, prompts: List[List[int]], max_new_tokens: int, te
     for t in range(max_new_tokens):
         if not use_cache:  # recompute everything: a fresh cache that only holds this step
             cache = KVCache(0, valid if padded else None)
-        logits = model(step_tokens, position_ids=step_pos, kv_cache=cache)[:, -1]
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        logits = last_position_logits(model, step_tokens, step_pos, cache)
+        nxt = None if logits is None else sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = from_last_stage(nxt, step_tokens[:, -1], model.topo)
         for i, token in enumerate(nxt.tolist()):
             if not done[i]:
                 outputs[i].append(token)
@@ -107,7 +111,10 @@ def load_for_inference(path: str, topo: Topology, overrides: dict):
         if value is not None:
             setattr(cfg.data, key, value)
     tokenizer = build_tokenizer(cfg.data)
-    model = GPT(cfg.model, tokenizer.vocab_size, topo)
+    if cfg.model.num_layers % topo.pp:
+        raise LayoutError(f"--pipeline-model-parallel-size {topo.pp} does not divide the checkpoint's "
+                          f"{cfg.model.num_layers} layers")
+    model = GPT(cfg.model, tokenizer.vocab_size, topo, stage_chunks(cfg.model.num_layers, topo.pp, topo.pp_rank))
     load_model_state(model, state["model"], topo, state["path"])
     if torch.cuda.is_available():
         model.cuda()
@@ -115,7 +122,7 @@ def load_for_inference(path: str, topo: Topology, overrides: dict):
 
 
 class Generator:
-    """What the command line and the HTTP endpoint share: prompts in, texts out, on every TP rank alike."""
+    """What the command line and the HTTP endpoint share: prompts in, texts out, on every rank alike."""
 
     def __init__(self, model, tokenizer, args):
         self.model, self.tok, self.args = model, tokenizer, args
@@ -138,7 +145,7 @@ class Generator:
 
 def serve(gen: Generator, host: str, port: int, topo: Topology) -> None:
     """POST /generate {"prompts": [...], "max_new_tokens": ..., "temperature": ...} -> {"texts": [...]}.
-    Rank 0 listens; every request is broadcast so all TP ranks run the same forward passes."""
+    Rank 0 listens; every request is broadcast so all ranks run the same forward passes."""
     import json
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -202,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence at every step")
     p.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--serve", action="store_true", help="answer POST /generate over HTTP instead of --prompt")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on with --serve (default: local only)")
     p.add_argument("--port", type=int, default=5000)
@@ -216,7 +224,7 @@ def main(argv=None) -> int:
     setup_logging(launch_environment()["rank"])
     init_distributed()
     try:
-        topo = Topology.build(args.tensor_model_parallel_size)
+        topo = Topology.build(args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size)
         model, tok = load_for_inference(args.load, topo, {"vocab_file": args.vocab_file,
                                                           "merge_file": args.merge_file,
                                                           "tokenizer_model": args.tokenizer_model})

@@ -1,5 +1,5 @@
 """megalm-generate from a trained checkpoint: KV cache and recompute agree, a padded batch equals each prompt
-alone, TP 2 equals TP 1, and the HTTP endpoint answers like the command line."""
+alone, TP 2, PP 2 and TP 2 x PP 2 equal one process, and the HTTP endpoint answers like the command line."""
 import json
 import os
 import subprocess
@@ -43,12 +43,22 @@ def test_cache_batching_and_errors(checkpoint):
     assert res.returncode == 2 and "not a megalm checkpoint" in res.stderr
 
 
-def test_tensor_parallel_generation_equals_one_process(checkpoint):
+@pytest.mark.parametrize("procs,layout", [(2, ["--tensor-model-parallel-size", "2"]),
+                                           (2, ["--pipeline-model-parallel-size", "2"]),
+                                           (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
+                                                "2"])], ids=["tp2", "pp2", "tp2pp2"])
+def test_parallel_generation_equals_one_process(checkpoint, procs, layout):
     args = ["--load", checkpoint, *prompts_args(), "--max-new-tokens", "12", "--no-stop-at-eod"]
     one = run_module("megalm.generate", *args)
-    two = torchrun(2, "megalm/generate.py", *args, "--tensor-model-parallel-size", "2")
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert [line for line in two.stdout.splitlines() if not line.startswith("[rank")] == one.stdout.splitlines()
+    many = torchrun(procs, "megalm/generate.py", *args, *layout)
+    assert one.returncode == 0 and many.returncode == 0, many.stderr[-2000:]
+    assert [line for line in many.stdout.splitlines() if not line.startswith("[rank")] == one.stdout.splitlines()
+
+
+def test_pipeline_generation_needs_divisible_layers(checkpoint):
+    res = torchrun(3, "megalm/generate.py", "--load", checkpoint, "--prompt", "x", "--pipeline-model-parallel-size",
+                   "3")
+    assert res.returncode != 0 and "does not divide the checkpoint's" in res.stderr
 
 
 def test_http_endpoint(checkpoint):

@@ -120,10 +120,10 @@ class GPT(nn.Module):
         else:
             for block in blocks:
                 x = block(x, rope, kv_cache, mask)
+        if kv_cache is not None and chunk == len(self.chunks) - 1:  # this rank's layers all hold the new keys
+            kv_cache.length += tokens.shape[1]
         if not self.is_last_chunk(chunk):
             return x
-        if kv_cache is not None:
-            kv_cache.length += tokens.shape[1]
         return self.final_norm(x)
 
     def _run_recomputed(self, blocks, x, rope, mask=None):
