@@ -31,7 +31,8 @@ def test_config_rendered_from_flags_and_file(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--deepspeed", "--tensor-model-parallel-size", "2"], "--deepspeed runs with data parallelism"),
+    (["--deepspeed", "--pipeline-model-parallel-size", "2"], "--deepspeed runs data parallelism (ZeRO 0-3) with"),
+    (["--deepspeed", "--tensor-model-parallel-size", "2", "--sequence-parallel"], "use megalm's own path"),
     (["--zero-stage", "3"], "--zero-stage 3 (sharded parameters) needs --deepspeed"),
     (["--deepspeed_config", "x.json"], "--deepspeed_config needs --deepspeed"),
 ])
@@ -40,13 +41,16 @@ def test_impossible_deepspeed_layouts(argv, message):
         load_config([*NULL, *argv], world_size=2)
 
 
-def test_deepspeed_exact_resume_and_weights_elsewhere(tmp_path, dataset_prefix, bpe_flags):
+@pytest.mark.parametrize("nproc, layout", [(2, []), (4, ["--tensor-model-parallel-size", "2"])],
+                         ids=["dp2", "tp2-dp2"])
+def test_deepspeed_exact_resume_and_weights_elsewhere(tmp_path, dataset_prefix, bpe_flags, nproc, layout):
     pytest.importorskip("deepspeed")
-    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--deepspeed", "--zero-stage", "2")
-    res = deepspeed_launch(2, "megalm/pretrain.py", *flags, "--save", tmp_path / "ck", "--save-interval", "3",
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--deepspeed", "--zero-stage", "2",
+                             *layout)
+    res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--save", tmp_path / "ck", "--save-interval", "3",
                            "--metrics-file", tmp_path / "full.jsonl")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = deepspeed_launch(2, "megalm/pretrain.py", *flags, "--load", tmp_path / "ck" / "iter_0000003",
+    res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--load", tmp_path / "ck" / "iter_0000003",
                            "--metrics-file", tmp_path / "resumed.jsonl")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     full = [json.loads(line) for line in open(tmp_path / "full.jsonl")]

@@ -108,23 +108,29 @@ def test_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single,
         assert micro > pp and all(r["pipeline_peak_micro_batches"] == pp for r in got), (micro, got[0])
 
 
-# DeepSpeed's engine under its own launcher: ZeRO 1 and 2 from the flags, ZeRO 3 from an example JSON file
+# DeepSpeed's engine under its own launcher: ZeRO 1 and 2 from the flags, ZeRO 3 from an example JSON file, and
+# megalm's tensor parallelism inside the engine (Megatron-DeepSpeed's layout), gradient norm included
+TP2 = ["--tensor-model-parallel-size", "2"]
 DEEPSPEED = {
-    "ds-zero1-gpt2": ("gpt2", ["--zero-stage", "1"]),
-    "ds-zero2-llama": ("llama", ["--zero-stage", "2"]),
-    "ds-zero3-gpt2": ("gpt2", ["--deepspeed_config", "configs/deepspeed/zero3.json"]),
+    "ds-zero1-gpt2": (2, "gpt2", ["--zero-stage", "1"]),
+    "ds-zero2-llama": (2, "llama", ["--zero-stage", "2"]),
+    "ds-zero3-gpt2": (2, "gpt2", ["--deepspeed_config", "configs/deepspeed/zero3.json"]),
+    "ds-tp2-dp2-zero1-gpt2": (4, "gpt2", TP2 + ["--zero-stage", "1"]),
+    "ds-tp2-dp2-zero2-llama": (4, "llama", TP2 + ["--zero-stage", "2"]),
+    "ds-tp2-dp2-zero3-gpt2": (4, "gpt2", TP2 + ["--deepspeed_config", "configs/deepspeed/zero3.json"]),
 }
 
 
 @pytest.mark.parametrize("layout", DEEPSPEED)
 def test_deepspeed_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single, layout):
     pytest.importorskip("deepspeed")
-    flavour, layout_flags = DEEPSPEED[layout]
+    nproc, flavour, layout_flags = DEEPSPEED[layout]
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "10", *FLAVOURS[flavour], "--deepspeed",
                              *layout_flags)
-    res = deepspeed_launch(2, "megalm/pretrain.py", *flags, "--metrics-file", tmp_path / "m.jsonl",
+    res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--metrics-file", tmp_path / "m.jsonl",
                            "--save", tmp_path / "ck")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    stage = "3" if "zero3" in layout else layout_flags[1]
-    assert f"DeepSpeed engine: ZeRO stage {stage} over DP 2" in res.stdout + res.stderr
+    stage = "3" if "zero3" in layout else layout_flags[layout_flags.index("--zero-stage") + 1]
+    tp = flag(layout_flags, "--tensor-model-parallel-size", 1)
+    assert f"DeepSpeed engine: ZeRO stage {stage} over DP 2, TP {tp}" in res.stdout + res.stderr
     assert_matches(layout, single[flavour], rows(tmp_path / "m.jsonl"), final_params(tmp_path / "ck"))

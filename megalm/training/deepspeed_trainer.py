@@ -1,7 +1,10 @@
 """The DeepSpeed path: ``deepspeed megalm/pretrain.py --deepspeed [--deepspeed_config FILE] ...``.
 
 Same model, data, schedule of learning rates and metrics as the Trainer; DeepSpeed's engine does gradient
-accumulation, reduction, clipping, loss scaling and the (ZeRO 0-3) optimizer step. The DeepSpeed config is rendered
+accumulation, reduction, clipping, loss scaling and the (ZeRO 0-3) optimizer step. With tensor parallelism (as in
+Megatron-DeepSpeed) megalm's TP layers do their own communication and the engine gets megalm's groups as its
+``mpu``: it reduces gradients over the data-parallel group only and sums the gradient norm over the TP group,
+counting replicated parameters once. The DeepSpeed config is rendered
 from megalm's config tree; a file given with ``--deepspeed_config`` adds to it, and may not contradict the batch
 sizes. Checkpoints hold megalm's weights (gathered, global coordinates: they load into any layout) plus
 DeepSpeed's own engine state under ``SAVE/deepspeed/`` for exact resume.
@@ -64,6 +67,41 @@ def render_deepspeed_config(cfg: Config, micro_batches: int) -> dict:
     return out
 
 
+class TopologyMPU:
+    """megalm's process groups under the names DeepSpeed's engine asks its ``mpu`` for (Megatron's)."""
+
+    def __init__(self, topo):
+        self.topo = topo
+
+    def get_model_parallel_rank(self):
+        return self.topo.tp_rank
+
+    def get_model_parallel_world_size(self):
+        return self.topo.tp
+
+    def get_model_parallel_group(self):
+        return self.topo.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.topo.rank - self.topo.tp_rank
+
+    def get_data_parallel_rank(self):
+        return self.topo.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.topo.dp
+
+    def get_data_parallel_group(self):
+        return self.topo.dp_group
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+
 class DeepSpeedTrainer(Trainer):
     def build_optimizer(self):
         import deepspeed
@@ -74,15 +112,20 @@ class DeepSpeedTrainer(Trainer):
         if self.zero_stage == 3 and tied:
             # the output layer reads the embedding matrix outside the embedding module's forward
             deepspeed.zero.register_external_parameter(self.model, self.model.embedding.weight)
+        mpu = None
+        if self.topo.tp > 1:
+            mpu = TopologyMPU(self.topo)
+            for p in self.model.parameters():  # what DeepSpeed's norm counts on every TP rank, not just rank 0
+                p.tensor_model_parallel = getattr(p, "tp_dim", None) is not None
         self.engine, optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=build_optimizer(self.model, self.cfg.optim), config=self.ds_config,
-            dist_init_required=False)
+            mpu=mpu, dist_init_required=False)
         return optimizer
 
     def log_memory(self) -> None:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        log.info("DeepSpeed engine: ZeRO stage %d over DP %d; parameters %.1f MB on this rank", self.zero_stage,
-                 self.topo.dp, params / 1e6)
+        log.info("DeepSpeed engine: ZeRO stage %d over DP %d, TP %d; parameters %.1f MB on this rank",
+                 self.zero_stage, self.topo.dp, self.topo.tp, params / 1e6)
 
     def optimizer_state_bytes(self) -> int:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
