@@ -463,9 +463,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"--nonfinite-patience must be >= 0, got {t.nonfinite_patience}")
     if o.zero_stage == 3 and not p.deepspeed:
         raise ConfigError("--zero-stage 3 (sharded parameters) needs --deepspeed; megalm's own optimizer does 0-2")
-    if p.deepspeed and (p.pipeline_model_parallel_size > 1 or p.sequence_parallel):
-        raise ConfigError("--deepspeed runs data parallelism (ZeRO 0-3) with optional tensor parallelism: for "
-                          "--pipeline-model-parallel-size > 1 or --sequence-parallel use megalm's own path (drop "
+    if p.deepspeed and p.pipeline_model_parallel_size > 1:
+        raise ConfigError("--deepspeed runs data parallelism (ZeRO 0-3) with optional tensor and sequence "
+                          "parallelism: for --pipeline-model-parallel-size > 1 use megalm's own path (drop "
                           "--deepspeed; --zero-stage 1/2 shards the optimizer there)")
     if d.sft_data is not None:
         if not os.path.isfile(d.sft_data):

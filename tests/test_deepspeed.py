@@ -32,7 +32,6 @@ def test_config_rendered_from_flags_and_file(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--deepspeed", "--pipeline-model-parallel-size", "2"], "--deepspeed runs data parallelism (ZeRO 0-3) with"),
-    (["--deepspeed", "--tensor-model-parallel-size", "2", "--sequence-parallel"], "use megalm's own path"),
     (["--zero-stage", "3"], "--zero-stage 3 (sharded parameters) needs --deepspeed"),
     (["--deepspeed_config", "x.json"], "--deepspeed_config needs --deepspeed"),
 ])

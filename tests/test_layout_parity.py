@@ -118,6 +118,9 @@ DEEPSPEED = {
     "ds-tp2-dp2-zero1-gpt2": (4, "gpt2", TP2 + ["--zero-stage", "1"]),
     "ds-tp2-dp2-zero2-llama": (4, "llama", TP2 + ["--zero-stage", "2"]),
     "ds-tp2-dp2-zero3-gpt2": (4, "gpt2", TP2 + ["--deepspeed_config", "configs/deepspeed/zero3.json"]),
+    "ds-tp2-sp-dp2-zero1-llama": (4, "llama", TP2 + ["--sequence-parallel", "--zero-stage", "1"]),
+    "ds-tp2-sp-dp2-zero3-gpt2": (4, "gpt2", TP2 + ["--sequence-parallel", "--deepspeed_config",
+                                                   "configs/deepspeed/zero3.json"]),
 }
 
 

@@ -13,6 +13,7 @@ import zlib
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -26,6 +27,20 @@ def _param(shape, tp_dim: Optional[int], sequence_parallel: bool = False) -> nn.
     p.tp_dim = tp_dim
     p.sequence_parallel = sequence_parallel
     return p
+
+
+def sum_sequence_parallel_grads_in_backward(model: nn.Module, topo: Topology) -> None:
+    """For an optimizer that does not read the ``sequence_parallel`` mark (DeepSpeed's engine): each backward's
+    gradient of such a parameter is summed over the TP group before it is accumulated, so every optimizer sees
+    whole gradients. (megalm's own optimizer sums once per step instead, in its gradient buckets.)"""
+    def summed(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=topo.tp_group)
+        return grad
+
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and topo.tp > 1:
+            p.register_hook(summed)
 
 
 def enter_tp_region(x, topo: Topology):

@@ -4,7 +4,8 @@ Same model, data, schedule of learning rates and metrics as the Trainer; DeepSpe
 accumulation, reduction, clipping, loss scaling and the (ZeRO 0-3) optimizer step. With tensor parallelism (as in
 Megatron-DeepSpeed) megalm's TP layers do their own communication and the engine gets megalm's groups as its
 ``mpu``: it reduces gradients over the data-parallel group only and sums the gradient norm over the TP group,
-counting replicated parameters once. The DeepSpeed config is rendered
+counting replicated parameters once. Under sequence parallelism the gradients of parameters that see only
+this rank's sequence shard (norms) are summed over the TP group in backward, before the engine takes them. The DeepSpeed config is rendered
 from megalm's config tree; a file given with ``--deepspeed_config`` adds to it, and may not contradict the batch
 sizes. Checkpoints hold megalm's weights (gathered, global coordinates: they load into any layout) plus
 DeepSpeed's own engine state under ``SAVE/deepspeed/`` for exact resume.
@@ -22,6 +23,7 @@ import torch
 from megalm.config import Config, ConfigError
 from megalm.optim.optimizer import build_optimizer
 from megalm.optim.schedule import learning_rate
+from megalm.parallel.layers import sum_sequence_parallel_grads_in_backward
 from megalm.training import checkpoint as ckpt
 from megalm.training.trainer import Trainer
 
@@ -117,6 +119,7 @@ class DeepSpeedTrainer(Trainer):
             mpu = TopologyMPU(self.topo)
             for p in self.model.parameters():  # what DeepSpeed's norm counts on every TP rank, not just rank 0
                 p.tensor_model_parallel = getattr(p, "tp_dim", None) is not None
+            sum_sequence_parallel_grads_in_backward(self.model, self.topo)
         self.engine, optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=build_optimizer(self.model, self.cfg.optim), config=self.ds_config,
             mpu=mpu, dist_init_required=False)
