@@ -4,11 +4,12 @@ Same model, data, schedule of learning rates and metrics as the Trainer; DeepSpe
 accumulation, reduction, clipping, loss scaling and the (ZeRO 0-3) optimizer step. With tensor parallelism (as in
 Megatron-DeepSpeed) megalm's TP layers do their own communication and the engine gets megalm's groups as its
 ``mpu``: it reduces gradients over the data-parallel group only and sums the gradient norm over the TP group,
-counting replicated parameters once. Under sequence parallelism the gradients of parameters that see only
-this rank's sequence shard (norms) are summed over the TP group in backward, before the engine takes them. The DeepSpeed config is rendered
-from megalm's config tree; a file given with ``--deepspeed_config`` adds to it, and may not contradict the batch
-sizes. Checkpoints hold megalm's weights (gathered, global coordinates: they load into any layout) plus
-DeepSpeed's own engine state under ``SAVE/deepspeed/`` for exact resume.
+counting replicated parameters once. Under sequence parallelism the gradients of parameters that see only this
+rank's sequence shard (norms) are summed over the TP group in backward, before the engine takes them.
+
+The DeepSpeed config is rendered from megalm's config tree; a file given with ``--deepspeed_config`` adds to it,
+and may not contradict the batch sizes. Checkpoints hold megalm's weights (global coordinates: they load into any
+layout) plus DeepSpeed's own engine state under ``SAVE/deepspeed/`` for exact resume.
 """
 from __future__ import annotations
 
