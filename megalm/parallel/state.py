@@ -126,6 +126,14 @@ def init_distributed(timeout_minutes: float = 10.0) -> dict:
     return launch
 
 
+def collective_device() -> torch.device:
+    """Where a small host-side value (a count, a stop flag) must live to go through a collective: NCCL takes
+    only CUDA tensors, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy_distributed(barrier: bool = True) -> None:
     """Always called before exit: without it gloo sometimes aborts at shutdown. ``barrier=False`` on an error
     path, where the other ranks may never arrive."""

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megalm.parallel.state import collective_device
+
 log = logging.getLogger("megalm")
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -72,7 +74,7 @@ class StopConditions:
         if self.exit_interval and iteration % self.exit_interval == 0:
             codes[2] = 1.0
         if dist.is_initialized():
-            t = torch.tensor(codes, dtype=torch.float64)
+            t = torch.tensor(codes, dtype=torch.float64, device=collective_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             codes = t.tolist()
         if codes[0]:

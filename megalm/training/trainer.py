@@ -25,7 +25,7 @@ from megalm.model.gpt import GPT
 from megalm.optim.distributed import DistributedOptimizer
 from megalm.optim.loss_scaler import LossScaler
 from megalm.optim.schedule import learning_rate
-from megalm.parallel.state import Topology
+from megalm.parallel.state import Topology, collective_device
 from megalm.pipeline.layout import stage_chunks
 from megalm.pipeline.p2p import PipeComm
 from megalm.pipeline.schedules import bubble_fraction, run_schedule
@@ -138,7 +138,7 @@ class Trainer:
         """Per-stage counts summed over the pipeline (identical across TP and DP already)."""
         if self.topo.pp == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, group=self.topo.pp_group)
         return [int(v) for v in t.tolist()]
 
