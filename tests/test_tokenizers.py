@@ -45,13 +45,15 @@ _EDGE_PIECES = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'", "''", " 
                 "_", "a_b", "<|endoftext|>", "\x00", "\ufeff", "İ", "\u0378", "\U000e0001"]
 
 
-def test_compiled_bpe_matches_tokenizers_on_edge_cases(bpe_dir):
+def test_compiled_bpe_matches_tokenizers_on_edge_cases(bpe_dir, corpus_texts):
     from megalm.data.tokenizers import _native_byte_bpe
 
     vocab, merges = os.path.join(bpe_dir, "vocab.json"), os.path.join(bpe_dir, "merges.txt")
     ref = GPT2BPETokenizer(vocab, merges)
     rng = random.Random(0)
     texts = ["".join(rng.choice(_EDGE_PIECES) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
+    # one 200,000-letter piece (no space or punctuation): merged in O(n log n), where rescanning is quadratic
+    texts.append("".join(c for c in "".join(corpus_texts).lower() if "a" <= c <= "z")[:200_000])
     expected = ref.tokenize_batch(texts)
     for cache_entries in (262144, 7):  # the default, and one small enough to be cleared many times
         native = _native_byte_bpe(vocab, merges, cache_entries)

@@ -12,7 +12,8 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <limits>
+#include <functional>
+#include <queue>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -156,33 +157,44 @@ class ByteBPE {
     cache_.emplace(std::string(view), std::move(word));
   }
 
-  // GPT-2's bpe(): merge every occurrence of the lowest-ranked adjacent pair, left to right, until none is left.
+  // GPT-2's bpe(): repeatedly merge the lowest-ranked adjacent pair, the leftmost first among equals. A heap of
+  // candidate pairs over a linked list of symbols keeps this O(n log n) in the piece's length: a piece can be a
+  // whole megabyte (a DNA string, a minified file), where rescanning the word after every merge is quadratic.
   void merge(std::vector<int32_t>* word) const {
     std::vector<int32_t>& w = *word;
-    std::vector<int32_t> next;
-    while (w.size() > 1) {
-      int32_t best = std::numeric_limits<int32_t>::max(), merged = -1, a = 0, b = 0;
-      for (size_t k = 0; k + 1 < w.size(); ++k) {
-        auto it = merges_.find(key(w[k], w[k + 1]));
-        if (it != merges_.end() && it->second.first < best) {
-          best = it->second.first;
-          merged = it->second.second;
-          a = w[k];
-          b = w[k + 1];
-        }
-      }
-      if (merged < 0) break;
-      next.clear();
-      for (size_t k = 0; k < w.size(); ++k) {
-        if (k + 1 < w.size() && w[k] == a && w[k + 1] == b) {
-          next.push_back(merged);
-          ++k;
-        } else {
-          next.push_back(w[k]);
-        }
-      }
-      w.swap(next);
+    const int n = static_cast<int>(w.size());
+    if (n < 2) return;
+    constexpr int32_t kDead = -1;
+    std::vector<int> next(n);
+    for (int i = 0; i < n; ++i) next[i] = i + 1 < n ? i + 1 : -1;
+    std::vector<int> prev(n);
+    for (int i = 0; i < n; ++i) prev[i] = i - 1;
+    struct Candidate {
+      int32_t rank, pos, left, right, merged;
+      bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+    };
+    std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> heap;
+    auto consider = [&](int pos) {
+      if (pos < 0 || next[pos] < 0) return;
+      auto it = merges_.find(key(w[pos], w[next[pos]]));
+      if (it != merges_.end()) heap.push({it->second.first, pos, w[pos], w[next[pos]], it->second.second});
+    };
+    for (int i = 0; i + 1 < n; ++i) consider(i);
+    while (!heap.empty()) {
+      const Candidate c = heap.top();
+      heap.pop();
+      const int right = next[c.pos];
+      if (w[c.pos] != c.left || right < 0 || w[right] != c.right) continue;  // stale: a neighbour has merged
+      w[c.pos] = c.merged;
+      w[right] = kDead;
+      next[c.pos] = next[right];
+      if (next[right] >= 0) prev[next[right]] = c.pos;
+      consider(prev[c.pos]);
+      consider(c.pos);
     }
+    int out = 0;
+    for (int i = 0; i >= 0; i = next[i]) w[out++] = w[i];
+    w.resize(out);
   }
 
   std::vector<int32_t> byte_ids_;
