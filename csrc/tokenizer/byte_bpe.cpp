@@ -4,8 +4,8 @@
 // Same ids as GPT-2's encoder.py and the `tokenizers` library: text is split by GPT-2's pattern
 //   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 // (hand-written here, no regex engine), each piece's UTF-8 bytes become byte tokens, and the adjacent pair with
-// the lowest merge rank is merged until none is left. Pieces repeat (Zipf), so a bounded cache maps a piece
-// straight to its ids. The Unicode letter/number test comes from Python's unicodedata through a callback,
+// the lowest merge rank is merged until none is left. Pieces repeat (Zipf), so a cache bounded in entries and
+// bytes maps a piece of up to 256 bytes straight to its ids. The Unicode letter/number test comes from Python's unicodedata through a callback,
 // memoised per code point, so it agrees with the Python side without a table compiled in.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -153,7 +153,13 @@ class ByteBPE {
     for (size_t k = 0; k < len; ++k) word[k] = byte_ids_[p[k]];
     merge(&word);
     out->insert(out->end(), word.begin(), word.end());
-    if (cache_.size() >= cache_limit_) cache_.clear();  // bounded memory on any corpus
+    if (len > kLongestCached) return;  // long pieces rarely repeat; caching them would only cost memory
+    const size_t bytes = len + word.size() * sizeof(int32_t) + kEntryOverhead;
+    if (cache_.size() >= cache_limit_ || cache_bytes_ + bytes > kCacheBytes) {  // bounded memory on any corpus
+      cache_.clear();
+      cache_bytes_ = 0;
+    }
+    cache_bytes_ += bytes;
     cache_.emplace(std::string(view), std::move(word));
   }
 
@@ -201,8 +207,9 @@ class ByteBPE {
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;
   py::function classify_;
   std::vector<uint8_t> classes_;
+  static constexpr size_t kLongestCached = 256, kEntryOverhead = 96, kCacheBytes = size_t(64) << 20;
   std::unordered_map<std::string, std::vector<int32_t>> cache_;
-  size_t cache_limit_;
+  size_t cache_limit_, cache_bytes_ = 0;
 };
 
 }  // namespace
