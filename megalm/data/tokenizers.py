@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import unicodedata
 from typing import List, Optional, Sequence, Tuple
@@ -71,6 +72,8 @@ def _native_byte_bpe(vocab_file: str, merge_file: str, cache_entries: int = 1 <<
     try:
         from megalm import _bpe
     except ImportError:
+        logging.getLogger("megalm").warning("megalm._bpe is not built (pip install --no-build-isolation -e .): "
+                                            "GPT-2 BPE preprocessing uses the slower tokenizers library")
         return None
     with open(vocab_file, encoding="utf-8") as fh:
         vocab = json.load(fh)
