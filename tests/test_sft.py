@@ -3,10 +3,12 @@ same losses under TP 2 x PP 2 as in one process."""
 import json
 import random
 
+import pytest
 import torch
 
 from conftest import tiny_train_flags, torchrun
 from megalm.config import load_config
+from megalm.data.gpt_dataset import DatasetError
 from megalm.data.loader import collate
 from megalm.data.sft import SFTDataset, pack, tokenize_examples
 from megalm.data.tokenizers import build_tokenizer
@@ -61,6 +63,18 @@ def test_prompt_tokens_carry_no_loss(tmp_path, bpe_flags):
     assert torch.equal(loss(batch["labels"]), loss(changed))
     changed[mask == 1] = (changed[mask == 1] + 7) % tok.vocab_size
     assert not torch.equal(loss(batch["labels"]), loss(changed))
+
+
+def test_bad_examples_name_the_line(tmp_path, bpe_flags):
+    cfg = load_config(sft_flags(bpe_flags, instruction_set(tmp_path / "sft.jsonl", 2)))
+    tok = build_tokenizer(cfg.data)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "half \\ud83d", "response": "b"}\n')
+    with pytest.raises(DatasetError, match=f"{bad}:2: the example holds an unpaired surrogate escape"):
+        tokenize_examples(str(bad), tok)
+    bad.write_text('{"prompt": "a"}\n')
+    with pytest.raises(DatasetError, match=f"{bad}:1: expected 'prompt' and 'response', or 'messages'"):
+        tokenize_examples(str(bad), tok)
 
 
 def test_packed_documents_do_not_see_each_other():

@@ -15,7 +15,7 @@ from typing import List, Tuple
 import numpy as np
 
 from megalm.data.gpt_dataset import DatasetError
-from megalm.tools.jsonl import JsonlError, iter_lines, parse_object
+from megalm.tools.jsonl import JsonlError, check_text, has_surrogate_escape, iter_lines, parse_object
 
 
 def render(example: dict, where: str) -> List[Tuple[str, bool]]:
@@ -44,8 +44,10 @@ def tokenize_examples(path: str, tokenizer) -> List[Tuple[np.ndarray, np.ndarray
             example = parse_object(line, where)
             if example is None:
                 continue
-            ids, weights = [], []
+            ids, weights, suspect = [], [], has_surrogate_escape(line)
             for text, loss in render(example, where):
+                if suspect:
+                    check_text(text, "the example", where)
                 piece = tokenizer.tokenize(text)
                 ids += piece
                 weights += [float(loss)] * len(piece)

@@ -69,6 +69,7 @@ class KVCache:
         self.capacity, self.valid = capacity, valid
         self.keys, self.values = {}, {}
         self.length = 0
+        self._mask = (None, None)  # ((length, queries), mask): every layer of a step asks for the same one
 
     def update(self, layer: str, k, v):
         end = self.length + k.shape[2]
@@ -89,11 +90,15 @@ class KVCache:
         no row is empty); None without padding."""
         if self.valid is None:
             return None
+        if self._mask[0] == (self.length, queries):
+            return self._mask[1]
         keys = self.length + queries
         causal = torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=self.length)
         own = torch.zeros_like(causal)
         own[:, self.length:] = torch.eye(queries, dtype=torch.bool, device=device)
-        return ((causal & self.valid[:, None, None, :keys].to(device)) | own)
+        mask = (causal & self.valid[:, None, None, :keys].to(device)) | own
+        self._mask = ((self.length, queries), mask)
+        return mask
 
 
 def unfused_attention(q, k, v, causal_offset: Optional[int], dropout: float, training: bool):

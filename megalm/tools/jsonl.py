@@ -66,22 +66,32 @@ def parse_document(line: str, keys: List[str], where: str) -> Optional[dict]:
     obj = parse_object(line, where)
     if obj is None:
         return None
-    out = {}
+    out, suspect = {}, has_surrogate_escape(line)
     for key in keys:
         if key not in obj:
             raise JsonlError(f"{where}: no key {key!r} (keys here: {', '.join(list(obj)[:8])})")
         value = obj[key]
         if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise JsonlError(f"{where}: {key!r} must be a string or a list of strings, got {type(value).__name__}")
-        if _SURROGATE_ESCAPE.search(line):
+        if suspect:
             for text in [value] if isinstance(value, str) else value:
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise JsonlError(f"{where}: {key!r} holds an unpaired surrogate escape "
-                                     f"({text[exc.start]!r} at character {exc.start}), which is not text") from None
+                check_text(text, repr(key), where)
         out[key] = value
     return out
+
+
+def has_surrogate_escape(line: str) -> bool:
+    """Whether a raw line could decode to text with an unpaired surrogate (worth ``check_text`` on its fields)."""
+    return _SURROGATE_ESCAPE.search(line) is not None
+
+
+def check_text(text: str, what: str, where: str) -> None:
+    """A JsonlError naming ``where`` when ``text`` holds an unpaired surrogate, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise JsonlError(f"{where}: {what} holds an unpaired surrogate escape "
+                         f"({text[exc.start]!r} at character {exc.start}), which is not text") from None
 
 
 def iter_documents(inputs: List[str], keys: List[str]) -> Iterator[dict]:

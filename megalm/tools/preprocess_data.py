@@ -131,6 +131,8 @@ def batches(files: List[str], size: int, lines: Optional[range] = None):
         for _, lineno, line in iter_lines([path]):
             seen += 1
             if lines is not None and seen not in lines:
+                if seen >= lines.stop:  # past this partition: the rest of the input is not read
+                    break
                 continue
             if not buf:
                 first = lineno
@@ -140,6 +142,13 @@ def batches(files: List[str], size: int, lines: Optional[range] = None):
                 buf = []
         if buf:
             yield Batch(path, first, buf)
+        if lines is not None and seen >= lines.stop:
+            return
+
+
+def output_name(args, prefix: str, key: str) -> str:
+    """``PREFIX_KEY_document`` (or ``_sentence`` with --split-sentences), as Megatron names its outputs."""
+    return f"{prefix}_{key}_{'sentence' if args.split_sentences else 'document'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,13 +193,12 @@ def run(args) -> dict:
     files = expand_inputs(args.input)
     total = _count_lines(files)
     bounds = [total * i // args.partitions for i in range(args.partitions + 1)]
-    level = "sentence" if args.split_sentences else "document"
     stats = {"docs": 0, "bytes": 0, "bad": 0, "bad_lines": [], "seconds": 0.0, "skipped_partitions": []}
     parts = []
     for i in range(args.partitions):
         prefix = f"{args.output_prefix}_part{i:03d}of{args.partitions:03d}"
         parts.append(prefix)
-        done = [f"{prefix}_{k}_{level}" for k in args.json_keys]
+        done = [output_name(args, prefix, k) for k in args.json_keys]
         if all(exists(d) for d in done):  # written atomically: present means complete
             print(f"partition {i + 1}/{args.partitions}: already done ({done[0]}), skipping", file=sys.stderr)
             stats["skipped_partitions"].append(i)
@@ -202,15 +210,15 @@ def run(args) -> dict:
         stats["bad_lines"] += part["bad_lines"][: max(0, 10 - len(stats["bad_lines"]))]
     stats["outputs"] = []
     for key in args.json_keys:
-        final = f"{args.output_prefix}_{key}_{level}"
-        merge_datasets([f"{p}_{key}_{level}" for p in parts], final)
+        final = output_name(args, args.output_prefix, key)
+        merge_datasets([output_name(args, p, key) for p in parts], final)
         stats["outputs"].append(final)
         if IndexedDataset(final).num_documents == 0:
             raise JsonlError(f"--input {' '.join(args.input)}: no documents found (empty input)")
     for p in parts:
         for key in args.json_keys:
             for ext in (".bin", ".idx"):
-                os.remove(f"{p}_{key}_{level}{ext}")
+                os.remove(output_name(args, p, key) + ext)
     return stats
 
 
@@ -224,8 +232,7 @@ def _run(args, output_prefix: str, lines: Optional[range], allow_empty: bool = F
     encoder = Encoder(data_cfg, args.json_keys, args.append_eod, args.split_sentences, args.keep_newlines,
                       args.skip_bad_lines)
     tokenizer = encoder.tokenizer
-    level = "sentence" if args.split_sentences else "document"
-    outputs = {k: f"{output_prefix}_{k}_{level}" for k in args.json_keys}
+    outputs = {k: output_name(args, output_prefix, k) for k in args.json_keys}
     writers = {k: IndexedDatasetWriter(p, optimal_dtype(tokenizer.vocab_size)) for k, p in outputs.items()}
     stats = {"docs": 0, "bytes": 0, "bad": 0, "bad_lines": [], "outputs": list(outputs.values())}
     compressed = any(f.endswith(".gz") for f in files)

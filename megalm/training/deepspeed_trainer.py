@@ -146,10 +146,7 @@ class DeepSpeedTrainer(Trainer):
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            extra = {k: batch[k].to(self.device) for k in ("position_ids", "document_ids") if k in batch}
-            per_token = self.engine(batch["tokens"].to(self.device), batch["labels"].to(self.device), **extra)
-            mask = batch["loss_mask"].to(self.device)
-            loss = (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
+            loss = self.masked_mean(self.engine(**self.model_inputs(batch)), batch)
             self.engine.backward(loss)  # the engine divides by the accumulation steps
             self.engine.step()
             total += loss.detach() / len(micro_batches)

@@ -167,6 +167,17 @@ class Trainer:
             total /= self.topo.dp
         return float(total)
 
+    def model_inputs(self, batch: dict) -> dict:
+        """A micro-batch's model arguments (tokens, labels, and positions/document ids when present) on this
+        rank's device."""
+        return {k: batch[k].to(self.device) for k in ("tokens", "labels", "position_ids", "document_ids")
+                if k in batch}
+
+    def masked_mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The micro-batch's loss: per-token losses averaged over the positions its loss mask keeps."""
+        mask = batch["loss_mask"].to(self.device)
+        return (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
+
     def _run_micro_batches(self, micro_batches, forward_only: bool) -> torch.Tensor:
         """Forward (and backward) every micro-batch through this rank's stage; returns the sum of the
         micro-batches' mean losses divided by their count (zero before the last stage)."""
@@ -174,14 +185,11 @@ class Trainer:
 
         def forward(chunk, i, hidden):
             batch = micro_batches[i]
-            extra = {k: batch[k].to(self.device) for k in ("position_ids", "document_ids") if k in batch}
             with self._autocast():
-                out = self.model(batch["tokens"].to(self.device), batch["labels"].to(self.device), hidden=hidden,
-                                 chunk=chunk, **extra)
+                out = self.model(**self.model_inputs(batch), hidden=hidden, chunk=chunk)
             if not self.model.is_last_chunk(chunk):
                 return out
-            mask = batch["loss_mask"].to(self.device)
-            loss = (out.float() * mask).sum() / mask.sum().clamp_min(1.0) / len(micro_batches)
+            loss = self.masked_mean(out, batch) / len(micro_batches)
             total.add_(loss.detach())
             return loss if forward_only else loss * self.scaler.scale
 
