@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
         return 2
-    init_distributed(cfg.parallel.distributed_timeout_minutes)
+    init_distributed(cfg.parallel.distributed_timeout_minutes, single=cfg.parallel.deepspeed)
     try:
         if cfg.parallel.deepspeed:
             from megalm.training.deepspeed_trainer import DeepSpeedTrainer as Trainer

@@ -1,6 +1,7 @@
 """The DeepSpeed path: config rendering, exact resume from DeepSpeed's engine state, and its checkpoints' weights
 loading into megalm's own path. (Parity with one process is in test_layout_parity.py.)"""
 import json
+import os
 import re
 
 import pytest
@@ -43,9 +44,10 @@ def test_impossible_deepspeed_layouts(argv, message):
 @pytest.mark.parametrize("nproc, layout", [(2, []), (4, ["--tensor-model-parallel-size", "2"])],
                          ids=["dp2", "tp2-dp2"])
 def test_deepspeed_exact_resume_and_weights_elsewhere(tmp_path, dataset_prefix, bpe_flags, nproc, layout):
+    """With hidden and attention dropout: every rank's own random streams come back (TP ranks' trackers differ)."""
     pytest.importorskip("deepspeed")
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--deepspeed", "--zero-stage", "2",
-                             *layout)
+                             "--hidden-dropout", "0.1", "--attention-dropout", "0.1", *layout)
     res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--save", tmp_path / "ck", "--save-interval", "3",
                            "--metrics-file", tmp_path / "full.jsonl")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -54,8 +56,9 @@ def test_deepspeed_exact_resume_and_weights_elsewhere(tmp_path, dataset_prefix, 
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     full = [json.loads(line) for line in open(tmp_path / "full.jsonl")]
     resumed = [json.loads(line) for line in open(tmp_path / "resumed.jsonl")]
-    full = [r["loss"] for r in full if "loss" in r][3:]
-    assert [r["loss"] for r in resumed if "loss" in r] == full
+    full = [(r["loss"], r["grad_norm"]) for r in full if "loss" in r][3:]
+    assert [(r["loss"], r["grad_norm"]) for r in resumed if "loss" in r] == full
+    assert os.path.isdir(tmp_path / "ck" / "iter_0000003" / "deepspeed")  # the engine state inside its iteration
     # megalm's own path (one process) fine-tunes from the DeepSpeed run's weights
     plain = [str(a) for a in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2")]
     assert main(plain + ["--load", str(tmp_path / "ck"), "--finetune"]) == 0

@@ -141,3 +141,51 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert state["meta"]["iteration"] == 1 and "weight" in state["model"]
     assert any(d.endswith(".tmp") for d in os.listdir(save))  # the interrupted save never became an iter_ directory
     assert not (save / "iter_0000002").exists()
+
+
+DEEPSPEED_SLOW_ENGINE_SAVE = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import deepspeed.runtime.engine as engine
+real_save = engine.DeepSpeedEngine.save_checkpoint
+calls = []
+def slow_save(self, *a, **k):
+    real_save(self, *a, **k)
+    calls.append(1)
+    if len(calls) == 2:  # iteration 2's engine state is written; the rest of the save hangs
+        with open({marker!r}, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(120)
+engine.DeepSpeedEngine.save_checkpoint = slow_save
+from megalm.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_deepspeed_save_keeps_the_previous_checkpoint(tmp_path, dataset_prefix, bpe_flags):
+    """The engine's state is written inside the iteration's temporary directory: killed mid-save, the pointer and
+    the previous iteration (with its engine state) are intact and nothing of the interrupted one is visible.
+    Failed when the engine wrote to SAVE/deepspeed/ outside the atomic rename."""
+    pytest.importorskip("deepspeed")
+    from conftest import free_port
+
+    save, marker, script = tmp_path / "ck", tmp_path / "writing", tmp_path / "slow.py"
+    script.write_text(DEEPSPEED_SLOW_ENGINE_SAVE.format(root=ROOT, marker=str(marker)))
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "5", "--deepspeed", "--save", save,
+                             "--save-interval", "1", "--eval-interval", "100")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".venv", "torch_extensions"))
+    proc = subprocess.Popen([PYTHON, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
+                             str(free_port()), str(script), *map(str, flags)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (marker.exists() and marker.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.communicate()[0][-3000:] if proc.poll() is not None else "no save in time"
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert open(save / ckpt.LATEST).read() == "1"
+    assert sorted(d for d in os.listdir(save) if not d.endswith(".tmp")) == ["iter_0000001", ckpt.LATEST]
+    assert os.path.isdir(save / "iter_0000001" / "deepspeed")
+    state = ckpt.read_checkpoint(str(save))
+    assert state["meta"]["iteration"] == 1 and any(f.startswith("deepspeed/") for f in state["meta"]["checksums"])

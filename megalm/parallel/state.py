@@ -113,9 +113,13 @@ def launch_environment(env=os.environ) -> dict:
     return {"rank": 0, "world_size": 1, "local_rank": 0, "master_addr": "127.0.0.1", "master_port": "29500"}
 
 
-def init_distributed(timeout_minutes: float = 10.0) -> dict:
-    """Join the process group the launcher describes (gloo on CPU, NCCL on GPU); no-op for one process."""
+def init_distributed(timeout_minutes: float = 10.0, single: bool = False) -> dict:
+    """Join the process group the launcher describes (gloo on CPU, NCCL on GPU); for one process a no-op, or with
+    ``single`` a group of one in memory (DeepSpeed's engine needs a process group even on one device)."""
     launch = launch_environment()
+    if launch["world_size"] == 1 and single and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     if launch["world_size"] > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(launch["local_rank"] % torch.cuda.device_count())

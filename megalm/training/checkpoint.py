@@ -3,7 +3,9 @@ global parameter name, with their place in the whole tensor recorded in the meta
 
 On disk, Megatron's habit: ``SAVE/latest_checkpointed_iteration.txt`` and ``SAVE/iter_0000500/`` holding
 ``model-tpXX-ppYYY.pt`` and ``optimizer-tpXX-ppYYY.pt`` per (TP, PP) rank (Adam moments all-gathered over DP
-first when ZeRO shards them), ``rng.pt``, ``config.yaml`` and ``meta.json`` (iteration, consumed samples, the shard
+first when ZeRO shards them), ``rng-tpXX-ppYYY-dpZZZZZ.pt`` from every rank (each rank's random streams differ:
+pipeline stages draw different amounts, the TP tracker is seeded per TP rank), ``config.yaml``, ``meta.json``
+and, on the DeepSpeed path, the engine's own state under ``deepspeed/`` (iteration, consumed samples, the shard
 index and a SHA-256 of every file). A save is written to a temporary directory, fsynced and renamed before the
 pointer moves, so a crash mid-save leaves the previous checkpoint and the pointer intact. Tensors load with
 ``weights_only=True`` (memory-mapped). Reading assembles whole tensors, so a checkpoint loads under any TP / PP /
@@ -16,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,6 +64,18 @@ def _shard_files(topo: Topology) -> tuple:
     return f"model-{suffix}.pt", f"optimizer-{suffix}.pt"
 
 
+def _rng_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
+    return f"rng-tp{tp_rank:02d}-pp{pp_rank:03d}-dp{dp_rank:05d}.pt"
+
+
+def _files(root: str) -> list:
+    """Every file below ``root``, as paths relative to it (the DeepSpeed engine writes a folder of its own)."""
+    out = []
+    for folder, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(folder, n), root) for n in names]
+    return sorted(out)
+
+
 def local_shards(model, full_state: dict, topo: Topology) -> tuple:
     """This rank's parameters and Adam state as written, and their place in the global tensors:
     ``(model, optimizer, index)`` with ``index[name] = [dim, start, stop, padded_rows]`` (``dim`` None for a
@@ -94,10 +108,11 @@ def _sha256(path: str) -> str:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict, cfg: Config, topo: Topology,
-                    meta: dict, rng: dict) -> Optional[str]:
-    """Every rank calls this. The first data-parallel replica writes: each of its ranks its own shard files
-    (``model-tpXX-ppYYY.pt``, ``optimizer-...``), in global coordinates; rank 0 adds the RNG state, config and
-    metadata (the shard index and a SHA-256 per file), then renames the directory and moves the pointer."""
+                    meta: dict, rng: dict, write_extra: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """Every rank calls this. Every rank writes its RNG state; the first data-parallel replica writes each of its
+    ranks' shard files (``model-tpXX-ppYYY.pt``, ``optimizer-...``), in global coordinates; ``write_extra(tmp)``,
+    called on every rank, adds what else belongs to the iteration (the DeepSpeed engine's state); then rank 0 adds
+    config and metadata (the shard index and a SHA-256 per file), renames the directory and moves the pointer."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     if topo.rank == 0:
@@ -107,6 +122,11 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict
     if dist.is_initialized():
         dist.barrier()
     index = None
+    rng_path = os.path.join(tmp, _rng_file(topo.tp_rank, topo.pp_rank, topo.dp_rank))
+    torch.save(rng, rng_path)
+    _fsync_file(rng_path)
+    if write_extra is not None:
+        write_extra(tmp)
     if topo.dp_rank == 0:
         tensors, moments, index = local_shards(model, optimizer_full_state, topo)
         model_file, optim_file = _shard_files(topo)
@@ -126,14 +146,12 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict
             for kind in shards:
                 for name, entry in part[kind].items():
                     shards[kind].setdefault(name, []).append(entry)
-        torch.save(rng, os.path.join(tmp, "rng.pt"))
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
-        files = sorted(os.listdir(tmp))
         meta = dict(meta, iteration=iteration, vocab_size=model.vocab_size, shards=shards,
-                    checksums={f: _sha256(os.path.join(tmp, f)) for f in files})
+                    checksums={f: _sha256(os.path.join(tmp, f)) for f in _files(tmp)})
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
-        for f in ("rng.pt", "config.yaml", "meta.json"):
+        for f in ("config.yaml", "meta.json"):
             _fsync_file(os.path.join(tmp, f))
         if os.path.exists(final):  # re-saving an iteration: move the old one aside first
             old = final + ".old"
@@ -184,26 +202,27 @@ def resolve(path: str) -> str:
     return path
 
 
-def read_checkpoint(path: str, parts=("model", "optimizer", "rng")) -> dict:
-    """Meta, config and ``parts`` of a checkpoint as whole, unpadded tensors keyed by global name (the shards
-    assembled, memory-mapped while reading); every file read is checked against its SHA-256 first."""
-    path = resolve(path)
-    with open(os.path.join(path, "meta.json")) as fh:
-        meta = json.load(fh)
-    wanted = {"config.yaml"} | {f for f in meta["checksums"] for part in parts
-                                if f == f"{part}.pt" or f.startswith(f"{part}-")}
-    for fname in sorted(wanted):
+def _verified(path: str, meta: dict, names) -> None:
+    for fname in sorted(names):
         fpath = os.path.join(path, fname)
         if not os.path.exists(fpath):
             raise CheckpointError(f"{fpath}: missing from the checkpoint")
         if _sha256(fpath) != meta["checksums"][fname]:
             raise CheckpointError(f"{fpath}: checksum mismatch, the file is corrupted")
+
+
+def read_checkpoint(path: str, parts=("model", "optimizer")) -> dict:
+    """Meta, config and ``parts`` (model, optimizer) of a checkpoint as whole, unpadded tensors keyed by global
+    name (the shards assembled, memory-mapped while reading); every file read is checked against its SHA-256
+    first. Random-number state is per rank: ``read_rng``."""
+    path = resolve(path)
+    with open(os.path.join(path, "meta.json")) as fh:
+        meta = json.load(fh)
+    wanted = {"config.yaml"} | {f for f in meta["checksums"] for part in parts if f.startswith(f"{part}-")}
+    _verified(path, meta, wanted)
     out = {"path": path, "meta": meta, "config": load_yaml(os.path.join(path, "config.yaml"))}
     vocab = meta.get("vocab_size")
     for part in parts:
-        if part == "rng":
-            out["rng"] = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True)
-            continue
         files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=True, mmap=True)
                  for f in wanted if f.startswith(f"{part}-")}
         out[part] = {}
@@ -216,6 +235,25 @@ def read_checkpoint(path: str, parts=("model", "optimizer", "rng")) -> dict:
                 out[part][name] = {k: (_join([files[e[0]][name][k] for e in entries], entries, vocab)
                                        if v.ndim > 0 else v.clone()) for k, v in first.items()}
     return out
+
+
+def read_rng(path: str, meta: dict, topo: Topology) -> tuple:
+    """This rank's random-number state from checkpoint ``path``: ``(state, same_layout)``.
+
+    Under the layout that saved it, every rank gets back its own streams, so the run continues bit for bit.
+    Under another layout the streams cannot continue exactly (other ranks now run other layers and shards); each
+    rank takes those of the saved rank at its coordinates modulo the saved sizes, which keeps the default
+    generator identical across the TP ranks of a stage (hidden dropout on replicated activations). Checkpoints
+    from before per-rank states hold one ``rng.pt`` (rank 0's), which every rank takes."""
+    if "rng.pt" in meta["checksums"]:
+        names, same = ["rng.pt"], False
+    else:
+        saved = meta.get("layout", {})
+        s_tp, s_pp, s_dp = saved.get("tp", 1), saved.get("pp", 1), saved.get("dp", 1)
+        same = (s_tp, s_pp, s_dp) == (topo.tp, topo.pp, topo.dp)
+        names = [_rng_file(topo.tp_rank % s_tp, topo.pp_rank % s_pp, topo.dp_rank % s_dp)]
+    _verified(path, meta, names)
+    return torch.load(os.path.join(path, names[0]), map_location="cpu", weights_only=True), same
 
 
 def _join(pieces, entries, vocab_size):

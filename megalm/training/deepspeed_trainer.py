@@ -9,7 +9,7 @@ rank's sequence shard (norms) are summed over the TP group in backward, before t
 
 The DeepSpeed config is rendered from megalm's config tree; a file given with ``--deepspeed_config`` adds to it,
 and may not contradict the batch sizes. Checkpoints hold megalm's weights (global coordinates: they load into any
-layout) plus DeepSpeed's own engine state under ``SAVE/deepspeed/`` for exact resume.
+layout) plus DeepSpeed's own engine state under ``SAVE/iter_N/deepspeed/`` for exact resume.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from megalm.training.trainer import Trainer
 
 log = logging.getLogger("megalm")
 
+ENGINE_DIR = "deepspeed"  # inside each iter_* directory
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -165,19 +166,24 @@ class DeepSpeedTrainer(Trainer):
         return contextlib.nullcontext()
 
     def save(self) -> None:
+        """The engine's state goes inside the iteration's temporary directory, so it appears (renamed with the
+        rest), and is pruned by --keep-last-n, with its iteration."""
+        def engine_state(tmp: str) -> None:
+            self.engine.save_checkpoint(tmp, tag=ENGINE_DIR, save_latest=False)
+
         with self._gathered():
             ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, {}, self.cfg, self.topo,
-                                 self.checkpoint_meta(), self.rng_state())
-        tag = os.path.basename(ckpt.iteration_dir("", self.iteration))
-        self.engine.save_checkpoint(os.path.join(self.cfg.checkpoint.save, "deepspeed"), tag=tag)
+                                 self.checkpoint_meta(), self.rng_state(), write_extra=engine_state)
+        if self.cfg.checkpoint.keep_last_n and self.topo.rank == 0:
+            ckpt.prune(self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last_n)
 
     def load(self, path: str) -> None:
-        state = self.read_and_check(path, parts=("rng",))
-        root = os.path.dirname(state["path"])
-        engine_dir = os.path.join(root, "deepspeed")
-        tag = os.path.basename(state["path"])
+        state = self.read_and_check(path, parts=())
+        engine_dir, tag = state["path"], ENGINE_DIR
+        if not os.path.isdir(os.path.join(engine_dir, tag)):  # written before the engine state moved inside
+            engine_dir, tag = os.path.join(os.path.dirname(state["path"]), ENGINE_DIR), os.path.basename(state["path"])
         if not os.path.isdir(os.path.join(engine_dir, tag)):
-            raise ckpt.CheckpointError(f"{state['path']}: no DeepSpeed engine state at {engine_dir}/{tag}; "
-                                       f"a checkpoint from megalm's own path loads without --deepspeed")
+            raise ckpt.CheckpointError(f"{state['path']}: no DeepSpeed engine state ({ENGINE_DIR}/); a checkpoint "
+                                       f"from megalm's own path loads without --deepspeed")
         self.engine.load_checkpoint(engine_dir, tag=tag)
         self.restore_progress(state)

@@ -320,8 +320,6 @@ class Trainer:
         parts = ["model"]
         if not (ck.finetune or ck.no_load_optim):
             parts.append("optimizer")
-        if not (ck.finetune or ck.no_load_rng):
-            parts.append("rng")
         state = self.read_and_check(path, parts)
         ckpt.load_model_state(self.model, state["model"], self.topo, state["path"])
         if "optimizer" in parts:
@@ -339,12 +337,24 @@ class Trainer:
         self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
         if meta.get("scaler") and not self.cfg.checkpoint.no_load_optim:
             self.scaler.load_state_dict(meta["scaler"])
-        rng = state.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if "tracker" in rng:
-                self.model.rng_tracker.load_state_dict(rng["tracker"])
-            if self.device.type == "cuda" and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"])
+        if not self.cfg.checkpoint.no_load_rng:
+            self.restore_rng(state)
         log.info("resumed from %s at iteration %d (%d samples consumed)", state["path"], self.iteration,
                  self.consumed_samples)
+
+    def restore_rng(self, state: dict) -> None:
+        """This rank's own random streams (see ``checkpoint.read_rng``). Under another TP size the saved TP
+        trackers no longer match this run's TP ranks one to one: each rank's tracker is seeded afresh from the
+        seed, the iteration and its TP rank, so TP ranks keep distinct streams."""
+        rng, same_layout = ckpt.read_rng(state["path"], state["meta"], self.topo)
+        torch.set_rng_state(rng["torch"])
+        saved_tp = state["meta"].get("layout", {}).get("tp", 1)
+        if "tracker" in rng and saved_tp == self.topo.tp:
+            self.model.rng_tracker.load_state_dict(rng["tracker"])
+        else:
+            self.model.rng_tracker.seed(self.cfg.train.seed + self.iteration, self.topo.tp_rank)
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+        if not same_layout and self.topo.rank == 0:
+            log.info("resumed under another layout than the checkpoint's: dropout draws continue from the saved "
+                     "ranks' generators, not bit for bit as the saving layout would have drawn them")
