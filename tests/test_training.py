@@ -219,3 +219,52 @@ def test_finetune_no_load_optim_and_keep_last_n(tmp_path, dataset_prefix, bpe_fl
     fresh, _ = read_metrics(tmp_path / "fresh.jsonl")
     assert full[0]["iteration"] == fresh[0]["iteration"] == 4 and full[0]["loss"] == fresh[0]["loss"]
     assert full[1]["loss"] != fresh[1]["loss"]
+
+
+def test_token_ids_outside_the_vocabulary_stop_the_run(tmp_path):
+    """An id between the vocabulary and its padding, and one past the padding, each stop the run at start-up with
+    the file and the id (before: trained padding rows silently, or an IndexError deep in the embedding)."""
+    import numpy as np
+
+    from megalm.data.indexed import IndexedDatasetWriter
+
+    flags = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--num-layers", "1", "--hidden-size", "16",
+             "--num-attention-heads", "2", "--seq-length", "8", "--micro-batch-size", "1", "--global-batch-size", "1",
+             "--train-iters", "1", "--eval-iters", "0", "--split", "100,0,0"]
+    for bad in (101, 130, 5000):  # NullTokenizer's vocabulary is 101 ids (100 + its end of document); padded 128
+        prefix = str(tmp_path / f"d{bad}")
+        writer = IndexedDatasetWriter(prefix, dtype=np.int32)
+        rng = np.random.RandomState(0)
+        for i in range(20):
+            doc = rng.randint(0, 100, size=30)
+            if i == 7:
+                doc[3] = bad
+            writer.add_document(doc)
+        writer.finalize()
+        res = run_module("megalm.pretrain", *flags, "--data-path", prefix)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert f"d{bad}.bin: token id {bad} is outside the tokenizer's vocabulary of 101 ids" in res.stderr
+
+
+def test_index_cache_follows_the_data(tmp_path):
+    """A dataset written again with the same document count but other contents gets fresh indices, not the cached
+    ones of the old version (the key holds the files' sizes, times and a hash of the index)."""
+    import numpy as np
+
+    from megalm.data.gpt_dataset import GPTDataset, IndexCache
+    from megalm.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+    prefix, cache = str(tmp_path / "d"), IndexCache(str(tmp_path / "cache"))
+    samples = []
+    for length in (30, 50):
+        writer = IndexedDatasetWriter(prefix, dtype=np.int32)
+        for i in range(20):
+            writer.add_document(np.arange(length) + i)
+        writer.finalize()
+        ds = IndexedDataset(prefix)
+        gpt = GPTDataset(ds, np.arange(20, dtype=np.int32), 10, 16, 1, "train", "null", cache)
+        samples.append([gpt[i].tolist() for i in range(10)])
+        fresh = GPTDataset(ds, np.arange(20, dtype=np.int32), 10, 16, 1, "train", "null",
+                           IndexCache(str(tmp_path / f"fresh{length}")))
+        assert samples[-1] == [fresh[i].tolist() for i in range(10)]
+    assert samples[0] != samples[1]

@@ -98,16 +98,40 @@ class IndexCache:
     is_builder: bool = True
     barrier: Optional[Callable[[], None]] = None
 
+    def path(self, prefix: str) -> str:
+        return self.directory or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache")
+
+
+def check_token_ids(indexed: IndexedDataset, vocab_size: int, cache: IndexCache) -> None:
+    """Stop when the dataset holds a token id outside the tokenizer's vocabulary: such ids would train padding
+    rows, predict nothing, or fail deep in the embedding. The largest id is computed once per dataset version
+    and cached beside the indices."""
+    path = os.path.join(cache.path(indexed.prefix), f"{indexed.fingerprint()}-max_token_id.json")
+    if cache.is_builder and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
+            json.dump({"prefix": os.path.abspath(indexed.prefix), "max_token_id": indexed.max_token_id()}, fh)
+        os.replace(path + ".tmp", path)
+    if cache.barrier is not None:
+        cache.barrier()
+    with open(path) as fh:
+        largest = json.load(fh)["max_token_id"]
+    if largest >= vocab_size:
+        raise DatasetError(f"{indexed.prefix}.bin: token id {largest} is outside the tokenizer's vocabulary of "
+                           f"{vocab_size} ids (ids 0..{vocab_size - 1}); was it preprocessed with another "
+                           f"tokenizer?")
+
 
 class GPTDataset:
     def __init__(self, indexed: IndexedDataset, sequences: np.ndarray, num_samples: int, seq_length: int,
                  seed: int, name: str, fingerprint: str, cache: IndexCache):
         self.indexed, self.seq_length, self.name = indexed, seq_length, name
-        description = {"class": "GPTDataset", "prefix": os.path.abspath(indexed.prefix), "split": name,
+        description = {"class": "GPTDataset", "prefix": os.path.abspath(indexed.prefix),
+                       "data": indexed.fingerprint(), "split": name,
                        "sequences": [int(sequences[0]), int(sequences[-1]) + 1], "num_samples": num_samples,
                        "seq_length": seq_length, "seed": seed, "tokenizer": fingerprint}
         key = hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
-        directory = cache.directory or os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "cache")
+        directory = cache.path(indexed.prefix)
         paths = [os.path.join(directory, f"{key}-{part}.npy") for part in ("doc_idx", "sample_idx", "shuffle_idx")]
         if cache.is_builder and not all(os.path.exists(p) for p in paths):
             log.info("building %s indices for %s (%d samples) into %s", name, indexed.prefix, num_samples,
@@ -162,9 +186,13 @@ def split_sample_counts(train_iters: int, global_batch_size: int, eval_iters: in
 
 
 def build_datasets(blend: Sequence[Tuple[float, str]], split: Sequence[float], sample_counts: Sequence[int],
-                   seq_length: int, seed: int, fingerprint: str, cache: IndexCache):
-    """Train, valid and test datasets (None where the split or the sample count is zero)."""
+                   seq_length: int, seed: int, fingerprint: str, cache: IndexCache, vocab_size: Optional[int] = None):
+    """Train, valid and test datasets (None where the split or the sample count is zero); with ``vocab_size``,
+    every dataset's token ids are checked against it first."""
     indexed = [(w, IndexedDataset(prefix)) for w, prefix in blend]
+    if vocab_size is not None:
+        for _, ds in indexed:
+            check_token_ids(ds, vocab_size, cache)
     out = []
     for split_i, (name, count) in enumerate(zip(SPLIT_NAMES, sample_counts)):
         if count == 0 or split[split_i] == 0:

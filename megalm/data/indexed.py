@@ -5,6 +5,7 @@ int64 pointers[S], int64 document index[D], optionally int8 modes[S]. ``.bin`` h
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from typing import Callable, Iterable, Optional, Sequence
@@ -212,6 +213,23 @@ class IndexedDataset:
         if actual != expected:
             raise IndexedFormatError(f"{bpath}: {actual} bytes, but {ipath} describes {expected} "
                               f"({'truncated' if actual < expected else 'extra data'})")
+
+    def fingerprint(self) -> str:
+        """What index caches are keyed by, so that a dataset written again (even with the same document count)
+        never reuses stale indices: both files' sizes and modification times, and a SHA-256 of the .idx header
+        with its first and last MiB (lengths and document index)."""
+        h = hashlib.sha256()
+        for path in (idx_path(self.prefix), bin_path(self.prefix)):
+            st = os.stat(path)
+            h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+        head = 1 << 20
+        h.update(self._idx[:head].tobytes())
+        h.update(self._idx[max(head, self._idx.size - head):].tobytes())
+        return h.hexdigest()[:32]
+
+    def max_token_id(self, chunk: int = 1 << 24) -> int:
+        """The largest token id in the .bin (-1 when empty), read in chunks of ``chunk`` tokens."""
+        return max((int(self._bin[i: i + chunk].max()) for i in range(0, self._bin.size, chunk)), default=-1)
 
     def __len__(self) -> int:
         return self.lengths.size

@@ -89,7 +89,7 @@ class Trainer:
 
             def datasets(paths, split):
                 return build_datasets(parse_data_path(paths), split, counts, cfg.model.seq_length, t.seed,
-                                      self.tokenizer.fingerprint, cache)
+                                      self.tokenizer.fingerprint, cache, self.tokenizer.vocab_size)
 
             d = cfg.data
             if d.train_data_path:  # separate files per split, each used whole
