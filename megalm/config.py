@@ -46,6 +46,8 @@ class ModelConfig:
     normalization: str = opt("LayerNorm", "normalization layer", choices=("LayerNorm", "RMSNorm"))
     norm_epsilon: float = opt(1e-5, "epsilon of the normalization layers")
     swiglu: bool = opt(False, "SwiGLU MLP instead of GELU")
+    gelu_approximation: str = opt("none", "GELU of the MLP: exact (none) or the tanh approximation of GPT-2 "
+                                  "(transformers' gelu_new, Megatron's --openai-gelu)", choices=("none", "tanh"))
     untie_embeddings_and_output_weights: bool = opt(False, "separate output layer instead of the embedding matrix")
     add_bias_linear: bool = opt(True, "no biases in linear layers", flag="--disable-bias-linear", negate=True)
     hidden_dropout: float = opt(0.0, "dropout after attention and MLP")

@@ -62,3 +62,62 @@ def test_import_export_round_trip_and_loss(exported, tmp_path):
         ours = model(ids[:, :-1], ids[:, 1:]).mean()
         theirs = hf(ids, labels=ids).loss
     assert abs(ours.item() - theirs.item()) < 1e-5
+
+
+def _save_hf(model, folder, bpe_dir):
+    import shutil
+
+    model.save_pretrained(folder)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(f"{bpe_dir}/{f}", folder / f)
+
+
+def _logits_match(folder, save, ids):
+    assert import_main(["--input", str(folder), "--save", str(save)]) == 0
+    model, _ = load_for_inference(str(save), Topology(), {})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        return (model(ids) - hf(ids).logits).abs().max().item()
+
+
+def test_import_transformers_initialised_models(tmp_path, bpe_dir):
+    """Models transformers itself initialised, with their default configs: GPT-2's gelu_new (the tanh GELU, which
+    megalm once only warned about: logits differed), and a Llama whose RoPE base sits under transformers 5's
+    rope_parameters (once read from rope_theta only)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1024, (1, 24))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64,
+                                                                vocab_size=1024))
+    assert gpt2.config.activation_function == "gelu_new"
+    _save_hf(gpt2, tmp_path / "gpt2", bpe_dir)
+    assert _logits_match(tmp_path / "gpt2", tmp_path / "gpt2-ck", ids) < 1e-4
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1024, max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 500.0}))
+    _save_hf(llama, tmp_path / "llama", bpe_dir)
+    assert "rope_parameters" in (tmp_path / "llama" / "config.json").read_text()
+    assert _logits_match(tmp_path / "llama", tmp_path / "llama-ck", ids) < 1e-4
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+     "rope_parameters.rope_type='llama3'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"mlp_bias": True}, "mlp_bias=True"),
+    ({"sliding_window": 16}, "sliding_window=16"),
+], ids=["llama3-rope", "linear-rope", "act", "mlp-bias", "unknown-key"])
+def test_import_refuses_what_it_does_not_implement(tmp_path, bpe_dir, change, named, capsys):
+    import json
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=1024))
+    _save_hf(llama, tmp_path / "in", bpe_dir)
+    cfg = json.loads((tmp_path / "in" / "config.json").read_text())
+    cfg.update(change)
+    (tmp_path / "in" / "config.json").write_text(json.dumps(cfg))
+    assert import_main(["--input", str(tmp_path / "in"), "--save", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert named in err, err
+    assert not (tmp_path / "out" / "latest_checkpointed_iteration.txt").exists()

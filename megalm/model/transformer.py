@@ -182,7 +182,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
         bias = cfg.add_bias_linear
-        self.topo, self.swiglu = topo, cfg.swiglu
+        self.topo, self.swiglu, self.approximate = topo, cfg.swiglu, cfg.gelu_approximation
         self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias, input_entered=True)
         if self.swiglu:
             self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias, input_entered=True)
@@ -192,7 +192,7 @@ class MLP(nn.Module):
         x = enter_tp_region(x, self.topo)
         if self.swiglu:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return self.w2(F.gelu(self.w1(x)))
+        return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
 
 
 def hidden_dropout(x, p: float, training: bool, topo: Topology, rng: RNGTracker):

@@ -45,7 +45,8 @@ def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
     if flavour(m) == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
                 "n_positions": m.max_position_embeddings, "n_embd": m.hidden_size, "n_layer": m.num_layers,
-                "n_head": m.num_attention_heads, "n_inner": m.ffn_hidden_size, "activation_function": "gelu",
+                "n_head": m.num_attention_heads, "n_inner": m.ffn_hidden_size,
+                "activation_function": "gelu_new" if m.gelu_approximation == "tanh" else "gelu",
                 "layer_norm_epsilon": m.norm_epsilon, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
@@ -128,31 +129,89 @@ def from_hf(m: ModelConfig, hf: dict) -> dict:
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
+# config.json keys that do not change what the model computes from its weights: metadata, generation and
+# training-only settings (dropout). Anything else must be implemented below or the import stops with its name.
+NEUTRAL_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "bos_token_id",
+    "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "use_cache", "initializer_range",
+    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "tokenizer_class", "task_specific_params", "finetuning_task", "prefix", "vocab_size", "attn_pdrop",
+    "embd_pdrop", "resid_pdrop", "attention_dropout", "summary_type", "summary_use_proj", "summary_activation",
+    "summary_proj_to_labels", "summary_first_dropout", "reorder_and_upcast_attn", "n_ctx", "pretraining_tp",
+    "max_position_embeddings", "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder",
+    "is_decoder", "pruned_heads", "tie_encoder_decoder", "use_return_dict",
+}
+GPT2_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def _refuse_unknown(hf: dict, implemented: set) -> None:
+    unknown = sorted(k for k in hf if k not in NEUTRAL_KEYS | implemented)
+    if unknown:
+        raise ConversionError(f"config.json: {', '.join(f'{k}={hf[k]!r}' for k in unknown)}: not implemented by "
+                              f"megalm; importing anyway could give other logits than transformers, so it stops")
+
+
+def _require(hf: dict, key: str, allowed, default) -> None:
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise ConversionError(f"config.json: {key}={value!r} is not implemented by megalm (it supports "
+                              f"{', '.join(map(repr, allowed))})")
+
+
+def _rope_theta(hf: dict) -> float:
+    """RoPE base frequency from either spelling: ``rope_theta`` (transformers 4) or ``rope_parameters``
+    (transformers 5); any scaling (``rope_type`` other than default) is refused by name."""
+    theta = hf.get("rope_theta", 10000.0)
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key)
+        if not params:
+            continue
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise ConversionError(f"config.json: {key}.rope_type={kind!r} (RoPE scaling) is not implemented by "
+                                  f"megalm; only unscaled RoPE is")
+        other = sorted(set(params) - {"rope_type", "type", "rope_theta"})
+        if other:
+            raise ConversionError(f"config.json: {key} holds {', '.join(other)}, not implemented by megalm")
+        theta = params.get("rope_theta", theta)
+    return float(theta)
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
+    """megalm's model config from a transformers config.json; every key that would change the computation and
+    that megalm does not implement stops the import, named."""
     m = ModelConfig()
     kind = hf.get("model_type")
     if kind == "gpt2":
+        _refuse_unknown(hf, {"n_layer", "n_embd", "n_head", "n_inner", "n_positions", "layer_norm_epsilon",
+                             "activation_function", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                             "add_cross_attention"})
+        _require(hf, "activation_function", tuple(GPT2_GELU), "gelu_new")
+        _require(hf, "scale_attn_weights", (True,), True)
+        _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
+        _require(hf, "add_cross_attention", (False,), False)
         m.num_layers, m.hidden_size, m.num_attention_heads = hf["n_layer"], hf["n_embd"], hf["n_head"]
         m.ffn_hidden_size = hf.get("n_inner") or 4 * hf["n_embd"]
         m.max_position_embeddings = m.seq_length = hf["n_positions"]
         m.norm_epsilon = hf.get("layer_norm_epsilon", 1e-5)
         m.num_query_groups = m.num_attention_heads
-        if hf.get("activation_function", "gelu_new") not in ("gelu",):
-            log.warning("config.json uses activation %s; megalm's GPT-2 flavour uses exact GELU, logits will "
-                        "differ slightly", hf.get("activation_function", "gelu_new"))
+        m.gelu_approximation = GPT2_GELU[hf.get("activation_function", "gelu_new")]
         return m
     if kind == "llama":
+        _refuse_unknown(hf, {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                             "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+                             "hidden_act", "attention_bias", "mlp_bias", "head_dim"})
+        _require(hf, "hidden_act", ("silu",), "silu")
         m.position_embedding_type, m.normalization, m.swiglu = "rope", "RMSNorm", True
         m.num_layers, m.hidden_size = hf["num_hidden_layers"], hf["hidden_size"]
         m.num_attention_heads = hf["num_attention_heads"]
         m.num_query_groups = hf.get("num_key_value_heads") or m.num_attention_heads
         m.ffn_hidden_size = hf["intermediate_size"]
         m.max_position_embeddings = m.seq_length = hf.get("max_position_embeddings", 2048)
-        m.norm_epsilon, m.rotary_base = hf.get("rms_norm_eps", 1e-6), float(hf.get("rope_theta", 10000.0))
+        m.norm_epsilon, m.rotary_base = hf.get("rms_norm_eps", 1e-6), _rope_theta(hf)
         m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
         m.add_bias_linear = bool(hf.get("attention_bias", False))
-        if hf.get("rope_scaling"):
-            raise ConversionError("config.json: rope_scaling is not supported")
+        _require(hf, "mlp_bias", (m.add_bias_linear,), m.add_bias_linear)
         if hf.get("head_dim") not in (None, m.head_dim):
             raise ConversionError(f"config.json: head_dim {hf['head_dim']} != hidden_size / heads ({m.head_dim})")
         return m
