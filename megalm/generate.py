@@ -121,63 +121,130 @@ def load_for_inference(path: str, topo: Topology, overrides: dict):
     return model.eval(), tokenizer
 
 
+class RequestError(ValueError):
+    """A request the endpoint refuses; ``status`` is the HTTP answer (400, or 413 for a body over the limit)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+OPTION_TYPES = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+
+
 class Generator:
-    """What the command line and the HTTP endpoint share: prompts in, texts out, on every rank alike."""
+    """What the command line and the HTTP endpoint share. ``prepare`` (rank 0) checks a request and tokenizes it;
+    ``run`` (every rank alike) generates from the prepared ids; ``__call__`` is both, for the command line."""
 
     def __init__(self, model, tokenizer, args):
         self.model, self.tok, self.args = model, tokenizer, args
 
-    def __call__(self, prompts: List[str], **options) -> List[str]:
+    def prepare(self, prompts, options: dict) -> dict:
+        """Token ids and checked options, or a RequestError that names what is wrong."""
         a = self.args
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RequestError('"prompts" must be a non-empty list of strings')
+        if len(prompts) > a.max_prompts:
+            raise RequestError(f"{len(prompts)} prompts, more than --max-prompts {a.max_prompts}")
+        unknown = sorted(set(options) - set(OPTION_TYPES))
+        if unknown:
+            raise RequestError(f"unknown field(s) {', '.join(unknown)} (known: prompts, {', '.join(OPTION_TYPES)})")
         opts = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k,
-                "top_p": a.top_p, "seed": a.seed, **options}
-        stop = () if a.no_stop_at_eod else (self.tok.eod,)
+                "top_p": a.top_p, "seed": a.seed}
+        for key, value in options.items():
+            kind = OPTION_TYPES[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise RequestError(f'"{key}" must be a{"n integer" if kind is int else " number"}, not {value!r}')
+            opts[key] = kind(value)
+        if not 0 <= opts["max_new_tokens"] <= a.max_new_tokens_limit:
+            raise RequestError(f'"max_new_tokens" {opts["max_new_tokens"]} is outside 0..--max-new-tokens-limit '
+                               f"{a.max_new_tokens_limit}")
+        if not 0 < opts["top_p"] <= 1 or opts["top_k"] < 0 or opts["temperature"] < 0:
+            raise RequestError('need 0 < "top_p" <= 1, "top_k" >= 0, "temperature" >= 0')
         ids = [self.tok.tokenize(p) for p in prompts]
-        texts = []
-        for start in range(0, len(ids), a.batch_size or len(ids)):
-            batch = ids[start: start + (a.batch_size or len(ids))]
-            outs = generate_batch(self.model, batch, int(opts["max_new_tokens"]), float(opts["temperature"]),
-                                  int(opts["top_k"]), float(opts["top_p"]), stop, not a.no_kv_cache,
-                                  int(opts["seed"]), pad_id=self.tok.eod)
-            texts += [self.tok.detokenize(o[len(p):]) for p, o in zip(batch, outs)]
-        return texts
+        if any(not i for i in ids):
+            raise RequestError("empty prompt: give at least one token")
+        if self.model.cfg.position_embedding_type == "learned_absolute":
+            limit = self.model.cfg.max_position_embeddings
+            if max(len(i) for i in ids) > limit:
+                raise RequestError(f"prompt of {max(len(i) for i in ids)} tokens is longer than the model's "
+                                   f"{limit} positions")
+        return {"ids": ids, **opts}
+
+    def run(self, request: dict) -> List[List[int]]:
+        """The generated ids (prompt excluded) of a prepared request; every rank calls this alike."""
+        a = self.args
+        stop = () if a.no_stop_at_eod else (self.tok.eod,)
+        ids, size, out = request["ids"], a.batch_size or len(request["ids"]), []
+        for start in range(0, len(ids), size):
+            batch = ids[start: start + size]
+            outs = generate_batch(self.model, batch, request["max_new_tokens"], request["temperature"],
+                                  request["top_k"], request["top_p"], stop, not a.no_kv_cache, request["seed"],
+                                  pad_id=self.tok.eod)
+            out += [o[len(p):] for p, o in zip(batch, outs)]
+        return out
+
+    def __call__(self, prompts: List[str], **options) -> List[str]:
+        return [self.tok.detokenize(o) for o in self.run(self.prepare(prompts, options))]
 
 
 def serve(gen: Generator, host: str, port: int, topo: Topology) -> None:
     """POST /generate {"prompts": [...], "max_new_tokens": ..., "temperature": ...} -> {"texts": [...]}.
-    Rank 0 listens; every request is broadcast so all ranks run the same forward passes."""
+    Rank 0 listens, checks and tokenizes each request, and broadcasts only a valid one, so that every rank runs
+    the same forward passes and a bad request never reaches the others: they keep serving."""
     import json
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    def run(request):
+    def broadcast(request):
         if topo.world_size > 1:
             box = [request]
             dist.broadcast_object_list(box, src=0)
             request = box[0]
-        if request is None:
-            return None
-        options = {k: v for k, v in request.items() if k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                                              "seed")}
-        return gen([str(p) for p in request["prompts"]], **options)
+        return request
 
     if topo.rank != 0:
-        while run(None) is not None:
-            pass
+        while (request := broadcast(None)) is not None:
+            try:
+                gen.run(request)
+            except ValueError as exc:  # rank 0 meets the same error on the same request and answers it
+                log.warning("request failed: %s", exc)
         return
+
+    limit = gen.args.max_request_bytes
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if self.path != "/generate" or not isinstance(body.get("prompts"), list) or not body["prompts"]:
-                    raise ValueError('POST /generate with {"prompts": ["..."]}')
-                reply, code = {"texts": run(body)}, 200
-            except (ValueError, TypeError, KeyError) as exc:
+                if self.path != "/generate":
+                    raise RequestError(f"no endpoint {self.path}: POST /generate", 404)
+                try:
+                    length = int(self.headers.get("Content-Length", 0))
+                except ValueError:
+                    raise RequestError("bad Content-Length") from None
+                if length > limit:
+                    raise RequestError(f"request body of {length} bytes is over --max-request-bytes {limit}", 413)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise RequestError(f"body is not JSON: {exc}") from None
+                if not isinstance(body, dict):
+                    raise RequestError('body must be a JSON object {"prompts": [...]}')
+                request = gen.prepare(body.get("prompts"), {k: v for k, v in body.items() if k != "prompts"})
+                try:
+                    texts = [gen.tok.detokenize(o) for o in gen.run(broadcast(request))]
+                except ValueError as exc:
+                    raise RequestError(str(exc)) from None
+                reply, code = {"texts": texts}, 200
+            except RequestError as exc:
+                reply, code = {"error": str(exc)}, exc.status
+            except TokenizerError as exc:
                 reply, code = {"error": str(exc)}, 400
             data = json.dumps(reply).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if code == 413:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -192,8 +259,7 @@ def serve(gen: Generator, host: str, port: int, topo: Topology) -> None:
         pass
     finally:
         server.server_close()
-        if topo.world_size > 1:
-            dist.broadcast_object_list([None], src=0)  # release the other ranks
+        broadcast(None)  # release the other ranks
 
 
 def main(argv=None) -> int:
@@ -213,12 +279,20 @@ def main(argv=None) -> int:
     p.add_argument("--serve", action="store_true", help="answer POST /generate over HTTP instead of --prompt")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on with --serve (default: local only)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="with --serve: larger bodies get 413")
+    p.add_argument("--max-prompts", type=int, default=64, help="prompts per request (or per --prompt run)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=4096,
+                   help="with --serve: the largest max_new_tokens a request may ask for")
     p.add_argument("--vocab-file")
     p.add_argument("--merge-file")
     p.add_argument("--tokenizer-model")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1 or args.top_k < 0 or args.temperature < 0 or args.max_new_tokens < 0:
         p.error("need 0 < --top-p <= 1, --top-k >= 0, --temperature >= 0, --max-new-tokens >= 0")
+    if args.max_new_tokens > args.max_new_tokens_limit:
+        p.error(f"--max-new-tokens {args.max_new_tokens} is over --max-new-tokens-limit {args.max_new_tokens_limit}")
+    if len(args.prompt) > args.max_prompts:
+        p.error(f"{len(args.prompt)} prompts, more than --max-prompts {args.max_prompts}")
     if not args.prompt and not args.serve:
         p.error("give --prompt (one or more) or --serve")
     setup_logging(launch_environment()["rank"])

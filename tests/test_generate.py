@@ -61,27 +61,63 @@ def test_pipeline_generation_needs_divisible_layers(checkpoint):
     assert res.returncode != 0 and "does not divide the checkpoint's" in res.stderr
 
 
-def test_http_endpoint(checkpoint):
+def post(port, body: bytes):
+    """(status, reply) of POST /generate; raises ConnectionError while the server is not up yet."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        return 200, json.loads(urllib.request.urlopen(req, timeout=120).read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except urllib.error.URLError as exc:
+        raise ConnectionError(exc) from None
+
+
+@pytest.mark.parametrize("procs", [1, 2], ids=["one", "tp2"])
+def test_http_endpoint(checkpoint, procs):
+    """Bad requests (not JSON, wrong types, too many prompts, too many tokens, unknown fields, a body over the
+    limit) get 400/413 and every rank keeps serving: the next good request is answered as the command line
+    answers it. Under TP 2 the other rank once died on the first bad request."""
     port = free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "megalm.generate", "--load", str(checkpoint), "--serve", "--port",
-                             str(port), "--no-stop-at-eod"], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    serve_args = ["--load", str(checkpoint), "--serve", "--port", str(port), "--no-stop-at-eod",
+                  "--max-prompts", "3", "--max-new-tokens-limit", "20", "--max-request-bytes", "2000",
+                  "--max-new-tokens", "8"]
+    if procs == 1:
+        cmd = [PYTHON, "-m", "megalm.generate", *serve_args]
+    else:
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "megalm/generate.py", *serve_args, "--tensor-model-parallel-size", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        body = json.dumps({"prompts": PROMPTS, "max_new_tokens": 12}).encode()
-        for _ in range(300):
+        for _ in range(600):
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=body,
-                                             headers={"Content-Type": "application/json"})
-                reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+                status, reply = post(port, b"not json")
                 break
-            except (ConnectionError, urllib.error.URLError):
+            except ConnectionError:
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
                 time.sleep(0.2)
         else:
             raise AssertionError("server did not answer")
+        assert status == 400 and "not JSON" in reply["error"]
+        bad = [({"prompts": "x"}, "non-empty list of strings"), ({"prompts": ["a", "b", "c", "d"]}, "--max-prompts 3"),
+               ({"prompts": ["x"], "max_new_tokens": 21}, "--max-new-tokens-limit 20"),
+               ({"prompts": ["x"], "max_new_tokens": "5"}, "must be an integer"),
+               ({"prompts": ["x"], "top_p": 0}, "top_p"), ({"prompts": ["x"], "beam": 2}, "unknown field(s) beam"),
+               ({"prompts": [""]}, "empty prompt")]
+        for body, message in bad:
+            status, reply = post(port, json.dumps(body).encode())
+            assert status == 400 and message in reply["error"], (body, reply)
+        status, reply = post(port, json.dumps({"prompts": ["x" * 3000]}).encode())
+        assert status == 413 and "--max-request-bytes 2000" in reply["error"]
+        status, reply = post(port, json.dumps({"prompts": PROMPTS, "max_new_tokens": 12}).encode())
+        assert status == 200, reply
+        assert proc.poll() is None
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        out = proc.communicate(timeout=60)[0]
     cli = run_module("megalm.generate", "--load", checkpoint, *prompts_args(), "--max-new-tokens", "12",
                      "--no-stop-at-eod")
+    assert len(reply["texts"]) == len(PROMPTS)
     for prompt, text in zip(PROMPTS, reply["texts"]):
-        assert f"--- prompt: {prompt!r}\n{prompt}{text}\n" in cli.stdout
+        assert f"--- prompt: {prompt!r}\n{prompt}{text}\n" in cli.stdout, out[-2000:]
