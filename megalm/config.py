@@ -32,6 +32,13 @@ def opt(default: Any = None, help: str = "", *, choices: Optional[tuple] = None,
     return field(default=default, metadata=meta)
 
 
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                   "HuggingFaceTokenizer", "NullTokenizer")
+# Megatron-LM's other --tokenizer-type names: accepted by the parser so that the error names what is missing
+MEGATRON_ONLY_TOKENIZERS = ("TikTokenizer", "BertWordPieceLowerCase", "BertWordPieceCase", "MultimodalTokenizer",
+                            "Llama3Tokenizer", "MistralTokenizer")
+
+
 @dataclass
 class ModelConfig:
     num_layers: int = opt(2, "transformer layers")
@@ -118,10 +125,14 @@ class DataConfig:
                                 "--split for training", nargs="+")
     valid_data_path: list = opt([], "validation data only, like --train-data-path", nargs="+")
     split: str = opt("969,30,1", "train,valid,test proportions of the documents")
-    tokenizer_type: str = opt("GPT2BPETokenizer", "tokenizer",
-                              choices=("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer",
-                                       "NullTokenizer"))
+    tokenizer_type: str = opt("GPT2BPETokenizer", "tokenizer (Megatron's names and semantics; README lists which "
+                              "Megatron-LM version each matches)", choices=TOKENIZER_TYPES + MEGATRON_ONLY_TOKENIZERS)
     tokenizer_model: Optional[str] = opt(None, "SentencePiece .model, or tokenizer.json / its directory")
+    sentencepiece_legacy_specials: bool = opt(False, "SentencePieceTokenizer as Megatron-LM's older "
+                                              "_SentencePieceTokenizer (core_v0.9 .. 2025): <CLS> <SEP> <EOD> <MASK> "
+                                              "(and <PAD> <BOS> <EOS> where missing) added after the pieces, "
+                                              "documents ended by <EOD>")
+    vocab_extra_ids: int = opt(0, "with --sentencepiece-legacy-specials: this many <extra_id_N> tokens added too")
     vocab_file: Optional[str] = opt(None, "GPT-2 BPE vocab.json")
     merge_file: Optional[str] = opt(None, "GPT-2 BPE merges.txt")
     vocab_size: Optional[int] = opt(None, "vocabulary of NullTokenizer (ids 0..N-1; N is the end-of-document id)")
@@ -521,10 +532,13 @@ def validate_pipeline(cfg: Config) -> None:
 
 def validate_tokenizer(d: DataConfig) -> None:
     kind = d.tokenizer_type
+    model = [("tokenizer_model", "--tokenizer-model")]
     need = {"GPT2BPETokenizer": [("vocab_file", "--vocab-file"), ("merge_file", "--merge-file")],
-            "SentencePieceTokenizer": [("tokenizer_model", "--tokenizer-model")],
-            "HuggingFaceTokenizer": [("tokenizer_model", "--tokenizer-model")],
-            "NullTokenizer": []}
+            "SentencePieceTokenizer": model, "GPTSentencePieceTokenizer": model, "Llama2Tokenizer": model,
+            "HuggingFaceTokenizer": model, "NullTokenizer": []}
+    if kind in MEGATRON_ONLY_TOKENIZERS:
+        raise ConfigError(f"--tokenizer-type {kind} is Megatron-LM's, not implemented by megalm (it has: "
+                          f"{', '.join(need)}); a HuggingFaceTokenizer tokenizer.json often serves the same model")
     if kind not in need:
         raise ConfigError(f"--tokenizer-type {kind!r} is unknown (known: {', '.join(need)})")
     for attr, flag in need[kind]:
@@ -535,6 +549,11 @@ def validate_tokenizer(d: DataConfig) -> None:
             raise ConfigError(f"{flag}: {path} does not exist")
     if kind == "NullTokenizer":
         _positive(d.vocab_size, "--vocab-size (NullTokenizer)")
+    if (d.sentencepiece_legacy_specials or d.vocab_extra_ids) and kind != "SentencePieceTokenizer":
+        raise ConfigError(f"--sentencepiece-legacy-specials and --vocab-extra-ids apply to SentencePieceTokenizer, "
+                          f"not {kind}")
+    if d.vocab_extra_ids < 0 or (d.vocab_extra_ids and not d.sentencepiece_legacy_specials):
+        raise ConfigError("--vocab-extra-ids must be >= 0, and needs --sentencepiece-legacy-specials")
 
 
 def save_yaml(cfg: Config, path: str) -> None:

@@ -92,6 +92,58 @@ def test_sentencepiece(tmp_path, corpus):
     assert tok.vocab_size == 600 and tok.eod == tok._sp.eos_id()
 
 
+def test_sentencepiece_megatron_modes(tmp_path, corpus):
+    """The older Megatron _SentencePieceTokenizer (--sentencepiece-legacy-specials): on a 600-piece model (unk 0,
+    bos 1, eos 2, no pad) <CLS> 600, <SEP> 601, <EOD> 602, <MASK> 603, <PAD> 604, then extra ids; documents end
+    with <EOD> 602 and the vocabulary is 605 (+ extra ids). Llama2Tokenizer starts every text with BOS;
+    GPTSentencePieceTokenizer is the default mode. preprocess writes each."""
+    import numpy as np
+
+    from megalm.data.indexed import IndexedDataset
+    from megalm.tools.preprocess_data import main as preprocess
+    from megalm.tools.train_tokenizer import train_sentencepiece
+
+    train_sentencepiece([corpus], ["text"], 600, str(tmp_path))
+    model = str(tmp_path / "tokenizer.model")
+    plain = SentencePieceTokenizer(model)
+    legacy = SentencePieceTokenizer(model, legacy=True, vocab_extra_ids=2)
+    assert (legacy.vocab_size, legacy.eod) == (607, 602)
+    assert legacy.special == {"<CLS>": 600, "<SEP>": 601, "<EOD>": 602, "<MASK>": 603, "<PAD>": 604, "<s>": 1,
+                              "</s>": 2, "<extra_id_0>": 605, "<extra_id_1>": 606}
+    text = "Return the items."
+    assert legacy.tokenize(text) == plain.tokenize(text)
+    assert legacy.tokenize(f"{text}<SEP>{text}</s>") == plain.tokenize(text) + [601] + plain.tokenize(text) + [2]
+    assert legacy.detokenize(legacy.tokenize(f"{text}<EOD>")) == f"{text} <EOD> "
+    assert legacy.fingerprint != plain.fingerprint
+    llama = build_tokenizer(type("D", (), {"tokenizer_type": "Llama2Tokenizer", "tokenizer_model": model})())
+    assert llama.tokenize(text) == [1] + plain.tokenize(text) and (llama.eod, llama.vocab_size) == (2, 600)
+    doc = tmp_path / "doc.jsonl"
+    doc.write_text('{"text": "Return the items."}\n{"text": "A second one."}\n')
+    expected = {"legacy": (plain.tokenize("Return the items.") + [602], "--sentencepiece-legacy-specials"),
+                "gptsp": (plain.tokenize("Return the items.") + [2], None),
+                "llama": ([1] + plain.tokenize("Return the items.") + [2], None)}
+    for name, (ids, flag) in expected.items():
+        kind = {"legacy": "SentencePieceTokenizer", "gptsp": "GPTSentencePieceTokenizer",
+                "llama": "Llama2Tokenizer"}[name]
+        argv = ["--input", str(doc), "--output-prefix", str(tmp_path / name), "--tokenizer-type", kind,
+                "--tokenizer-model", model, "--append-eod"] + ([flag] if flag else [])
+        assert preprocess(argv) == 0
+        ds = IndexedDataset(str(tmp_path / f"{name}_text_document"))
+        assert np.asarray(ds[0]).tolist() == ids
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokenizer-type", "TikTokenizer"], "--tokenizer-type TikTokenizer is Megatron-LM's, not implemented"),
+    (["--tokenizer-type", "NullTokenizer", "--vocab-size", "10", "--sentencepiece-legacy-specials"],
+     "apply to SentencePieceTokenizer, not NullTokenizer"),
+])
+def test_megatron_tokenizer_names(argv, message):
+    from megalm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv, world_size=1)
+
+
 def test_null_tokenizer():
     tok = NullTokenizer(100)
     assert tok.tokenize("1 2 99") == [1, 2, 99]

@@ -135,32 +135,104 @@ class GPT2BPETokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece ``.model``; end of document is its ``</s>`` (eos) id."""
+    """A SentencePiece ``.model``.
+
+    By default (Megatron-LM since its tokenizers moved into ``megatron.core.tokenizers``, and its
+    ``GPTSentencePieceTokenizer``) the vocabulary is the model's pieces and documents end with the model's EOS.
+    With ``legacy`` (``--sentencepiece-legacy-specials``), Megatron-LM's older ``_SentencePieceTokenizer``
+    (core_v0.9 to the 2025 releases): ``<CLS> <SEP> <EOD> <MASK>``, then the model's pad, BOS and EOS pieces
+    (``<PAD> <BOS> <EOS>`` where it has none), then ``vocab_extra_ids`` ``<extra_id_N>`` are special tokens, each
+    added after the pieces unless the model has it; documents end with ``<EOD>``, and a special token written in
+    the text is that token's id.
+    """
 
     name = "SentencePieceTokenizer"
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str, legacy: bool = False, vocab_extra_ids: int = 0):
         import sentencepiece as spm
 
-        self.model_file = model_file
+        self.model_file, self.legacy, self.vocab_extra_ids = model_file, legacy, vocab_extra_ids
         try:
             self._sp = spm.SentencePieceProcessor(model_file=model_file)
         except (OSError, RuntimeError) as exc:
             raise TokenizerError(f"{model_file}: not a SentencePiece model ({exc})") from None
         self.vocab_size = self._sp.get_piece_size()
+        self.special = {}
+        if legacy:
+            self._add_legacy_specials(vocab_extra_ids)
+            self.eod = self.special["<EOD>"]
+            return
+        if vocab_extra_ids:
+            raise TokenizerError("--vocab-extra-ids needs --sentencepiece-legacy-specials (the older Megatron "
+                                 "tokenizer that added them)")
         if self._sp.eos_id() < 0:
             raise TokenizerError(f"{model_file}: the model has no eos piece to use as end of document")
         self.eod = self._sp.eos_id()
 
+    def _add_legacy_specials(self, extra: int) -> None:
+        pieces = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+        def own_piece(piece_id: int, fallback: str) -> str:
+            return self._sp.id_to_piece(piece_id) if 0 <= piece_id < self.vocab_size else fallback
+
+        names = ["<CLS>", "<SEP>", "<EOD>", "<MASK>", own_piece(self._sp.pad_id(), "<PAD>"),
+                 own_piece(self._sp.bos_id(), "<BOS>"), own_piece(self._sp.eos_id(), "<EOS>")]
+        for name in names + [f"<extra_id_{i}>" for i in range(extra)]:
+            if name not in pieces:
+                pieces[name] = self.vocab_size
+                self.vocab_size += 1
+            self.special[name] = pieces[name]
+        self._special_names = {i: n for n, i in self.special.items()}
+
+    def _encode_legacy(self, text: str) -> List[int]:
+        """Pieces between special tokens, each special token written in the text as its own id (leftmost first;
+        at one position the one listed first)."""
+        ids, pos = [], 0
+        while True:
+            found = [(text.find(name, pos), name) for name in self.special]
+            found = [(at, order, name) for order, (at, name) in enumerate(found) if at >= 0]
+            if not found:
+                break
+            at, _, name = min(found)
+            ids += self._sp.encode(text[pos:at])
+            ids.append(self.special[name])
+            pos = at + len(name)
+        return ids + self._sp.encode(text[pos:])
+
     def tokenize_batch(self, texts):
+        if self.legacy:
+            return [self._encode_legacy(t) for t in texts]
         return self._sp.encode(list(texts))
 
     def detokenize(self, ids):
-        return self._sp.decode(list(ids))
+        if not self.legacy:
+            return self._sp.decode(list(ids))
+        ids, text, last = list(ids), "", 0
+        for i, tid in enumerate(ids):
+            if tid in self._special_names:  # as the older Megatron tokenizer wrote them: spaced out
+                text += self._sp.decode(ids[last:i]) + " " + self._special_names[tid] + " "
+                last = i + 1
+        return text + self._sp.decode(ids[last:])
 
     @property
     def fingerprint(self):
-        return f"{self.name}-{_file_digest(self.model_file)}"
+        legacy = f"-legacy{self.vocab_extra_ids}" if self.legacy else ""
+        return f"{self.name}-{_file_digest(self.model_file)}{legacy}"
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's ``Llama2Tokenizer``: a SentencePiece model whose every text starts with BOS; documents end
+    with EOS."""
+
+    name = "Llama2Tokenizer"
+
+    def __init__(self, model_file: str):
+        super().__init__(model_file)
+        if self._sp.bos_id() < 0:
+            raise TokenizerError(f"{model_file}: Llama2Tokenizer needs a bos piece, the model has none")
+
+    def tokenize_batch(self, texts):
+        return [[self._sp.bos_id()] + ids for ids in self._sp.encode(list(texts))]
 
 
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
@@ -248,14 +320,17 @@ def build_tokenizer(data_cfg) -> Tokenizer:
     kind = data_cfg.tokenizer_type
     if kind == "GPT2BPETokenizer":
         return GPT2BPETokenizer(data_cfg.vocab_file, data_cfg.merge_file)
-    if kind == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(data_cfg.tokenizer_model)
+    if kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        legacy = kind == "SentencePieceTokenizer" and getattr(data_cfg, "sentencepiece_legacy_specials", False)
+        return SentencePieceTokenizer(data_cfg.tokenizer_model, legacy, getattr(data_cfg, "vocab_extra_ids", 0))
+    if kind == "Llama2Tokenizer":
+        return Llama2Tokenizer(data_cfg.tokenizer_model)
     if kind == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(data_cfg.tokenizer_model)
     if kind == "NullTokenizer":
         return NullTokenizer(data_cfg.vocab_size)
     raise TokenizerError(f"--tokenizer-type {kind!r} is unknown (known: GPT2BPETokenizer, SentencePieceTokenizer, "
-                         f"HuggingFaceTokenizer, NullTokenizer)")
+                         f"GPTSentencePieceTokenizer, Llama2Tokenizer, HuggingFaceTokenizer, NullTokenizer)")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:

@@ -162,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip lines that are not JSON objects with the keys (default: stop at the first)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, help="GPT2BPETokenizer, SentencePieceTokenizer, "
-                   "HuggingFaceTokenizer or NullTokenizer")
+                   "GPTSentencePieceTokenizer, Llama2Tokenizer, HuggingFaceTokenizer or NullTokenizer")
     g.add_argument("--tokenizer-model")
+    g.add_argument("--sentencepiece-legacy-specials", action="store_true",
+                   help="SentencePieceTokenizer as Megatron-LM's older _SentencePieceTokenizer (README)")
+    g.add_argument("--vocab-extra-ids", type=int, default=0)
     g.add_argument("--vocab-file")
     g.add_argument("--merge-file")
     g.add_argument("--vocab-size", type=int)
@@ -224,7 +227,9 @@ def run(args) -> dict:
 
 def _run(args, output_prefix: str, lines: Optional[range], allow_empty: bool = False) -> dict:
     data_cfg = DataConfig(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-                          vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size)
+                          vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size,
+                          sentencepiece_legacy_specials=args.sentencepiece_legacy_specials,
+                          vocab_extra_ids=args.vocab_extra_ids)
     validate_tokenizer(data_cfg)
     if args.workers < 1 or args.batch_lines < 1:
         raise ConfigError("--workers and --batch-lines must be at least 1")
