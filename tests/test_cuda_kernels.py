@@ -16,17 +16,22 @@ def test_cuda_matches_reference(dtype, kind, sk):
     torch.manual_seed(0)
     b, h = 2, 4
     sq = sk if kind == "causal" else 16
-    x = torch.randn(b, h, sq, sk, device="cuda", dtype=dtype)
+    # peaked rows (scale 8 and a few large entries): a near-uniform softmax would let an all-zero output pass
+    x = torch.randn(b, h, sq, sk, device="cuda") * 8
+    x[..., torch.randint(0, sk, (3,))] += 20
+    x = x.to(dtype)
     mask = None
     if kind == "padding":
         mask = torch.rand(b, 1, sq, sk, device="cuda") < 0.3
         mask[0, 0, 0] = True
     assert unsupported_reason(x, mask, kind == "causal") is None
     a, r = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya = fused_softmax(a, 0.125, mask, kind == "causal")
-    yr = softmax_reference(r, 0.125, mask, kind == "causal")
+    ya = fused_softmax(a, 1.0, mask, kind == "causal")
+    yr = softmax_reference(r, 1.0, mask, kind == "causal")
+    assert yr.float().amax(-1).mean() > 0.3  # the rows really are peaked
     g = torch.randn_like(ya)
     ya.backward(g)
     yr.backward(g)
-    assert torch.allclose(ya.float(), yr.float(), atol=2e-3, rtol=2e-2)
-    assert torch.allclose(a.grad.float(), r.grad.float(), atol=2e-3, rtol=2e-2)
+    for got, ref in ((ya, yr), (a.grad, r.grad)):
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err < 2e-2, err

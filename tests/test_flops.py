@@ -39,3 +39,14 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops("cpu") is None
     assert peak_tflops("cpu", 2.5) == 2.5
+
+
+def test_mfu_counts_model_flops_while_tflops_count_recomputation():
+    """Only with recomputation do the two differ: TFLOP/s per device counts the extra forward, MFU does not."""
+    per_token = 6 * (99968 + 64000) + 12 * 2 * 64 * 128
+    for granularity, extra in (("full", (6 * 99968 + 12 * 2 * 64 * 128) / 3), ("selective", 12 * 2 * 64 * 128 / 3)):
+        out = Throughput(gpt2_config(recompute_granularity=granularity), 99968, 64000, world_size=2, peak=1.0)(
+            tokens=10_000, seconds=2.0)
+        assert out["tflops_per_device"] == pytest.approx((per_token + extra) * 5000 / 2 / 1e12)
+        assert out["mfu"] == pytest.approx(per_token * 5000 / 2 / 1e12)
+        assert out["mfu"] < out["tflops_per_device"]

@@ -69,7 +69,8 @@ def test_gate_falls_back_and_says_why(caplog):
     assert "fp32/bf16" in unsupported_reason(x, None, False)
     with caplog.at_level(logging.INFO, logger="megalm"):
         y = fused_softmax(x, 1.0)
-    assert torch.equal(y, softmax_reference(x, 1.0))
+    assert y.dtype == torch.float16  # softmax computed independently of megalm's reference
+    assert torch.allclose(y.float(), torch.softmax(x.float(), dim=-1), atol=1e-3)
     assert "fused softmax: using the torch reference (CPU kernel takes fp32/bf16" in caplog.text
     assert "causal needs sq == sk" in unsupported_reason(torch.randn(1, 1, 3, 5), None, True)
     assert "mask must be" in unsupported_reason(torch.randn(1, 1, 3, 5), torch.ones(3, 5, dtype=torch.bool), False)

@@ -119,5 +119,5 @@ def test_http_endpoint(checkpoint, procs):
     cli = run_module("megalm.generate", "--load", checkpoint, *prompts_args(), "--max-new-tokens", "12",
                      "--no-stop-at-eod")
     assert len(reply["texts"]) == len(PROMPTS)
-    for prompt, text in zip(PROMPTS, reply["texts"]):
+    for prompt, text in zip(PROMPTS, reply["texts"], strict=True):
         assert f"--- prompt: {prompt!r}\n{prompt}{text}\n" in cli.stdout, out[-2000:]

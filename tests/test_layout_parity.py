@@ -75,7 +75,7 @@ def single(tmp_path_factory, dataset_prefix, bpe_flags):
 def assert_matches(layout, ref, got_rows, got_params):
     ref_rows, ref_params = ref
     assert len(got_rows) == len(ref_rows) == 10
-    for a, b in zip(ref_rows, got_rows):
+    for a, b in zip(ref_rows, got_rows, strict=True):
         assert abs(a["loss"] - b["loss"]) / abs(a["loss"]) < 1e-5, f"{layout} iteration {a['iteration']}"
         assert abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] < 1e-4
     assert set(got_params) == set(ref_params)
@@ -103,9 +103,10 @@ def test_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single,
         unsharded = ref_rows[0]["optimizer_state_bytes"]
         assert abs(got[0]["optimizer_state_bytes"] - unsharded / dp) <= 8 * dp * 16, (got[0], unsharded)
     if pp > 1 and "--num-layers-per-virtual-pipeline-stage" not in layout_flags:
-        # 1F1B: the first stage holds at most P micro-batches of activations, of the m in a step
+        # 1F1B: the first stage holds at most P micro-batches of activations, of the m in a step (measured from
+        # the tensors autograd keeps alive, not the schedule's own count)
         micro = 16 // 2 // dp
-        assert micro > pp and all(r["pipeline_peak_micro_batches"] == pp for r in got), (micro, got[0])
+        assert micro > pp and got[0]["pipeline_peak_micro_batches"] == pp, (micro, got[0])
 
 
 # DeepSpeed's engine under its own launcher: ZeRO 1 and 2 from the flags, ZeRO 3 from an example JSON file, and

@@ -56,7 +56,7 @@ def test_flavours_have_their_parts():
 
 def test_init_is_deterministic_and_padding_is_zero():
     a, b, c = build(GPT2, seed=5), build(GPT2, seed=5), build(GPT2, seed=6)
-    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
         assert torch.equal(p, q), n
     assert not torch.equal(a.embedding.weight, c.embedding.weight)
     assert a.embedding.weight[300:].abs().sum() == 0

@@ -2,6 +2,7 @@
 same losses under TP 2 x PP 2 as in one process."""
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from megalm.data.sft import SFTDataset, pack, tokenize_examples
 from megalm.data.tokenizers import build_tokenizer
 from megalm.model.gpt import GPT
 from megalm.pretrain import main
+from megalm.training.trainer import Trainer
 from parity import VOCAB, parity_model_config
 
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma".split()
@@ -54,9 +56,11 @@ def test_prompt_tokens_carry_no_loss(tmp_path, bpe_flags):
     model = GPT(cfg.model, tok.vocab_size)
     model.init_weights(0)
 
-    def loss(labels):
+    trainer = SimpleNamespace(device=torch.device("cpu"))  # what Trainer.masked_mean reads of its trainer
+
+    def loss(labels):  # the trainer's own reduction of per-token losses
         per_token = model(batch["tokens"], labels, batch["position_ids"], document_ids=batch["document_ids"])
-        return (per_token * mask).sum() / mask.sum()
+        return Trainer.masked_mean(trainer, per_token, batch)
 
     changed = batch["labels"].clone()
     changed[mask == 0] = (changed[mask == 0] + 7) % tok.vocab_size  # relabel every prompt position
@@ -109,5 +113,5 @@ def test_sft_loss_falls_and_matches_under_tp_pp(tmp_path, bpe_flags):
     assert main(short + ["--metrics-file", str(tmp_path / "ref.jsonl")]) == 0
     ref = [r for r in map(json.loads, open(tmp_path / "ref.jsonl")) if "loss" in r]
     assert len(tp) == len(ref) == 4
-    for x, y in zip(ref, tp):
+    for x, y in zip(ref, tp, strict=True):
         assert abs(x["loss"] - y["loss"]) / x["loss"] < 1e-5

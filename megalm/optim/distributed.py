@@ -258,15 +258,14 @@ class DistributedOptimizer:
     # ---- state in global coordinates ---------------------------------------------------------------------------
 
     def memory_bytes(self) -> dict:
-        """This rank's persistent training state: parameters, gradients (full or slice), Adam moments (as
-        allocated after the first step)."""
-        params = sum(b.data.numel() for b in self.buckets) * 4
-        if self.zero_stage == 2:
-            grads = sum(b.shard_grad.numel() for b in self.buckets) * 4
-        else:
-            grads = params + sum(b.shard_grad.numel() for b in self.buckets if b.shard_grad is not None) * 4
-        return {"param_bytes": params, "grad_bytes": grads,
-                "optimizer_state_bytes": 2 * 4 * sum(pc.values.numel() for pc in self.pieces)}
+        """This rank's persistent training state, measured from the tensors it holds (call it after a step):
+        parameters, gradient buffers (full and/or this rank's slice), Adam moments as allocated."""
+        def nbytes(t):
+            return 0 if t is None else t.numel() * t.element_size()
+
+        return {"param_bytes": sum(nbytes(b.data) for b in self.buckets),
+                "grad_bytes": sum(nbytes(b.grad) + nbytes(b.shard_grad) for b in self.buckets),
+                "optimizer_state_bytes": self.state_bytes()}
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.adam.state.values() for t in s.values()

@@ -31,6 +31,32 @@ class ScheduleStats:
         self.peak_in_flight = max(self.peak_in_flight, sum(len(o) for o in outputs))
 
 
+class LiveActivations:
+    """Measures, rather than trusts the schedule's bookkeeping, how many micro-batches' activations are alive at
+    once: every tensor autograd saves in a micro-batch's forward is packed in a holder, and a holder dies when
+    backward frees its graph. ``during(i)`` wraps micro-batch ``i``'s forward."""
+
+    class _Held:
+        __slots__ = ("tensor", "micro", "owner")
+
+        def __init__(self, tensor, micro, owner):
+            self.tensor, self.micro, self.owner = tensor, micro, owner
+            owner.live[micro] = owner.live.get(micro, 0) + 1
+            owner.peak = max(owner.peak, len(owner.live))
+
+        def __del__(self):
+            live = self.owner.live
+            live[self.micro] -= 1
+            if not live[self.micro]:
+                del live[self.micro]
+
+    def __init__(self):
+        self.live, self.peak = {}, 0
+
+    def during(self, micro: int):
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._Held(t, micro, self), lambda h: h.tensor)
+
+
 def bubble_fraction(pp: int, micro_batches: int, virtual: int = 1) -> float:
     """Idle share of a step for equal-cost stages: ``(P - 1) / (V m + P - 1)``."""
     return (pp - 1) / (virtual * micro_batches + pp - 1)

@@ -28,7 +28,7 @@ from megalm.optim.schedule import learning_rate
 from megalm.parallel.state import Topology, collective_device
 from megalm.pipeline.layout import stage_chunks
 from megalm.pipeline.p2p import PipeComm
-from megalm.pipeline.schedules import bubble_fraction, run_schedule
+from megalm.pipeline.schedules import LiveActivations, bubble_fraction, run_schedule
 from megalm.training import checkpoint as ckpt
 from megalm.training.flops import Throughput, peak_tflops
 from megalm.training.logging import MetricsLogger
@@ -182,10 +182,13 @@ class Trainer:
         """Forward (and backward) every micro-batch through this rank's stage; returns the sum of the
         micro-batches' mean losses divided by their count (zero before the last stage)."""
         total = torch.zeros((), device=self.device)
+        # the first step under pipelining measures the micro-batches whose activations are alive at once
+        self.live = LiveActivations() if self.comm and self.iteration == 0 and not forward_only else None
 
         def forward(chunk, i, hidden):
             batch = micro_batches[i]
-            with self._autocast():
+            measure = self.live.during(i) if self.live else contextlib.nullcontext()
+            with self._autocast(), measure:
                 out = self.model(**self.model_inputs(batch), hidden=hidden, chunk=chunk)
             if not self.model.is_last_chunk(chunk):
                 return out
@@ -249,7 +252,8 @@ class Trainer:
                 row.update(self.memory_row())
             if self.comm:  # this rank's stage (rank 0: the first): time blocked on its neighbours, activations held
                 row["pipeline_wait_ms"] = 1000 * (self.comm.wait_seconds - waited)
-                row["pipeline_peak_micro_batches"] = self.schedule_stats.peak_in_flight
+                if self.live:  # measured in the first step
+                    row["pipeline_peak_micro_batches"] = self.live.peak
             self.metrics.record(row)
             if self.iteration % lg.log_interval == 0 or self.iteration == 1:
                 self.metrics.progress(row, t.train_iters)
