@@ -16,4 +16,17 @@ fi
 # lm-eval, for the evaluation route on exported models (scripts/lm_eval_local.py)
 .venv/bin/python -c "import lm_eval" 2>/dev/null ||
   .venv/bin/pip install -q --disable-pip-version-check "lm-eval[hf]"
-.venv/bin/python -c "from megalm.kernels import extension; assert extension() is not None, 'megalm._C did not build'"
+# everything the suite needs must import now; a missing piece stops here, loudly, instead of skipping tests later
+.venv/bin/python - <<'PY'
+import importlib, sys
+missing = []
+for name in ("torch", "megalm._C", "megalm._bpe", "deepspeed", "lm_eval", "transformers", "megatron.core", "tiktoken",
+             "sentencepiece"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # an extension can fail with other errors than ImportError
+        missing.append(f"{name}: {type(exc).__name__}: {exc}")
+if missing:
+    sys.exit("scripts/install.sh: these did not install or do not import:\n  " + "\n  ".join(missing))
+print("scripts/install.sh: megalm._C, megalm._bpe, deepspeed, lm_eval, transformers, megatron.core import")
+PY

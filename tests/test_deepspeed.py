@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import deepspeed_launch, tiny_train_flags
+from conftest import deepspeed_launch, require, tiny_train_flags
 from megalm.config import ConfigError, load_config
 from megalm.pretrain import main
 
@@ -45,7 +45,7 @@ def test_impossible_deepspeed_layouts(argv, message):
                          ids=["dp2", "tp2-dp2"])
 def test_deepspeed_exact_resume_and_weights_elsewhere(tmp_path, dataset_prefix, bpe_flags, nproc, layout):
     """With hidden and attention dropout: every rank's own random streams come back (TP ranks' trackers differ)."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--deepspeed", "--zero-stage", "2",
                              "--hidden-dropout", "0.1", "--attention-dropout", "0.1", *layout)
     res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--save", tmp_path / "ck", "--save-interval", "3",

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, ROOT, free_port, tiny_train_flags
+from conftest import PYTHON, ROOT, free_port, require, tiny_train_flags
 from megalm.pretrain import main as _main
 from megalm.training import checkpoint as ckpt
 
@@ -167,7 +167,7 @@ def test_kill_during_deepspeed_save_keeps_the_previous_checkpoint(tmp_path, data
     """The engine's state is written inside the iteration's temporary directory: killed mid-save, the pointer and
     the previous iteration (with its engine state) are intact and nothing of the interrupted one is visible.
     Failed when the engine wrote to SAVE/deepspeed/ outside the atomic rename."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     from conftest import free_port
 
     save, marker, script = tmp_path / "ck", tmp_path / "writing", tmp_path / "slow.py"

@@ -3,12 +3,12 @@ tokens; import -> export is the identity; an imported model's loss equals transf
 import pytest
 import torch
 
-from conftest import tiny_train_flags, torchrun
+from conftest import require, tiny_train_flags, torchrun
 from megalm.generate import generate, load_for_inference
 from megalm.parallel.state import Topology
 from megalm.tools.hf import export_main, import_main
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 FLAVOURS = {

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import require
 from megalm.data.indexed import (IndexedDataset, IndexedDatasetWriter, IndexedFormatError, _SpillArray,
                                  merge_datasets, optimal_dtype)
 
@@ -157,7 +158,7 @@ def test_megatron_core_reads_ours(tmp_path):
 
 
 def test_we_read_megatron_core(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     mc = _megatron()
     rng = np.random.RandomState(1)
     prefix = str(tmp_path / "theirs")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import deepspeed_launch, tiny_train_flags, torchrun
+from conftest import deepspeed_launch, require, tiny_train_flags, torchrun
 from parity import assert_close
 from megalm.pretrain import main
 from megalm.training.checkpoint import read_checkpoint
@@ -127,7 +127,7 @@ DEEPSPEED = {
 
 @pytest.mark.parametrize("layout", DEEPSPEED)
 def test_deepspeed_matches_one_process(tmp_path, dataset_prefix, bpe_flags, single, layout):
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     nproc, flavour, layout_flags = DEEPSPEED[layout]
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "10", *FLAVOURS[flavour], "--deepspeed",
                              *layout_flags)

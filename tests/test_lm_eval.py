@@ -5,13 +5,13 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, ROOT, tiny_train_flags
+from conftest import PYTHON, ROOT, require, tiny_train_flags
 from megalm.pretrain import main
 from megalm.tools.hf import export_main
 
 
 def test_lm_eval_on_exported_model(tmp_path, dataset_prefix, bpe_flags, corpus):
-    pytest.importorskip("lm_eval")
+    require("lm_eval")
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "3", "--save", tmp_path / "ck")
     assert main([str(f) for f in flags]) == 0
     assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "hf")]) == 0

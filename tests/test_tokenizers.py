@@ -3,10 +3,10 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 
-import numpy as np
-
+from conftest import require
 from megalm.data.tokenizers import (GPT2BPETokenizer, HuggingFaceTokenizer, NullTokenizer, SentencePieceTokenizer,
                                     TokenizerError, build_tokenizer, bytes_to_unicode, padded_vocab_size)
 
@@ -14,7 +14,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 
 
 def test_gpt2_bpe_matches_tiktoken(bpe_dir, corpus_texts):
-    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken = require("tiktoken")
     chars = bytes_to_unicode()
     assert (chars[ord(" ")], chars[ord("\n")], chars[ord("A")]) == ("Ġ", "Ċ", "A")  # as GPT-2's vocab.json writes them
     decoder = {v: k for k, v in chars.items()}
@@ -58,7 +58,8 @@ def test_compiled_bpe_matches_tokenizers_on_edge_cases(bpe_dir, corpus_texts):
     for cache_entries in (262144, 7):  # the default, and one small enough to be cleared many times
         native = _native_byte_bpe(vocab, merges, cache_entries)
         if native is None:
-            pytest.skip("megalm._bpe is not built")
+            require("megalm._bpe")  # skipped without the extension, except under CI
+            raise AssertionError("megalm._bpe is built but refused these files (see the log)")
         flat, lengths = native.encode_batch(texts)
         assert flat.dtype == np.int32 and lengths.dtype == np.int64
         assert lengths.tolist() == [len(e) for e in expected]
@@ -174,3 +175,16 @@ def test_padded_vocab():
     assert padded_vocab_size(1000, 128, 1) == 1024
     assert padded_vocab_size(1000, 128, 2) == 1024
     assert padded_vocab_size(1025, 128, 4) == 1536
+
+
+def test_native_bpe_says_why_it_is_unavailable(tmp_path, bpe_dir, caplog):
+    """Files the compiled encoder cannot represent fall back to the tokenizers library, and the log says why."""
+    import logging
+
+    from megalm.data.tokenizers import _native_byte_bpe
+
+    merges = tmp_path / "merges.txt"
+    merges.write_text(open(os.path.join(bpe_dir, "merges.txt")).read() + "zzzq zzzr\n")
+    with caplog.at_level(logging.WARNING, logger="megalm"):
+        assert _native_byte_bpe(os.path.join(bpe_dir, "vocab.json"), str(merges)) is None
+    assert "merges.txt:" in caplog.text and "'zzzq zzzr' is not two pieces whose parts" in caplog.text

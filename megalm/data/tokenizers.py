@@ -67,14 +67,17 @@ def _letter_or_number(cp: int) -> int:
 
 
 def _native_byte_bpe(vocab_file: str, merge_file: str, cache_entries: int = 1 << 18):
-    """The compiled encoder (megalm._bpe) for these files, or None without the extension or for files it cannot
-    represent (a byte with no token, a merge whose parts or result are not in the vocabulary)."""
+    """The compiled encoder (megalm._bpe) for these files, or None, with the reason in the log, without the
+    extension or for files it cannot represent (a byte with no token, a merge whose parts or result are not in
+    the vocabulary)."""
+    def unavailable(reason: str):
+        logging.getLogger("megalm").warning("GPT-2 BPE: %s; encoding with the slower tokenizers library", reason)
+        return None
+
     try:
         from megalm import _bpe
-    except ImportError:
-        logging.getLogger("megalm").warning("megalm._bpe is not built (pip install --no-build-isolation -e .): "
-                                            "GPT-2 BPE preprocessing uses the slower tokenizers library")
-        return None
+    except ImportError as exc:
+        return unavailable(f"megalm._bpe is not built ({exc}; pip install --no-build-isolation -e .)")
     with open(vocab_file, encoding="utf-8") as fh:
         vocab = json.load(fh)
     chars = bytes_to_unicode()
@@ -87,10 +90,11 @@ def _native_byte_bpe(vocab_file: str, merge_file: str, cache_entries: int = 1 <<
                 continue
             ids = (vocab.get(parts[0]), vocab.get(parts[1]), vocab.get(parts[0] + parts[1])) if len(parts) == 2 else ()
             if len(ids) != 3 or None in ids:
-                return None
+                return unavailable(f"{merge_file}:{n + 1}: merge {line.strip()!r} is not two pieces whose parts "
+                                   f"and result are in {vocab_file}")
             merges.append(ids)
     if None in byte_ids:
-        return None
+        return unavailable(f"{vocab_file} has no token for byte {byte_ids.index(None)}")
     return _bpe.ByteBPE(byte_ids, merges, _letter_or_number, cache_entries)
 
 
