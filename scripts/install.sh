@@ -16,6 +16,14 @@ fi
 # lm-eval, for the evaluation route on exported models (scripts/lm_eval_local.py)
 .venv/bin/python -c "import lm_eval" 2>/dev/null ||
   .venv/bin/pip install -q --disable-pip-version-check "lm-eval[hf]"
+# Slurm and munge (Debian's packages) for the launcher test under a real Slurm; it needs root to start them
+if ! command -v slurmctld >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  else
+    echo "scripts/install.sh: no Slurm (apt-get install slurm-wlm munge, as root): its launcher test will skip"
+  fi
+fi
 # everything the suite needs must import now; a missing piece stops here, loudly, instead of skipping tests later
 .venv/bin/python - <<'PY'
 import importlib, sys

@@ -1,10 +1,14 @@
-"""launch/pretrain_gpt.sh run for real on this machine, with stand-in ``srun`` and ``scontrol`` on PATH that start
-local processes: the master address from ``scontrol show hostnames``, one task per rank, automatic resume from
-$SAVE and requeue after an early stop."""
+"""launch/pretrain_gpt.sh under a real single-node Slurm (sbatch, preemption by signal, requeue, resume), and with
+stand-in ``srun`` and ``scontrol`` on PATH for machines where Slurm cannot start: the master address from
+``scontrol show hostnames``, one task per rank, automatic resume from $SAVE and requeue after an early stop."""
+import json
 import os
 import stat
 import subprocess
 import sys
+import time
+
+import pytest
 
 from conftest import ROOT, free_port, tiny_train_flags
 
@@ -71,3 +75,62 @@ def test_sbatch_script_resumes_and_requeues(tmp_path, dataset_prefix, bpe_flags)
     assert "resuming from" in second.stdout and "(iteration 2)" in second.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert "requeue" not in "".join(log.read_text().splitlines()[3:])  # finished: no second requeue
+
+
+def read_iterations(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line)["iteration"] for line in fh if '"loss"' in line]
+
+
+def test_sbatch_under_real_slurm_preempts_requeues_and_finishes(tmp_path, dataset_prefix, bpe_flags):
+    """launch/pretrain_gpt.sh submitted with sbatch to a real Slurm (2 tasks), preempted with
+    ``scancel --signal=USR1``: both ranks save and exit, the script requeues the job, Slurm starts it again, it
+    resumes from the checkpoint and finishes. Slurm gives a requeued job a begin time a couple of minutes ahead;
+    the test waits for it."""
+    from slurm_cluster import Cluster, SlurmUnavailable
+
+    cluster, job = Cluster(str(tmp_path / "slurm")), None
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no Slurm here: {exc}")
+    try:
+        save, metrics, out = tmp_path / "ck", tmp_path / "m.jsonl", tmp_path / "job.out"
+        flags = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "300",
+                                                   "--eval-interval", "1000", "--log-interval", "50",
+                                                   "--metrics-file", metrics)]
+        env = dict(cluster.env, SAVE=str(save), PYTHON=sys.executable, MEGALM_ROOT=ROOT,
+                   MASTER_PORT=str(free_port()))
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+            env.pop(var, None)
+        res = subprocess.run(["sbatch", "--parsable", "--nodes", "1", "--ntasks-per-node", "2", "--cpus-per-task",
+                              "1", "--output", str(out), os.path.join(ROOT, "launch", "pretrain_gpt.sh"), *flags],
+                             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert res.returncode == 0, res.stderr
+        job = res.stdout.strip().split(";")[0]
+        deadline = time.time() + 180
+        while len(read_iterations(metrics)) < 3:
+            assert time.time() < deadline, cluster.job(job)
+            assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), out.read_text()[-3000:]
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=60)
+        deadline = time.time() + 420  # the requeued job's begin time is a couple of minutes ahead
+        while (info := cluster.job(job))["JobState"] != "COMPLETED":
+            assert time.time() < deadline, (info, out.read_text()[-3000:])
+            assert info["JobState"] in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"), out.read_text()[-3000:]
+            time.sleep(1)
+        log = out.read_text()
+        assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
+        stopped = int(log.split("stopping after iteration ")[1].split(":")[0])
+        assert 3 <= stopped < 300 and "signal SIGUSR1" in log
+        assert f"requeueing job {job}" in log and f"resuming from {save} (iteration {stopped})" in log
+        assert (save / "latest_checkpointed_iteration.txt").read_text() == "300"
+        assert read_iterations(metrics)[-1] == 300 and not (save / "requeue_requested").exists()
+    finally:
+        if job:
+            subprocess.run(["scancel", job], env=cluster.env, timeout=60)
+        cluster.stop()
