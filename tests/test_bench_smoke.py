@@ -9,3 +9,19 @@ def test_mfu_benchmark_smoke():
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "tokens/s" in res.stdout and "median step" in res.stdout
+
+
+def test_gpu_check_script_smoke(tmp_path):
+    """scripts/gpu_check.sh with tiny sizes on CPU: every step of the script itself runs and reports."""
+    import os
+    import re
+
+    results = tmp_path / "gpu_check.txt"
+    res = subprocess.run(["bash", "scripts/gpu_check.sh", str(results)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, GPU_CHECK_SMOKE="1", PYTHON=PYTHON))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = results.read_text()
+    for step in ("train", "training throughput", "bench/bench_mfu.py", "generate from the trained checkpoint"):
+        assert re.search(rf"^== {re.escape(step)}.*: exit 0, \d+ s$", text, re.M), step
+    assert "tokens_per_sec" in text and "--- prompt: '1 2 3 4 5'" in text
+    assert text.rstrip().endswith(f"all steps passed; results in {results}")
