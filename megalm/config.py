@@ -16,20 +16,8 @@ from typing import Any, Optional
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration value breaks a rule; the message names the flag and the rule."""
-
-
-def opt(default: Any = None, help: str = "", *, choices: Optional[tuple] = None, flag: Optional[str] = None,
-        negate: bool = False, nargs: Optional[str] = None):
-    """A config field with the metadata the flag generator reads.
-
-    ``flag`` overrides the generated flag name; ``negate`` makes a True-default bool a ``--disable-x`` switch.
-    """
-    meta = {"help": help, "choices": choices, "flag": flag, "negate": negate, "nargs": nargs}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from megalm.config_fields import ConfigError, opt  # noqa: F401  (re-exported: callers import them from here)
+from megalm.config_moe import MoEOptions, validate_moe
 
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
@@ -40,7 +28,7 @@ MEGATRON_ONLY_TOKENIZERS = ("TikTokenizer", "BertWordPieceLowerCase", "BertWordP
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(MoEOptions):
     num_layers: int = opt(2, "transformer layers")
     hidden_size: int = opt(64, "model width")
     ffn_hidden_size: Optional[int] = opt(None, "MLP width (default 4*hidden, or Megatron's 2/3 of that with --swiglu)")
@@ -90,6 +78,9 @@ class ParallelConfig:
                                           flag="--deepspeed_config")
     pipeline_stage_layers: list = opt([], "uneven pipeline split: layers of each stage, e.g. 3 3 2 (default: "
                                       "--num-layers / --pipeline-model-parallel-size each)", nargs="+")
+    expert_model_parallel_size: int = opt(1, "ranks that split the experts of each MoE layer (EP); experts fold "
+                                          "onto the ranks attention uses, as ETP x EP x expert-DP")
+    expert_tensor_parallel_size: int = opt(1, "ranks that split each expert (ETP); only 1 is implemented")
 
     @property
     def model_parallel_size(self) -> int:
@@ -420,6 +411,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                           f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
     validate_pipeline(cfg)
+    validate_moe(m, p, world_size)
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
     if t.eval_iters < 0:

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
             from megalm.training.trainer import Trainer
 
         p = cfg.parallel
-        topo = Topology.build(p.tensor_model_parallel_size, p.sequence_parallel, p.pipeline_model_parallel_size)
+        topo = Topology.build(p.tensor_model_parallel_size, p.sequence_parallel, p.pipeline_model_parallel_size,
+                              p.expert_model_parallel_size, experts=bool(cfg.model.num_experts))
         Trainer(cfg, topo).train()
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.data.tokenizers import padded_vocab_size
+from megalm.model.moe import MoEStats
 from megalm.model.recompute import recomputed
 from megalm.model.transformer import Block, KVCache, Norm, hidden_dropout, rope_tables
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -44,7 +45,10 @@ class GPT(nn.Module):
         if topo.is_first_stage and cfg.position_embedding_type == "learned_absolute":
             self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.rng_tracker = RNGTracker(tp_rank=topo.tp_rank)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, topo, str(i), self.rng_tracker)
+        self.moe_stats = MoEStats() if cfg.num_experts else None  # what MoE layers report to the trainer
+        moe = cfg.moe_layers()
+        self.layers = nn.ModuleDict({str(i): Block(cfg, topo, str(i), self.rng_tracker,
+                                                   self.moe_stats if moe[i] else None)
                                      for chunk in self.chunks for i in chunk})
         if topo.is_last_stage:
             self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, topo.sequence_parallel)
@@ -75,10 +79,10 @@ class GPT(nn.Module):
             leaf = name.rsplit(".", 1)[-1]
             if "norm" in name:
                 p.fill_(1.0 if leaf == "weight" else 0.0)
-            elif leaf == "bias":
+            elif leaf in ("bias", "expert_bias"):
                 p.zero_()
             else:
-                scaled = name.endswith(("attention.wo.weight", "mlp.w2.weight"))
+                scaled = name.endswith(("attention.wo.weight", ".w2.weight", "experts.w2"))
                 rows = self.vocab_size if p.padded_rows else None
                 init_shard_(p, full_shape(p, self.topo), std / math.sqrt(2 * self.cfg.num_layers) if scaled else std,
                             param_generator(seed, name), self.topo, valid_rows=rows)
@@ -164,10 +168,13 @@ class GPT(nn.Module):
         return gather_from_tp(logits, self.topo.tp_group)[..., : self.vocab_size]
 
     def matmul_parameters(self) -> tuple:
-        """(transformer-layer parameters, output-layer parameters) of this stage's layers, unsharded over TP:
-        what the FLOP count uses (summed over stages by the caller)."""
-        layers = sum(math.prod(full_shape(p, self.topo)) for p in self.layers.parameters())
-        return layers, self.vocab_size * self.cfg.hidden_size if self.topo.is_last_stage else 0
+        """(transformer-layer parameters, output-layer parameters) of this stage's layers, unsharded over TP
+        and EP, counting of each MoE layer's routed experts only the top-k a token uses (active parameters):
+        what the FLOP count uses (summed over stages by the caller). The expert bias is state, not counted."""
+        active = self.cfg.moe_router_topk / self.cfg.num_experts if self.cfg.num_experts else 1.0
+        layers = sum(math.prod(full_shape(p, self.topo)) * (active if getattr(p, "expert", False) else 1.0)
+                     for p in self.layers.parameters() if p.requires_grad)
+        return round(layers), self.vocab_size * self.cfg.hidden_size if self.topo.is_last_stage else 0
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters of this stage, unsharded over TP, padding and tied copies excluded."""

@@ -179,14 +179,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, topo: Topology):
+    def __init__(self, cfg: ModelConfig, topo: Topology, ffn_hidden_size: Optional[int] = None):
+        """``ffn_hidden_size``: another width than the model's (an MoE layer's shared expert)."""
         super().__init__()
-        bias = cfg.add_bias_linear
+        bias, ffn = cfg.add_bias_linear, ffn_hidden_size or cfg.ffn_hidden_size
         self.topo, self.swiglu, self.approximate = topo, cfg.swiglu, cfg.gelu_approximation
-        self.w1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias, input_entered=True)
+        self.w1 = ColumnParallelLinear(cfg.hidden_size, ffn, topo, bias, input_entered=True)
         if self.swiglu:
-            self.w3 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, topo, bias, input_entered=True)
-        self.w2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, topo, bias)
+            self.w3 = ColumnParallelLinear(cfg.hidden_size, ffn, topo, bias, input_entered=True)
+        self.w2 = RowParallelLinear(ffn, cfg.hidden_size, topo, bias)
 
     def forward(self, x):
         x = enter_tp_region(x, self.topo)
@@ -205,14 +206,21 @@ def hidden_dropout(x, p: float, training: bool, topo: Topology, rng: RNGTracker)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, topo: Topology, layer: str, rng: RNGTracker):
+    def __init__(self, cfg: ModelConfig, topo: Topology, layer: str, rng: RNGTracker, moe_stats=None):
+        """With ``moe_stats`` (an MoE layer, ``megalm.model.moe``) the MLP is a mixture of experts."""
         super().__init__()
         sp = topo.sequence_parallel
         self.topo, self.rng = topo, rng
         self.attention_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, sp)
         self.attention = Attention(cfg, topo, layer, rng)
         self.mlp_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, sp)
-        self.mlp = MLP(cfg, topo)
+        if moe_stats is None:
+            self.mlp = MLP(cfg, topo)
+        else:
+            from megalm.model.moe import MoELayer
+
+            shared = cfg.moe_shared_expert_intermediate_size
+            self.mlp = MoELayer(cfg, topo, layer, moe_stats, MLP(cfg, topo, shared) if shared else None)
         self.dropout = cfg.hidden_dropout
 
     def forward(self, x, rope=None, kv_cache=None, doc_mask=None):

@@ -15,6 +15,10 @@ communication overlaps the rest of backward:
 Adam is elementwise, so updating slices gives exactly the unsharded result. Parameters whose gradients need a
 sum over another group first (sequence-parallel norm weights over TP, the two copies of a tied embedding over the
 first and last pipeline stage) sit in a separate bucket reduced after the pipeline schedule ends.
+
+Expert parameters of MoE layers (marked ``expert``) sit in buckets of their own, reduced (and sliced by ZeRO) over
+the expert-data-parallel group, the ranks that hold the same experts: their gradients already sum the tokens of
+the whole expert-parallel group, which the dispatcher brought to them.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Piece:
     values: torch.Tensor  # view into the bucket's flat parameters
     tp_sharded: bool
     counted: bool  # in the gradient norm (the last stage's copy of a tied embedding is not)
+    expert: bool = False  # split over the expert-parallel ranks
 
 
 @dataclass
@@ -51,6 +56,12 @@ class Bucket:
     shard_grad: Optional[torch.Tensor] = None  # reduced gradients of this rank's slice (ZeRO 1/2)
     ready: int = 0  # hook calls seen since the last launch
     pending: list = field(default_factory=list)  # (work handle, output to add into shard_grad or None)
+    expert: bool = False  # reduced over the expert-data-parallel group instead of the data-parallel one
+    group: Optional[object] = None  # the group that reduces it (and that ZeRO slices it over)
+    size: int = 1  # ranks in that group
+    slices: int = 1  # 1, or ``size`` when ZeRO shards the bucket
+    slice_index: int = 0
+    short_lived: bool = False  # ZeRO 2: no full gradient buffer across micro-batches
 
 
 class DistributedOptimizer:
@@ -58,14 +69,14 @@ class DistributedOptimizer:
                  micro_batches: int, bucket_numel: int):
         self.cfg, self.topo = cfg, topo
         self.zero_stage = zero_stage if topo.dp > 1 else 0  # nothing to shard over one rank
-        self.slices = topo.dp if zero_stage >= 1 else 1
-        self.slice_index = topo.dp_rank if zero_stage >= 1 else 0
         self.micro_batches = micro_batches
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
         special = [p for p in params if getattr(p, "sequence_parallel", False) or getattr(p, "shared_embedding", False)]
-        regular = [p for p in reversed(params) if all(p is not q for q in special)]
+        experts = [p for p in reversed(params) if getattr(p, "expert", False)]
+        regular = [p for p in reversed(params) if all(p is not q for q in special + experts)]
         self.buckets = [self._bucket(group, False, device) for group in self._split(regular, bucket_numel)]
+        self.buckets += [self._bucket(group, False, device, expert=True) for group in self._split(experts, bucket_numel)]
         if special:
             self.buckets.append(self._bucket(special, True, device))
         self.pieces = [piece for b in self.buckets for piece in self._pieces(b)]
@@ -93,26 +104,32 @@ class DistributedOptimizer:
         if group:
             yield group
 
-    def _bucket(self, params, deferred, device) -> Bucket:
+    def _bucket(self, params, deferred, device, expert: bool = False) -> Bucket:
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
             total += p.numel()
-        numel = math.ceil(total / self.slices) * self.slices
-        b = Bucket(params=params, offsets=offsets, numel=numel, deferred=deferred)
+        t = self.topo
+        group, size, index = (t.edp_group, t.edp, t.edp_rank) if expert else (t.dp_group, t.dp, t.dp_rank)
+        slices = size if self.zero_stage >= 1 and size > 1 else 1
+        numel = math.ceil(total / slices) * slices
+        b = Bucket(params=params, offsets=offsets, numel=numel, deferred=deferred, expert=expert, group=group,
+                   size=size, slices=slices, slice_index=index if slices > 1 else 0,
+                   short_lived=self.zero_stage == 2 and slices > 1)
         b.data = torch.zeros(numel, dtype=torch.float32, device=device)
         for p, off in zip(params, offsets):
             if p.dtype != torch.float32:
                 raise TypeError(f"parameters must be fp32 (mixed precision runs under autocast), got {p.dtype}")
             b.data[off:off + p.numel()].copy_(p.detach().reshape(-1))
             p.data = b.data[off:off + p.numel()].view_as(p)
-        if self.slices > 1:
-            b.shard_grad = torch.zeros(numel // self.slices, dtype=torch.float32, device=device)
+        if slices > 1:
+            b.shard_grad = torch.zeros(numel // slices, dtype=torch.float32, device=device)
         return b
 
-    def _slice_range(self, b: Bucket):
-        size = b.numel // self.slices
-        return self.slice_index * size, (self.slice_index + 1) * size
+    @staticmethod
+    def _slice_range(b: Bucket):
+        size = b.numel // b.slices
+        return b.slice_index * size, (b.slice_index + 1) * size
 
     def _pieces(self, b: Bucket):
         lo, hi = self._slice_range(b)
@@ -120,13 +137,13 @@ class DistributedOptimizer:
             a, z = max(off, lo), min(off + p.numel(), hi)
             if a < z:
                 yield Piece(p, a - off, b.data[a:z], getattr(p, "tp_dim", None) is not None,
-                            not getattr(p, "tied_copy", False))
+                            not getattr(p, "tied_copy", False), b.expert)
 
     def _piece_grad(self, pc: Piece) -> torch.Tensor:
         b = self._owner[pc.param]
         lo, _ = self._slice_range(b)
         a = self._offset[pc.param] + pc.start
-        src = b.shard_grad if self.slices > 1 else b.grad
+        src = b.shard_grad if b.slices > 1 else b.grad
         return src[a - lo: a - lo + pc.values.numel()]
 
     # ---- gradients -------------------------------------------------------------------------------------------
@@ -136,7 +153,7 @@ class DistributedOptimizer:
             b.ready = 0
             if b.shard_grad is not None:
                 b.shard_grad.zero_()
-            if self.zero_stage < 2:
+            if not b.short_lived:
                 if b.grad is None:
                     b.grad = torch.zeros_like(b.data)
                     for p, off in zip(b.params, b.offsets):
@@ -149,30 +166,32 @@ class DistributedOptimizer:
 
     def _on_grad(self, p) -> None:
         b = self._owner[p]
-        if self.zero_stage == 2:  # move this micro-batch's gradient into the bucket and free it
+        if b.short_lived:  # move this micro-batch's gradient into the bucket and free it
             if b.grad is None:
                 b.grad = torch.zeros_like(b.data)
             off = self._offset[p]
             b.grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
             p.grad = None
         b.ready += 1
-        per_launch = len(b.params) * (1 if self.zero_stage == 2 else self.micro_batches)
+        per_launch = len(b.params) * (1 if b.short_lived else self.micro_batches)
         if b.ready == per_launch:
             self._launch(b)
 
     def _launch(self, b: Bucket) -> None:
+        """Average over data parallelism: divide by DP and sum over the bucket's group (for experts the
+        expert-data-parallel ranks; their gradients already hold the other expert-parallel ranks' tokens)."""
         b.ready = 0
-        if self.topo.dp == 1:
+        if self.topo.dp > 1:
+            b.grad.mul_(1.0 / self.topo.dp)
+        if b.size == 1:
             return
-        b.grad.mul_(1.0 / self.topo.dp)
-        if self.slices == 1:
-            b.pending.append((dist.all_reduce(b.grad, group=self.topo.dp_group, async_op=True), None))
-        elif self.zero_stage == 1:
-            b.pending.append((dist.reduce_scatter_tensor(b.shard_grad, b.grad, group=self.topo.dp_group,
-                                                         async_op=True), None))
+        if b.slices == 1:
+            b.pending.append((dist.all_reduce(b.grad, group=b.group, async_op=True), None))
+        elif not b.short_lived:
+            b.pending.append((dist.reduce_scatter_tensor(b.shard_grad, b.grad, group=b.group, async_op=True), None))
         else:
             out = torch.empty_like(b.shard_grad)
-            b.pending.append((dist.reduce_scatter_tensor(out, b.grad, group=self.topo.dp_group, async_op=True), out))
+            b.pending.append((dist.reduce_scatter_tensor(out, b.grad, group=b.group, async_op=True), out))
             b.grad = None  # freed once the reduction completes
 
     def finish_gradients(self) -> None:
@@ -182,13 +201,13 @@ class DistributedOptimizer:
             if not b.deferred:
                 continue
             for p in b.params:
-                if self.zero_stage == 2 and p.grad is None:
+                if b.short_lived and p.grad is None:
                     p.grad = torch.zeros_like(p)
                 if getattr(p, "sequence_parallel", False) and self.topo.tp > 1:
                     dist.all_reduce(p.grad, group=self.topo.tp_group)
                 if getattr(p, "shared_embedding", False):
                     dist.all_reduce(p.grad, group=self.topo.embedding_group)
-            if self.zero_stage == 2:
+            if b.short_lived:
                 b.grad = torch.cat([p.grad.reshape(-1) for p in b.params]
                                    + [b.data.new_zeros(b.numel - sum(p.numel() for p in b.params))])
                 for p in b.params:
@@ -211,21 +230,25 @@ class DistributedOptimizer:
 
     def global_grad_norm(self, grads: list) -> float:
         """L2 norm of the whole model's gradient from this rank's slices: TP shards summed over TP, replicated
-        parameters once, slices summed over DP when sharded, stages summed over the pipeline."""
+        parameters once, slices summed over DP when sharded, experts summed over the expert-parallel ranks (and
+        their slices over the expert-data-parallel group), stages summed over the pipeline."""
         device = self.buckets[0].data.device
-        sq_tp = torch.zeros((), dtype=torch.float32, device=device)
-        sq_rep = torch.zeros((), dtype=torch.float32, device=device)
+        sq_tp, sq_rep, sq_exp = (torch.zeros((), dtype=torch.float32, device=device) for _ in range(3))
         for pc, g in zip(self.pieces, grads):
             if pc.counted:
-                if pc.tp_sharded:
-                    sq_tp += g.float().pow(2).sum()
-                else:
-                    sq_rep += g.float().pow(2).sum()
+                target = sq_exp if pc.expert else sq_tp if pc.tp_sharded else sq_rep
+                target += g.float().pow(2).sum()
         if self.topo.tp > 1:
             dist.all_reduce(sq_tp, group=self.topo.tp_group)
         total = sq_tp + sq_rep
-        if self.slices > 1:
+        if any(b.slices > 1 for b in self.buckets if not b.expert):
             dist.all_reduce(total, group=self.topo.dp_group)
+        if any(b.expert for b in self.buckets):
+            if any(b.slices > 1 for b in self.buckets if b.expert):
+                dist.all_reduce(sq_exp, group=self.topo.edp_group)
+            if self.topo.ep > 1:
+                dist.all_reduce(sq_exp, group=self.topo.ep_group)
+            total = total + sq_exp
         if self.topo.pp > 1:
             dist.all_reduce(total, group=self.topo.pp_group)
         return float(total.sqrt())
@@ -249,10 +272,10 @@ class DistributedOptimizer:
         self.adam.step()
         for pc in self.pieces:
             pc.values.grad = None
-        if self.slices > 1:
-            for b in self.buckets:
+        for b in self.buckets:
+            if b.slices > 1:
                 lo, hi = self._slice_range(b)
-                dist.all_gather_into_tensor(b.data, b.data[lo:hi].clone(), group=self.topo.dp_group)
+                dist.all_gather_into_tensor(b.data, b.data[lo:hi].clone(), group=b.group)
         return norm, False
 
     # ---- state in global coordinates ---------------------------------------------------------------------------
@@ -287,9 +310,9 @@ class DistributedOptimizer:
                         a = self._offset[pc.param] + pc.start - lo
                         mine[a:a + pc.values.numel()] = self.adam.state[pc.values][key]
                 full = mine
-                if self.slices > 1:
+                if b.slices > 1:
                     full = torch.empty(b.numel, dtype=torch.float32, device=b.data.device)
-                    dist.all_gather_into_tensor(full, mine, group=self.topo.dp_group)
+                    dist.all_gather_into_tensor(full, mine, group=b.group)
                 flats[key] = full
             step = next(iter(self.adam.state.values()))["step"]
             for p, off in zip(b.params, b.offsets):

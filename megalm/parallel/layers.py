@@ -125,13 +125,23 @@ def init_shard_(param: torch.Tensor, full_shape, std: float, generator: torch.Ge
     full = torch.zeros(full_shape)
     rows = full_shape[0] if valid_rows is None else valid_rows
     full[:rows].normal_(0.0, std, generator=generator)
+    param.copy_(shard_of(full, param, topo))
+
+
+def shard_of(full: torch.Tensor, param: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """This rank's part of a whole tensor: split along ``tp_dim`` over TP, or for an expert parameter along
+    dim 0 (the experts) over the expert-parallel ranks."""
+    if getattr(param, "expert", False):
+        return full if topo.ep == 1 else full.chunk(topo.ep, dim=0)[topo.ep_rank]
     dim = getattr(param, "tp_dim", None)
-    shard = full if dim is None or topo.tp == 1 else full.chunk(topo.tp, dim=dim)[topo.tp_rank]
-    param.copy_(shard)
+    return full if dim is None or topo.tp == 1 else full.chunk(topo.tp, dim=dim)[topo.tp_rank]
 
 
 def full_shape(param: torch.Tensor, topo: Topology):
     shape = list(param.shape)
+    if getattr(param, "expert", False):
+        shape[0] *= topo.ep
+        return tuple(shape)
     dim = getattr(param, "tp_dim", None)
     if dim is not None:
         shape[dim] *= topo.tp

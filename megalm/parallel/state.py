@@ -1,7 +1,9 @@
 """Process topology: who this rank is in the tensor-, data- and pipeline-parallel groups, and how it was launched.
 
 Rank order is Megatron's: tensor parallelism innermost (the ranks of one TP group share a node), then data
-parallelism, then pipeline stages: ``rank = (pp_rank * DP + dp_rank) * TP + tp_rank``. One ``Topology`` object is
+parallelism, then pipeline stages: ``rank = (pp_rank * DP + dp_rank) * TP + tp_rank``. Experts fold onto the same
+ranks (Megatron's "parallel folding"): the TP x DP ranks of a stage, numbered ``dp_rank * TP + tp_rank``, are
+split EP innermost, then expert-data-parallel (the ranks that hold the same experts). One ``Topology`` object is
 built at start-up and passed explicitly.
 """
 from __future__ import annotations
@@ -37,6 +39,12 @@ class Topology:
     pp_group: Optional[object] = field(default=None, repr=False)
     pp_ranks: tuple = (0,)  # global ranks of this rank's pipeline, stage 0 first
     embedding_group: Optional[object] = field(default=None, repr=False)  # first and last stage, for tied weights
+    ep: int = 1
+    ep_rank: int = 0
+    edp: int = 1  # expert data parallelism: ranks holding the same experts
+    edp_rank: int = 0
+    ep_group: Optional[object] = field(default=None, repr=False)
+    edp_group: Optional[object] = field(default=None, repr=False)
 
     @property
     def is_first_rank(self) -> bool:
@@ -54,17 +62,24 @@ class Topology:
         return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 
     @classmethod
-    def build(cls, tp: int = 1, sequence_parallel: bool = False, pp: int = 1) -> "Topology":
+    def build(cls, tp: int = 1, sequence_parallel: bool = False, pp: int = 1, ep: int = 1,
+              experts: bool = False) -> "Topology":
         """Groups for the current process group (a single process when torch.distributed is not initialised).
-        ``sequence_parallel`` splits activations between blocks along the sequence over the TP group."""
+        ``sequence_parallel`` splits activations between blocks along the sequence over the TP group; with
+        ``experts`` (an MoE model) the expert groups are built too, ``ep`` ranks splitting each layer's experts."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         if tp < 1 or pp < 1 or world % (tp * pp):
             raise LayoutError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp} x "
                               f"--pipeline-model-parallel-size {pp}")
         dp = world // (tp * pp)
+        if ep < 1 or (tp * dp) % ep:
+            raise LayoutError(f"--expert-model-parallel-size {ep} does not divide the {tp * dp} ranks of a "
+                              f"pipeline stage")
+        local = rank % (tp * dp)  # this rank's place among its stage's ranks
         topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp % dp,
-                   sequence_parallel=sequence_parallel and tp > 1, pp=pp, pp_rank=rank // (tp * dp))
+                   sequence_parallel=sequence_parallel and tp > 1, pp=pp, pp_rank=rank // (tp * dp),
+                   ep=ep, ep_rank=local % ep, edp=tp * dp // ep, edp_rank=local // ep)
         topo.pp_ranks = tuple(topo.rank_of(topo.tp_rank, topo.dp_rank, s) for s in range(pp))
         if dist.is_initialized():
             # every rank must create every group, in the same order
@@ -73,7 +88,11 @@ class Topology:
                        ("dp_group", [[at(t, d, s) for d in range(dp)] for s in range(pp) for t in range(tp)]),
                        ("pp_group", [[at(t, d, s) for s in range(pp)] for d in range(dp) for t in range(tp)]),
                        ("embedding_group", [[at(t, d, 0), at(t, d, pp - 1)] for d in range(dp) for t in range(tp)]
-                        if pp > 1 else [])]
+                        if pp > 1 else []),
+                       ("ep_group", [[s * tp * dp + e * ep + i for i in range(ep)] for s in range(pp)
+                                     for e in range(tp * dp // ep)] if experts else []),
+                       ("edp_group", [[s * tp * dp + e * ep + i for e in range(tp * dp // ep)] for s in range(pp)
+                                      for i in range(ep)] if experts else [])]
             for attr, groups in layouts:
                 for ranks in groups:
                     group = dist.new_group(ranks)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config, load_yaml, save_yaml
+from megalm.parallel.layers import shard_of
 from megalm.parallel.state import Topology
 
 log = logging.getLogger("megalm")
@@ -37,12 +38,6 @@ class CheckpointError(RuntimeError):
 
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def _shard(full: torch.Tensor, tp_dim: Optional[int], topo: Topology) -> torch.Tensor:
-    if tp_dim is None or topo.tp == 1:
-        return full
-    return full.chunk(topo.tp, dim=tp_dim)[topo.tp_rank]
 
 
 def _pad(full, param, topo):
@@ -60,8 +55,30 @@ def _owned(model):
 
 
 def _shard_files(topo: Topology) -> tuple:
-    suffix = f"tp{topo.tp_rank:02d}-pp{topo.pp_rank:03d}"
+    """This rank's file names: the first data-parallel replica's are named by (TP, PP) rank alone (as before
+    experts); other ranks write only experts, in files that also name their data-parallel rank."""
+    suffix = f"tp{topo.tp_rank:02d}-pp{topo.pp_rank:03d}" + (f"-dp{topo.dp_rank:05d}" if topo.dp_rank else "")
     return f"model-{suffix}.pt", f"optimizer-{suffix}.pt"
+
+
+def _writes(p, topo: Topology) -> bool:
+    """Whether this rank writes ``p``, so that every tensor is written once. Experts: the first
+    expert-data-parallel rank holding them. Others: the first data-parallel replica, and of its TP ranks only
+    rank 0 for a replicated tensor."""
+    if getattr(p, "expert", False):
+        return topo.edp_rank == 0
+    return topo.dp_rank == 0 and (topo.tp_rank == 0 or (topo.tp > 1 and getattr(p, "tp_dim", None) is not None))
+
+
+def _place(p, topo: Topology) -> tuple:
+    """(dim, start, stop) of this rank's part in the global tensor (dim None for the whole)."""
+    if getattr(p, "expert", False):
+        dim, size, index = (0, topo.ep, topo.ep_rank) if topo.ep > 1 else (None, 1, 0)
+    else:
+        dim, size, index = (getattr(p, "tp_dim", None), topo.tp, topo.tp_rank) if topo.tp > 1 else (None, 1, 0)
+    if dim is None:
+        return None, 0, p.shape[0] if p.ndim else 1
+    return dim, index * p.shape[dim], (index + 1) * p.shape[dim]
 
 
 def _rng_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
@@ -79,14 +96,12 @@ def _files(root: str) -> list:
 def local_shards(model, full_state: dict, topo: Topology) -> tuple:
     """This rank's parameters and Adam state as written, and their place in the global tensors:
     ``(model, optimizer, index)`` with ``index[name] = [dim, start, stop, padded_rows]`` (``dim`` None for a
-    whole tensor). Parameters replicated over TP are written by TP rank 0 only."""
+    whole tensor); only what ``_writes`` gives this rank."""
     tensors, moments, index = {}, {}, {}
     for name, p in _owned(model):
-        dim = getattr(p, "tp_dim", None) if topo.tp > 1 else None
-        if dim is None and topo.tp_rank != 0:
+        if not _writes(p, topo):
             continue
-        start = topo.tp_rank * p.shape[dim] if dim is not None else 0
-        stop = start + p.shape[dim] if dim is not None else p.shape[0] if p.ndim else 1
+        dim, start, stop = _place(p, topo)
         index[name] = [dim, start, stop, bool(getattr(p, "padded_rows", False))]
         tensors[name] = p.detach().cpu().clone()
         if full_state.get(p):
@@ -127,8 +142,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict
     _fsync_file(rng_path)
     if write_extra is not None:
         write_extra(tmp)
-    if topo.dp_rank == 0:
-        tensors, moments, index = local_shards(model, optimizer_full_state, topo)
+    tensors, moments, index = local_shards(model, optimizer_full_state, topo)
+    if tensors:
         model_file, optim_file = _shard_files(topo)
         for fname, obj in ((model_file, tensors), (optim_file, moments)):
             torch.save(obj, os.path.join(tmp, fname))
@@ -273,7 +288,7 @@ def load_model_state(model, state: dict, topo: Topology, source: str) -> None:
                               f"unexpected {unexpected[:5]}); is the model config the same?")
     for name, p in names.items():
         full = _pad(state[name], p, topo)
-        shard = _shard(full, getattr(p, "tp_dim", None), topo)
+        shard = shard_of(full, p, topo)
         if shard.shape != p.shape:
             raise CheckpointError(f"{source}: {name} has shape {tuple(state[name].shape)} in the checkpoint, "
                                   f"which does not fit {tuple(p.shape)} here; is the model config the same?")
@@ -282,7 +297,7 @@ def load_model_state(model, state: dict, topo: Topology, source: str) -> None:
 
 def load_optimizer_state(model, state: dict, topo: Topology) -> dict:
     """{parameter: moments with this TP rank's whole tensors} from the checkpoint's global ones."""
-    return {p: {k: (_shard(_pad(v, p, topo), getattr(p, "tp_dim", None), topo).to(p.device).clone()
+    return {p: {k: (shard_of(_pad(v, p, topo), p, topo).to(p.device).clone()
                     if v.ndim > 0 else v.clone())
                 for k, v in state[name].items()}
             for name, p in model.named_parameters() if name in state}

@@ -22,6 +22,7 @@ from megalm.data.loader import global_batch
 from megalm.data.sft import build_sft_datasets
 from megalm.data.tokenizers import build_tokenizer
 from megalm.model.gpt import GPT
+from megalm.model.moe import finish_step as finish_moe_step
 from megalm.optim.distributed import DistributedOptimizer
 from megalm.optim.loss_scaler import LossScaler
 from megalm.optim.schedule import learning_rate
@@ -38,7 +39,10 @@ log = logging.getLogger("megalm")
 
 # model fields that may differ between the run that saved a checkpoint and the one that loads it
 _RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropout", "seq_length",
-                         "recompute_granularity", "recompute_method", "recompute_num_layers"}
+                         "recompute_granularity", "recompute_method", "recompute_num_layers",
+                         "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                         "moe_router_load_balancing_type", "moe_router_bias_update_rate",
+                         "moe_expert_capacity_factor", "moe_token_drop_policy"}
 
 
 def pick_device() -> torch.device:
@@ -204,11 +208,18 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns loss, grad norm, lr, skipped."""
         self.model.train()
         self.optimizer.zero_grad()
+        moe = self.model.moe_stats
+        if moe is not None:  # MoE layers' losses get the gradient the training loss gets
+            moe.reset()
+            moe.loss_scale = self.scaler.scale / len(micro_batches)
         total = self._run_micro_batches(micro_batches, forward_only=False)
         lr = learning_rate(self.cfg.optim, self.iteration + 1)
         grad_norm, skipped = self.optimizer.step(lr, self.scaler.scale)
         self.scaler.update(skipped)
-        return {"loss": self._mean_loss(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
+        row = {"loss": self._mean_loss(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
+        if moe is not None:
+            row.update(finish_moe_step(self.model, self.topo, self.cfg.model.moe_router_bias_update_rate))
+        return row
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -294,7 +305,7 @@ class Trainer:
     def checkpoint_meta(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
                 "tokenizer": self.tokenizer.fingerprint,
-                "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp,
+                "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep,
                            "zero_stage": self.cfg.optim.zero_stage}}
 
     def save(self) -> None:

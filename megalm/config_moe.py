@@ -1,0 +1,120 @@
+"""Mixture-of-experts options of the model config (Megatron's flag names), and their validation.
+
+``ModelConfig`` inherits these fields, so they live in the ``model`` section of YAML files and checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megalm.config_fields import ConfigError, opt
+
+
+@dataclass
+class MoEOptions:
+    num_experts: Optional[int] = opt(None, "routed experts per MoE layer (default: a dense model)")
+    moe_router_topk: int = opt(2, "experts each token is routed to")
+    moe_ffn_hidden_size: Optional[int] = opt(None, "width of each routed expert (default --ffn-hidden-size)")
+    moe_layer_freq: str = opt("1", "which layers are MoE: every N-th (an integer N) or one 0/1 per layer, "
+                              "e.g. '[0,1,1,1]' or '0 1 1 1'")
+    moe_shared_expert_intermediate_size: Optional[int] = opt(None, "width of a shared expert (a dense MLP every "
+                                                             "token goes through beside the routed ones)")
+    moe_router_score_function: str = opt("softmax", "router scores", choices=("softmax", "sigmoid"))
+    moe_router_pre_softmax: bool = opt(False, "softmax over all experts before the top-k (the chosen weights are "
+                                       "not renormalised); default: top-k of the logits, softmax over those")
+    moe_router_num_groups: Optional[int] = opt(None, "group-limited routing: experts split into this many groups")
+    moe_router_group_topk: Optional[int] = opt(None, "group-limited routing: groups each token may use")
+    moe_router_load_balancing_type: str = opt("aux_loss", "load-balancing loss over each micro-batch (aux_loss) "
+                                              "or each sequence (seq_aux_loss)",
+                                              choices=("aux_loss", "seq_aux_loss", "none"))
+    moe_aux_loss_coeff: float = opt(0.0, "weight of the load-balancing loss")
+    moe_z_loss_coeff: Optional[float] = opt(None, "weight of the router z-loss (mean squared log-sum-exp)")
+    moe_router_enable_expert_bias: bool = opt(False, "aux-loss-free balancing: a per-expert bias added to the "
+                                              "scores for selection only, updated once per step")
+    moe_router_bias_update_rate: float = opt(1e-3, "step of the expert-bias update (sign of the load error)")
+    moe_expert_capacity_factor: Optional[float] = opt(None, "token dropping: each expert takes at most factor x "
+                                                      "tokens x top-k / experts of the tokens its router saw "
+                                                      "(default: dropless)")
+    moe_token_drop_policy: str = opt("probs", "which tokens an over-full expert drops: lowest probability "
+                                     "(probs) or latest in the sequence (position)", choices=("probs", "position"))
+    moe_token_dispatcher_type: str = opt("alltoall", "how tokens reach their experts' ranks under expert "
+                                         "parallelism", choices=("alltoall", "allgather"))
+    moe_grouped_gemm: bool = opt(True, "experts as one grouped matmul over tokens sorted by expert (the per-expert "
+                                 "loop is the reference)", flag="--moe-per-expert-loop", negate=True)
+
+    def moe_layers(self) -> List[bool]:
+        """For each layer, whether it is an MoE layer."""
+        if not self.num_experts:
+            return [False] * self.num_layers
+        return parse_layer_freq(self.moe_layer_freq, self.num_layers)
+
+
+def parse_layer_freq(text: str, num_layers: int) -> List[bool]:
+    text = str(text).strip()
+    if text.isdigit():
+        n = int(text)
+        if n < 1:
+            raise ConfigError(f"--moe-layer-freq {text}: an integer must be at least 1")
+        return [i % n == 0 for i in range(num_layers)]
+    items = text.strip("[]").replace(",", " ").split()
+    if any(i not in ("0", "1") for i in items) or len(items) != num_layers:
+        raise ConfigError(f"--moe-layer-freq {text!r}: give an integer N or one 0/1 per layer ({num_layers} "
+                          f"layers)")
+    return [i == "1" for i in items]
+
+
+def validate_moe(m, p, world_size: Optional[int]) -> None:
+    """MoE rules, checked before any work; ``m`` the model config, ``p`` the parallel config."""
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+    if not m.num_experts:
+        if ep != 1 or etp != 1:
+            raise ConfigError("--expert-model-parallel-size / --expert-tensor-parallel-size need --num-experts")
+        return
+    if m.moe_ffn_hidden_size is None:
+        m.moe_ffn_hidden_size = m.ffn_hidden_size
+    m.moe_layers()  # parses --moe-layer-freq
+    if m.num_experts < 1 or ep < 1 or etp < 1:
+        raise ConfigError("--num-experts, --expert-model-parallel-size and --expert-tensor-parallel-size must be "
+                          "at least 1")
+    if not 1 <= m.moe_router_topk <= m.num_experts:
+        raise ConfigError(f"--moe-router-topk {m.moe_router_topk} must be between 1 and --num-experts "
+                          f"{m.num_experts}")
+    if m.num_experts % ep:
+        raise ConfigError(f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}")
+    if etp != 1:
+        raise ConfigError(f"--expert-tensor-parallel-size {etp}: only 1 is implemented (experts whole on each "
+                          f"rank)")
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world_size is not None:
+        attention_ranks = world_size // (tp * pp) * tp if world_size % (tp * pp) == 0 else None
+        if attention_ranks is not None and attention_ranks % (ep * etp):
+            raise ConfigError(f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not "
+                              f"divide the {attention_ranks} ranks of a pipeline stage (TP {tp} x DP "
+                              f"{attention_ranks // tp})")
+    if tp > 1 and not p.sequence_parallel:
+        raise ConfigError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (as in Megatron: "
+                          "each TP rank routes its own sequence shard)")
+    if p.deepspeed:
+        raise ConfigError("--num-experts with --deepspeed is not supported: use megalm's own path (EP, ZeRO 1/2)")
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        raise ConfigError("--moe-router-num-groups and --moe-router-group-topk go together")
+    if groups is not None:
+        if groups < 1 or m.num_experts % groups or not 1 <= group_topk <= groups:
+            raise ConfigError(f"--moe-router-num-groups {groups} must divide --num-experts {m.num_experts}, and "
+                              f"--moe-router-group-topk {group_topk} be between 1 and it")
+        if m.moe_router_topk > group_topk * (m.num_experts // groups):
+            raise ConfigError(f"--moe-router-topk {m.moe_router_topk} is more than the experts of "
+                              f"--moe-router-group-topk {group_topk} groups")
+    if m.moe_expert_capacity_factor is not None and m.moe_expert_capacity_factor <= 0:
+        raise ConfigError(f"--moe-expert-capacity-factor must be positive, got {m.moe_expert_capacity_factor}")
+    if m.moe_aux_loss_coeff < 0 or (m.moe_z_loss_coeff or 0) < 0 or m.moe_router_bias_update_rate < 0:
+        raise ConfigError("--moe-aux-loss-coeff, --moe-z-loss-coeff and --moe-router-bias-update-rate must be >= 0")
+    for size, flag in ((m.moe_ffn_hidden_size, "--moe-ffn-hidden-size"),
+                       (m.moe_shared_expert_intermediate_size, "--moe-shared-expert-intermediate-size")):
+        if size is not None and size < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {size}")
+    shared = m.moe_shared_expert_intermediate_size
+    if shared is not None and shared % tp:
+        raise ConfigError(f"--moe-shared-expert-intermediate-size {shared} is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")

@@ -1,0 +1,148 @@
+"""Token dispatch for expert parallelism: getting each (token, expert) pair to the rank that holds the expert and
+the result back, as autograd functions (what ``mappings.py`` is for tensor parallelism).
+
+A dispatcher takes this rank's tokens ``x [T, h]``, their experts ``experts [T, k]`` (global ids) and weights
+``probs [T, k]``, runs ``compute(tokens, counts)`` on the tokens that reach this rank, sorted by local expert with
+``counts`` per local expert, and returns ``sum_k probs * expert_k(x)`` for this rank's tokens.
+
+- ``local``: one rank holds every expert (EP 1).
+- ``alltoall``: tokens sorted by expert go to the experts' ranks with one uneven all-to-all, come back with another.
+- ``allgather``: every rank gathers all tokens of the EP group, computes its own experts' share, and the partial
+  sums are reduce-scattered back.
+"""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+import torch.distributed as dist
+
+Compute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven ``all_to_all_single`` along dim 0; the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: List[int], in_splits: List[int], group):
+        ctx.splits, ctx.group = (in_splits, out_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back_out, back_in = ctx.splits
+        out = grad.new_empty((sum(back_out),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), back_out, back_in, group=ctx.group)
+        return out, None, None, None
+
+
+def _gather0(x, group):
+    n = dist.get_world_size(group)
+    out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter0(x, group):
+    n = dist.get_world_size(group)
+    out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+class _GatherDim0(torch.autograd.Function):
+    """All-gather equal parts along dim 0; the backward reduce-scatters (sums) the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter0(grad, ctx.group), None
+
+
+class _ReduceScatterDim0(torch.autograd.Function):
+    """Sum over the group and keep this rank's part of dim 0; the backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather0(grad, ctx.group), None
+
+
+def _sort_by_expert(experts: torch.Tensor):
+    """(order, token of each sorted pair): the (token, choice) pairs flattened and sorted by expert, stably, so
+    that within an expert tokens keep their order."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order, order // experts.shape[1]
+
+
+def _combine(y: torch.Tensor, order, token, probs, num_tokens: int) -> torch.Tensor:
+    """``sum_k probs * y`` back at each token's row (``y`` in sorted order)."""
+    weighted = y * probs.reshape(-1)[order].unsqueeze(1).to(y.dtype)
+    return weighted.new_zeros((num_tokens, y.shape[1])).index_add_(0, token, weighted)
+
+
+def dispatch_local(x, experts, probs, num_experts: int, compute: Compute) -> torch.Tensor:
+    order, token = _sort_by_expert(experts)
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
+    return _combine(compute(x[token], counts), order, token, probs, x.shape[0])
+
+
+def _segments(counts: torch.Tensor) -> torch.Tensor:
+    """For a [ranks, local experts] count matrix laid out rank-major, the permutation to expert-major."""
+    ranks, local = counts.shape
+    flat = counts.reshape(-1)
+    starts = torch.cumsum(flat, 0) - flat
+    by_expert = torch.arange(ranks * local, device=counts.device).view(ranks, local).t().reshape(-1)
+    lengths = flat[by_expert]
+    first = torch.repeat_interleave(starts[by_expert], lengths)
+    within = torch.arange(int(lengths.sum()), device=counts.device) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths)
+    return first + within
+
+
+def dispatch_alltoall(x, experts, probs, num_experts: int, compute: Compute, group) -> torch.Tensor:
+    ep = dist.get_world_size(group)
+    local = num_experts // ep
+    order, token = _sort_by_expert(experts)
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)  # [source rank, my local expert]
+    received = received.view(ep, local)
+    send = counts.view(ep, local).sum(1).tolist()
+    recv = received.sum(1).tolist()
+    tokens = _AllToAll.apply(x[token], recv, send, group)
+    perm = _segments(received)
+    out = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    y = compute(tokens[perm], received.sum(0))[out]  # expert-major for the experts, back to rank-major
+    y = _AllToAll.apply(y, send, recv, group)
+    return _combine(y, order, token, probs, x.shape[0])
+
+
+def dispatch_allgather(x, experts, probs, num_experts: int, compute: Compute, group, ep_rank: int) -> torch.Tensor:
+    ep = dist.get_world_size(group)
+    local = num_experts // ep
+    x_all = _GatherDim0.apply(x, group)
+    experts_all = _gather0(experts, group)  # ids need no gradient
+    probs_all = _GatherDim0.apply(probs, group)
+    mine = (experts_all >= ep_rank * local) & (experts_all < (ep_rank + 1) * local)
+    pairs = mine.reshape(-1).nonzero().squeeze(1)
+    ids = experts_all.reshape(-1)[pairs] - ep_rank * local
+    order = torch.argsort(ids, stable=True)
+    pairs = pairs[order]
+    token = pairs // experts.shape[1]
+    counts = torch.bincount(ids, minlength=local)
+    y = compute(x_all[token], counts)
+    weighted = y * probs_all.reshape(-1)[pairs].unsqueeze(1).to(y.dtype)
+    partial = weighted.new_zeros((x_all.shape[0], y.shape[1])).index_add_(0, token, weighted)
+    return _ReduceScatterDim0.apply(partial, group)
