@@ -1,5 +1,5 @@
-"""Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT2LMHeadModel or
-LlamaForCausalLM, safetensors weights, config.json, the run's tokenizer files) from a checkpoint of any layout;
+"""Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT2LMHeadModel, LlamaForCausalLM
+or MixtralForCausalLM, safetensors weights, config.json, the run's tokenizer files) from a checkpoint of any layout;
 ``megalm-import-hf`` turns such a directory into a megalm checkpoint that loads under any layout.
 
 Checkpoints already hold whole, unpadded tensors under global names, so conversion is renaming: GPT-2's fused
@@ -28,14 +28,26 @@ class ConversionError(ValueError):
 
 
 def flavour(m: ModelConfig) -> str:
-    """'gpt2' or 'llama', or a ConversionError naming what neither architecture has."""
+    """'gpt2', 'llama' or 'mixtral' (the Llama flavour with every MLP a mixture of experts as Mixtral routes
+    them), or a ConversionError naming what none of them has."""
     if (m.position_embedding_type, m.normalization, m.swiglu) == ("learned_absolute", "LayerNorm", False):
         mha = m.num_query_groups == m.num_attention_heads
         if not m.add_bias_linear or m.untie_embeddings_and_output_weights or not mha:
             raise ConversionError("GPT-2 needs biases, tied embeddings and one key/value head per query head")
         return "gpt2"
     if (m.position_embedding_type, m.normalization, m.swiglu) == ("rope", "RMSNorm", True):
-        return "llama"
+        if not m.num_experts:
+            return "llama"
+        unlike = [what for what, differs in (
+            ("MoE in every layer (--moe-layer-freq)", not all(m.moe_layers())),
+            ("no shared expert", m.moe_shared_expert_intermediate_size),
+            ("softmax router scores over the top-k (no --moe-router-pre-softmax, no sigmoid)",
+             m.moe_router_pre_softmax or m.moe_router_score_function != "softmax"),
+            ("no group-limited routing", m.moe_router_num_groups), ("no expert bias", m.moe_router_enable_expert_bias),
+            ("no biases (--disable-bias-linear)", m.add_bias_linear)) if differs]
+        if unlike:
+            raise ConversionError("MixtralForCausalLM needs " + "; ".join(unlike))
+        return "mixtral"
     raise ConversionError(f"no transformers architecture for position {m.position_embedding_type}, "
                           f"{m.normalization}, swiglu={m.swiglu}: export supports the GPT-2 flavour "
                           f"(learned, LayerNorm, GELU) and the Llama flavour (rope, RMSNorm, SwiGLU)")
@@ -50,6 +62,18 @@ def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
                 "layer_norm_epsilon": m.norm_epsilon, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
+    if flavour(m) == "mixtral":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": vocab,
+                "hidden_size": m.hidden_size, "intermediate_size": m.moe_ffn_hidden_size,
+                "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+                "num_key_value_heads": m.num_query_groups, "head_dim": m.head_dim,
+                "max_position_embeddings": m.max_position_embeddings, "rms_norm_eps": m.norm_epsilon,
+                "rope_theta": m.rotary_base, "hidden_act": "silu", "num_local_experts": m.num_experts,
+                "num_experts_per_tok": m.moe_router_topk, "router_aux_loss_coef": m.moe_aux_loss_coeff,
+                "output_router_logits": False, "sliding_window": None,
+                "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
+                "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
+                "torch_dtype": "float32"}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
             "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
             "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
@@ -81,7 +105,9 @@ def _gpt2_names(layers: int):
 
 
 def _llama_names(m: ModelConfig):
+    """(megalm name, HF name) of the Llama flavour; for Mixtral all but the experts (``_mixtral_experts``)."""
     pairs = [("embedding.weight", "model.embed_tokens.weight"), ("final_norm.weight", "model.norm.weight")]
+    mlp = () if m.num_experts else (("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj"))
     if m.untie_embeddings_and_output_weights:
         pairs.append(("output.weight", "lm_head.weight"))
     biases = ("weight", "bias") if m.add_bias_linear else ("weight",)
@@ -90,18 +116,28 @@ def _llama_names(m: ModelConfig):
         pairs += [(a + "attention_norm.weight", h + "input_layernorm.weight"),
                   (a + "mlp_norm.weight", h + "post_attention_layernorm.weight")]
         for ours, theirs in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
-                             ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
-                             ("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj")):
+                             ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"), *mlp):
             pairs += [(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in biases]
+        if m.num_experts:
+            pairs.append((a + "mlp.router.weight", h + "block_sparse_moe.gate.weight"))
     return pairs
+
+
+def _mixtral_experts(m: ModelConfig):
+    """(megalm stacked name ``[E, in, out]``, HF per-expert name pattern ``[out, in]``) of every expert matrix."""
+    return [(f"layers.{i}.mlp.experts.{w}", f"model.layers.{i}.block_sparse_moe.experts.{{}}.{w}.weight")
+            for i in range(m.num_layers) for w in ("w1", "w3", "w2")]
 
 
 def to_hf(m: ModelConfig, state: dict) -> dict:
     """transformers state dict from megalm's full-tensor state."""
     out = {}
-    if flavour(m) == "llama":
+    if flavour(m) in ("llama", "mixtral"):
         for ours, theirs in _llama_names(m):
             out[theirs] = state[ours]
+        for ours, theirs in _mixtral_experts(m) if m.num_experts else ():
+            for e, matrix in enumerate(state[ours]):
+                out[theirs.format(e)] = matrix.t()
         return {k: v.contiguous() for k, v in out.items()}
     for ours, theirs, transpose in _gpt2_names(m.num_layers):
         out[theirs] = state[ours].t() if transpose else state[ours]
@@ -115,9 +151,11 @@ def to_hf(m: ModelConfig, state: dict) -> dict:
 def from_hf(m: ModelConfig, hf: dict) -> dict:
     """megalm's full-tensor state from a transformers state dict (inverse of ``to_hf``)."""
     out = {}
-    if flavour(m) == "llama":
+    if flavour(m) in ("llama", "mixtral"):
         for ours, theirs in _llama_names(m):
             out[ours] = hf[theirs]
+        for ours, theirs in _mixtral_experts(m) if m.num_experts else ():
+            out[ours] = torch.stack([hf[theirs.format(e)].t() for e in range(m.num_experts)])
         return {k: v.float().contiguous() for k, v in out.items()}
     for ours, theirs, transpose in _gpt2_names(m.num_layers):
         out[ours] = hf[theirs].t() if transpose else hf[theirs]
@@ -197,10 +235,12 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         m.num_query_groups = m.num_attention_heads
         m.gelu_approximation = GPT2_GELU[hf.get("activation_function", "gelu_new")]
         return m
-    if kind == "llama":
+    if kind in ("llama", "mixtral"):
+        mixtral = {"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
+                   "router_jitter_noise", "sliding_window"} if kind == "mixtral" else set()
         _refuse_unknown(hf, {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                              "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-                             "hidden_act", "attention_bias", "mlp_bias", "head_dim"})
+                             "hidden_act", "attention_bias", "mlp_bias", "head_dim"} | mixtral)
         _require(hf, "hidden_act", ("silu",), "silu")
         m.position_embedding_type, m.normalization, m.swiglu = "rope", "RMSNorm", True
         m.num_layers, m.hidden_size = hf["num_hidden_layers"], hf["hidden_size"]
@@ -214,8 +254,13 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         _require(hf, "mlp_bias", (m.add_bias_linear,), m.add_bias_linear)
         if hf.get("head_dim") not in (None, m.head_dim):
             raise ConversionError(f"config.json: head_dim {hf['head_dim']} != hidden_size / heads ({m.head_dim})")
+        if kind == "mixtral":
+            _require(hf, "sliding_window", (None,), None)  # a window changes attention: not implemented
+            m.num_experts, m.moe_router_topk = hf["num_local_experts"], hf["num_experts_per_tok"]
+            m.moe_ffn_hidden_size = m.ffn_hidden_size
+            m.moe_aux_loss_coeff = float(hf.get("router_aux_loss_coef", 0.0))
         return m
-    raise ConversionError(f"config.json: model_type {kind!r} is not supported (gpt2 or llama)")
+    raise ConversionError(f"config.json: model_type {kind!r} is not supported (gpt2, llama or mixtral)")
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model")
