@@ -114,6 +114,9 @@ def load_for_inference(path: str, topo: Topology, overrides: dict):
     if cfg.model.num_layers % topo.pp:
         raise LayoutError(f"--pipeline-model-parallel-size {topo.pp} does not divide the checkpoint's "
                           f"{cfg.model.num_layers} layers")
+    if topo.ep > 1 and (not cfg.model.num_experts or cfg.model.num_experts % topo.ep):
+        raise LayoutError(f"--expert-model-parallel-size {topo.ep} needs an MoE checkpoint whose experts "
+                          f"({cfg.model.num_experts or 0}) it divides")
     model = GPT(cfg.model, tokenizer.vocab_size, topo, stage_chunks(cfg.model.num_layers, topo.pp, topo.pp_rank))
     load_model_state(model, state["model"], topo, state["path"])
     if torch.cuda.is_available():
@@ -276,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="MoE checkpoints: ranks that split each layer's experts")
     p.add_argument("--serve", action="store_true", help="answer POST /generate over HTTP instead of --prompt")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on with --serve (default: local only)")
     p.add_argument("--port", type=int, default=5000)
@@ -298,7 +303,9 @@ def main(argv=None) -> int:
     setup_logging(launch_environment()["rank"])
     init_distributed()
     try:
-        topo = Topology.build(args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size)
+        ep = args.expert_model_parallel_size
+        topo = Topology.build(args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size, ep=ep,
+                              experts=ep > 1)
         model, tok = load_for_inference(args.load, topo, {"vocab_file": args.vocab_file,
                                                           "merge_file": args.merge_file,
                                                           "tokenizer_model": args.tokenizer_model})

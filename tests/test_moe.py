@@ -269,3 +269,18 @@ def test_moe_model_builds_the_same_full_model_under_any_expert_split():
             for name, p in part.named_parameters():
                 expected = full[name].chunk(ep, 0)[rank] if getattr(p, "expert", False) else full[name]
                 assert torch.equal(p, expected), (ep, rank, name)
+
+
+def test_generation_with_experts_split(tmp_path, dataset_prefix, bpe_flags):
+    """An MoE checkpoint generates the same text at EP 2 and at TP 2 x EP 2 as in one process."""
+    from conftest import run_module
+
+    run(tmp_path, dataset_prefix, bpe_flags, 2, *EP2, iters=4)
+    args = ["--load", tmp_path / "ck", "--prompt", "Return the", "--prompt", "The object of", "--max-new-tokens",
+            "10", "--no-stop-at-eod"]
+    one = run_module("megalm.generate", *args)
+    assert one.returncode == 0, one.stderr[-2000:]
+    for nproc, layout in ((2, EP2), (4, EP2 + ["--tensor-model-parallel-size", "2"])):
+        many = torchrun(nproc, "megalm/generate.py", *args, *layout)
+        assert many.returncode == 0, many.stderr[-2000:]
+        assert [line for line in many.stdout.splitlines() if not line.startswith("[rank")] == one.stdout.splitlines()
