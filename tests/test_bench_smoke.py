@@ -25,3 +25,12 @@ def test_gpu_check_script_smoke(tmp_path):
         assert re.search(rf"^== {re.escape(step)}.*: exit 0, \d+ s$", text, re.M), step
     assert "tokens_per_sec" in text and "--- prompt: '1 2 3 4 5'" in text
     assert text.rstrip().endswith(f"all steps passed; results in {results}")
+
+
+def test_moe_benchmark_small():
+    """bench/bench_moe.py at small sizes: outputs equal transformers' Mixtral block (it asserts so), and expert
+    parallelism hands torch.distributed exactly the algorithm's minimum of bytes."""
+    res = subprocess.run([PYTHON, "bench/bench_moe.py", "--tokens", "256", "--hidden", "64", "--ffn", "128",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "(a) megalm MoE layer" in res.stdout and "ratio 1.000 (target 1.00)" in res.stdout, res.stdout

@@ -6,7 +6,8 @@ A dispatcher takes this rank's tokens ``x [T, h]``, their experts ``experts [T, 
 ``counts`` per local expert, and returns ``sum_k probs * expert_k(x)`` for this rank's tokens.
 
 - ``local``: one rank holds every expert (EP 1).
-- ``alltoall``: tokens sorted by expert go to the experts' ranks with one uneven all-to-all, come back with another.
+- ``alltoall``: tokens sorted by expert go to the experts' ranks with one uneven all-to-all, come back with another;
+  the pairs whose expert is on this rank stay out of the collective.
 - ``allgather``: every rank gathers all tokens of the EP group, computes its own experts' share, and the partial
   sums are reduce-scattered back.
 """
@@ -111,8 +112,22 @@ def _segments(counts: torch.Tensor) -> torch.Tensor:
     return first + within
 
 
+def _exchange(x, out_splits: List[int], in_splits: List[int], me: int, group):
+    """Rank-major chunks ``in_splits`` of ``x`` to every rank, ``out_splits`` back from each, in rank order. The
+    chunk for this rank itself never enters the collective (it stays in place), so only what must cross ranks is
+    handed to ``torch.distributed``, forward and backward."""
+    own_start = sum(in_splits[:me])
+    own = x[own_start: own_start + in_splits[me]]
+    send = torch.cat((x[:own_start], x[own_start + in_splits[me]:]))
+    remote_in, remote_out = list(in_splits), list(out_splits)
+    remote_in[me] = remote_out[me] = 0
+    got = _AllToAll.apply(send, remote_out, remote_in, group)
+    before = sum(out_splits[:me])
+    return torch.cat((got[:before], own, got[before:]))
+
+
 def dispatch_alltoall(x, experts, probs, num_experts: int, compute: Compute, group) -> torch.Tensor:
-    ep = dist.get_world_size(group)
+    ep, me = dist.get_world_size(group), dist.get_rank(group)
     local = num_experts // ep
     order, token = _sort_by_expert(experts)
     counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
@@ -121,11 +136,11 @@ def dispatch_alltoall(x, experts, probs, num_experts: int, compute: Compute, gro
     received = received.view(ep, local)
     send = counts.view(ep, local).sum(1).tolist()
     recv = received.sum(1).tolist()
-    tokens = _AllToAll.apply(x[token], recv, send, group)
+    tokens = _exchange(x[token], recv, send, me, group)
     perm = _segments(received)
     out = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
     y = compute(tokens[perm], received.sum(0))[out]  # expert-major for the experts, back to rank-major
-    y = _AllToAll.apply(y, send, recv, group)
+    y = _exchange(y, send, recv, me, group)
     return _combine(y, order, token, probs, x.shape[0])
 
 
