@@ -53,6 +53,22 @@ def test_state_bytes_match_a_measured_run(tmp_path, dataset_prefix, bpe_flags):
         assert abs(value - measured[key]) / measured[key] < 0.15, (key, value, measured[key])
 
 
+def test_moe_state_bytes_match_a_measured_run(tmp_path, dataset_prefix, bpe_flags):
+    """EP 2 over DP 4 with ZeRO 1 (experts sharded over their 2 expert-data-parallel ranks, the rest over 4):
+    rank 0's parameter, gradient and Adam bytes after the first step, measured from the tensors it holds."""
+    flags = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2", "--global-batch-size",
+                                               "8", "--num-experts", "4", "--moe-ffn-hidden-size", "96",
+                                               "--expert-model-parallel-size", "2", "--zero-stage", "1")]
+    res = torchrun(4, "megalm/pretrain.py", *flags, "--metrics-file", tmp_path / "m.jsonl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    measured = json.loads(open(tmp_path / "m.jsonl").readline())
+    stage0 = estimate(load_config(flags, world_size=4), 4, 1024)[0]
+    assert stage0.expert_parameters == 2 * 2 * 2 * 32 * 96  # 2 of 4 experts, 2 matrices, 2 layers
+    for key, value in (("param_bytes", stage0.param_bytes), ("grad_bytes", stage0.grad_bytes),
+                       ("optimizer_state_bytes", stage0.optimizer_bytes)):
+        assert abs(value - measured[key]) / measured[key] < 0.05, (key, value, measured[key])
+
+
 def saved_activation_bytes(cfg, layers):
     """Bytes of the distinct non-parameter tensors autograd keeps while running ``layers`` layers."""
     model = GPT(cfg.model, 1000)
@@ -76,7 +92,12 @@ def saved_activation_bytes(cfg, layers):
 
 @pytest.mark.parametrize("flavour", [{}, dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
                                               num_query_groups=2, add_bias_linear=False),
-                                     dict(attention_backend="unfused")], ids=["gpt2", "llama-gqa", "unfused"])
+                                     dict(attention_backend="unfused"),
+                                     dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                                          add_bias_linear=False, num_experts=4, moe_router_topk=2,
+                                          moe_ffn_hidden_size=192, moe_layer_freq="[1,0,1]"),
+                                     dict(num_experts=8, moe_router_topk=1, moe_ffn_hidden_size=256)],
+                         ids=["gpt2", "llama-gqa", "unfused", "moe-swiglu", "moe-gelu"])
 def test_activation_formula_matches_saved_tensors(flavour):
     cfg = Config()
     cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 999
@@ -87,5 +108,5 @@ def test_activation_formula_matches_saved_tensors(flavour):
     finalize(cfg)
     measured = saved_activation_bytes(cfg, 3)
     sbh = 256 * 2 * 128
-    predicted = 3 * activation_units_per_layer(cfg) * sbh * 4
+    predicted = sum(activation_units_per_layer(cfg, moe) for moe in cfg.model.moe_layers()) * sbh * 4
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)

@@ -20,7 +20,16 @@ Full recomputation keeps only each layer's input (1, or 1/t with SP) plus one la
 recomputed. Under mixed precision linear-layer activations take 2 bytes. The first pipeline stage holds
 ``min(P, m)`` micro-batches in flight with 1F1B (times ``1 + (P - 1) / (P V)`` interleaved); the last stage also
 keeps the fp32 logits of one micro-batch for the loss (``s b V / t``). Step time is the model FLOPs
-(6 N + 12 L h s per token, with recomputation's extra forward) at an assumed fraction of the peak.
+(6 N + 12 L h s per token, with recomputation's extra forward, N counting the active top-k of E experts) at an
+assumed fraction of the peak.
+
+Mixture of experts: each rank holds E / EP experts per MoE layer; their gradients and Adam state are sharded over
+the expert-data-parallel ranks (TP x DP / EP) under ZeRO. An MoE layer's activations replace the MLP's with, per
+token, ``k (2 + 4 f_e / h)`` (SwiGLU; ``k (2 + 2 f_e / h)`` GELU: the routed copies in and out and the expert
+hidden states), divided by t under sequence parallelism, plus the router's ``2 E / h``. The all-to-all moves per
+step ``4 L_moe B s k h (EP - 1) / EP`` elements per pipeline replica (dispatch and combine, forward and backward,
+of the pairs whose expert is on another rank when routing is even; the pairs on the rank's own experts stay off
+the network).
 """
 from __future__ import annotations
 
@@ -40,6 +49,7 @@ from megalm.pipeline.layout import stage_chunks
 class StageMemory:
     stage: int
     parameters: int  # count on this rank (TP shard)
+    expert_parameters: int  # of which experts (EP shard)
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int
@@ -56,18 +66,22 @@ def stage_parameters(cfg: Config, vocab_size: int, pp_rank: int) -> tuple:
 
     p = cfg.parallel
     topo = Topology(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, pp_rank=pp_rank,
-                    sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1)
+                    sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1,
+                    ep=p.expert_model_parallel_size)
     chunks = stage_chunks(cfg.model.num_layers, topo.pp, pp_rank, p.num_layers_per_virtual_pipeline_stage,
                           p.pipeline_stage_layers)
     with torch.device("meta"):
         model = GPT(cfg.model, vocab_size, topo, chunks)
-    total = sum(t.numel() for t in model.parameters())
-    layers = sum(t.numel() for t in model.layers.parameters())
-    return total, layers, sum(len(c) for c in chunks)
+    trained = [t for t in model.parameters() if t.requires_grad]
+    total = sum(t.numel() for t in trained)
+    experts = sum(t.numel() for t in trained if getattr(t, "expert", False))
+    moe = cfg.model.moe_layers()
+    return total, experts, [moe[i] for c in chunks for i in c]
 
 
-def activation_units_per_layer(cfg: Config) -> float:
-    """Saved activation elements per layer and micro-batch, in units of s b h (see the module docstring)."""
+def activation_units_per_layer(cfg: Config, moe: bool = False) -> float:
+    """Saved activation elements per layer and micro-batch, in units of s b h (see the module docstring); ``moe``
+    for an MoE layer."""
     m, p = cfg.model, cfg.parallel
     t = p.tensor_model_parallel_size
     sp = p.sequence_parallel and t > 1
@@ -75,7 +89,14 @@ def activation_units_per_layer(cfg: Config) -> float:
     units = norms / t + (2.0 if t > 1 else 0.0) if sp else norms
     r = m.num_query_groups / m.num_attention_heads
     units += (2 + 2 * r) / t
-    units += (4 if m.swiglu else 2) * m.ffn_hidden_size / m.hidden_size / t
+    if moe:
+        per_token = m.moe_router_topk * (2 + (4 if m.swiglu else 2) * m.moe_ffn_hidden_size / m.hidden_size)
+        units += (per_token + 2 * m.num_experts / m.hidden_size) / (t if sp else 1)
+        shared = m.moe_shared_expert_intermediate_size
+        if shared:
+            units += (4 if m.swiglu else 2) * shared / m.hidden_size / t
+    else:
+        units += (4 if m.swiglu else 2) * m.ffn_hidden_size / m.hidden_size / t
     if m.attention_backend != "sdpa":
         units += m.num_attention_heads * m.seq_length / m.hidden_size / t  # the softmax output
     return units
@@ -91,22 +112,28 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
     zero = o.zero_stage if dp > 1 else 0
     mixed = t.bf16 or t.fp16
     sbh = m.seq_length * t.micro_batch_size * m.hidden_size
-    per_layer = activation_units_per_layer(cfg) * sbh * (2 if mixed else 4)
+    width = 2 if mixed else 4
+    dense_layer = activation_units_per_layer(cfg) * sbh * width
+    moe_layer = activation_units_per_layer(cfg, True) * sbh * width if m.num_experts else 0
     sp = p.sequence_parallel and tp > 1
+    edp = tp * dp // p.expert_model_parallel_size
     out = []
     for stage in range(pp):
-        params, _, layers = stage_parameters(cfg, vocab_size, stage)
+        params, experts, moe = stage_parameters(cfg, vocab_size, stage)
+        dense = params - experts
         param_bytes = 4 * params
+        shards = [(dense, dp), (experts, edp)]  # each part sharded over the ranks that reduce it
         if zero == 2:
-            grad_bytes = 4 * math.ceil(params / dp)
+            grad_bytes = sum(4 * math.ceil(n / ranks) for n, ranks in shards)
         else:
-            grad_bytes = 4 * params + (4 * math.ceil(params / dp) if zero == 1 else 0)
-        optimizer_bytes = 8 * (math.ceil(params / dp) if zero >= 1 else params)
+            grad_bytes = 4 * params + sum(4 * math.ceil(n / ranks) for n, ranks in shards if ranks > 1) * (zero == 1)
+        optimizer_bytes = sum(8 * (math.ceil(n / ranks) if zero >= 1 else n) for n, ranks in shards)
+        layers = len(moe)
         if m.recompute_granularity == "full":
             kept = layers * sbh * 4 / (tp if sp else 1)
-            acts = kept + per_layer
+            acts = kept + max(moe_layer if any(moe) else 0, dense_layer)
         else:
-            acts = layers * per_layer
+            acts = sum(moe_layer if is_moe else dense_layer for is_moe in moe)
         in_flight = 1
         if pp > 1:
             in_flight = min(pp - stage, micro) if virtual == 1 else pp * (1 + (pp - 1) / (pp * virtual))
@@ -115,8 +142,19 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
         if stage == pp - 1:
             padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
             acts += 4 * m.seq_length * t.micro_batch_size * padded / tp
-        out.append(StageMemory(stage, params, param_bytes, grad_bytes, optimizer_bytes, int(acts)))
+        out.append(StageMemory(stage, params, experts, param_bytes, grad_bytes, optimizer_bytes, int(acts)))
     return out
+
+
+def all_to_all_bytes(cfg: Config, world_size: int, mixed: bool = False) -> float:
+    """Bytes the expert dispatch moves across ranks per optimizer step, per pipeline replica (see the module
+    docstring); 0 without expert parallelism."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    ep = p.expert_model_parallel_size
+    if not m.num_experts or ep == 1:
+        return 0.0
+    tokens = t.global_batch_size * m.seq_length
+    return 4 * sum(m.moe_layers()) * tokens * m.moe_router_topk * m.hidden_size * (ep - 1) / ep * (2 if mixed else 4)
 
 
 def _whole_model(cfg: Config, vocab_size: int):
@@ -172,11 +210,19 @@ def main(argv=None) -> int:
     print(f"model: {n / 1e9:.3f}B parameters; layout TP {p.tensor_model_parallel_size} x PP "
           f"{p.pipeline_model_parallel_size} x DP {data_parallel_size(cfg, world)}, ZeRO {cfg.optim.zero_stage}, "
           f"{num_micro_batches(cfg, world)} micro-batches of {cfg.train.micro_batch_size} per step")
-    print(f"{'stage':>5} {'params/GPU':>12} {'params GiB':>11} {'grads GiB':>10} {'Adam GiB':>9} "
-          f"{'activ. GiB':>11} {'total GiB':>10}")
+    moe = bool(cfg.model.num_experts)
+    if moe:
+        print(f"experts: {cfg.model.num_experts} per MoE layer, {cfg.model.num_experts // p.expert_model_parallel_size}"
+              f" per GPU (EP {p.expert_model_parallel_size}), top-{cfg.model.moe_router_topk}; all-to-all "
+              f"{all_to_all_bytes(cfg, world, cfg.train.bf16 or cfg.train.fp16) / gib:.2f} GiB per step per "
+              f"pipeline replica")
+    print(f"{'stage':>5} {'params/GPU':>12}{' of experts' if moe else ''} {'params GiB':>11} {'grads GiB':>10} "
+          f"{'Adam GiB':>9} {'activ. GiB':>11} {'total GiB':>10}")
     for s in stages:
-        print(f"{s.stage:>5} {s.parameters / 1e6:>11.1f}M {s.param_bytes / gib:>11.2f} {s.grad_bytes / gib:>10.2f} "
-              f"{s.optimizer_bytes / gib:>9.2f} {s.activation_bytes / gib:>11.2f} {s.total / gib:>10.2f}")
+        experts = f" {s.expert_parameters / 1e6:>10.1f}M" if moe else ""
+        print(f"{s.stage:>5} {s.parameters / 1e6:>11.1f}M{experts} {s.param_bytes / gib:>11.2f} "
+              f"{s.grad_bytes / gib:>10.2f} {s.optimizer_bytes / gib:>9.2f} {s.activation_bytes / gib:>11.2f} "
+              f"{s.total / gib:>10.2f}")
     peak = cfg.logging.peak_tflops or 989.0
     secs = step_seconds(cfg, world, vocab, peak, args.mfu_)
     print(f"step time at {100 * args.mfu_:.0f}% MFU of {peak:.0f} TFLOP/s per GPU: {secs:.2f} s "
