@@ -284,3 +284,18 @@ def test_generation_with_experts_split(tmp_path, dataset_prefix, bpe_flags):
         many = torchrun(nproc, "megalm/generate.py", *args, *layout)
         assert many.returncode == 0, many.stderr[-2000:]
         assert [line for line in many.stdout.splitlines() if not line.startswith("[rank")] == one.stdout.splitlines()
+
+
+def test_moe_metrics_reach_the_log_and_tensorboard(tmp_path, dataset_prefix, bpe_flags):
+    from conftest import run_module
+
+    argv = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2", *MOE, "--moe-expert-capacity-factor",
+                            "1.0", "--tensorboard-dir", tmp_path / "tb")
+    res = run_module("megalm.pretrain", *argv)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "moe aux " in res.stdout and "load max/mean" in res.stdout and "dropped " in res.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"moe_aux_loss", "moe_z_loss", "moe_load_imbalance", "moe_dropped_share"} <= set(events.Tags()["scalars"])

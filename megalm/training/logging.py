@@ -59,6 +59,12 @@ class MetricsLogger:
             parts.append(f"loss scale {row['loss_scale']:.0f}")
         if "pipeline_wait_ms" in row:
             parts.append(f"stage-0 p2p wait {100 * row['pipeline_wait_ms'] / row['ms_per_iter']:.0f}%")
+        if "moe_aux_loss" in row:
+            parts.append(f"moe aux {row['moe_aux_loss']:.4f} load max/mean {row['moe_load_imbalance']:.2f}")
+        if "moe_z_loss" in row:
+            parts.append(f"z {row['moe_z_loss']:.4f}")
+        if "moe_dropped_share" in row:
+            parts.append(f"dropped {100 * row['moe_dropped_share']:.1f}%")
         log.info(" | ".join(parts))
 
     def close(self) -> None:
