@@ -41,6 +41,10 @@ class ModelConfig(MoEOptions):
     normalization: str = opt("LayerNorm", "normalization layer", choices=("LayerNorm", "RMSNorm"))
     norm_epsilon: float = opt(1e-5, "epsilon of the normalization layers")
     swiglu: bool = opt(False, "SwiGLU MLP instead of GELU")
+    qk_layernorm: bool = opt(False, "normalise each head's queries and keys (--normalization's kind) before RoPE "
+                             "(Qwen3, OLMo 2)")
+    kv_channels: Optional[int] = opt(None, "width of each attention head (default --hidden-size / "
+                                     "--num-attention-heads)")
     gelu_approximation: str = opt("none", "GELU of the MLP: exact (none) or the tanh approximation of GPT-2 "
                                   "(transformers' gelu_new, Megatron's --openai-gelu)", choices=("none", "tanh"))
     untie_embeddings_and_output_weights: bool = opt(False, "separate output layer instead of the embedding matrix")
@@ -60,7 +64,7 @@ class ModelConfig(MoEOptions):
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -372,7 +376,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if value is None and flag == "--num-layers-per-virtual-pipeline-stage":
             continue
         _positive(value, flag)
-    if m.hidden_size % m.num_attention_heads:
+    if m.kv_channels is not None:
+        _positive(m.kv_channels, "--kv-channels")
+    elif m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
                           f"{m.num_attention_heads}")
     if m.num_attention_heads % m.num_query_groups:

@@ -132,6 +132,29 @@ def test_mixtral_both_ways(tmp_path, bpe_dir, dataset_prefix, bpe_flags):
     assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy
 
 
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_qwen3_moe_both_ways(tmp_path, bpe_dir, norm_topk_prob):
+    """A transformers-initialised Qwen3MoeForCausalLM (QK norms, a head width of its own, a dense layer among MoE
+    ones, either router normalisation) imports with its logits within 1e-4 and exports back unchanged."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1024, (1, 24))
+    qwen = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        num_hidden_layers=3, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=1024, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=norm_topk_prob, mlp_only_layers=[1], max_position_embeddings=64))
+    _save_hf(qwen, tmp_path / "qwen", bpe_dir)
+    assert _logits_match(tmp_path / "qwen", tmp_path / "qwen-ck", ids) < 1e-4
+    model, _ = load_for_inference(str(tmp_path / "qwen-ck"), Topology(), {})
+    assert model.cfg.kv_channels == 16 and model.cfg.moe_layers() == [True, False, True]
+    assert export_main(["--load", str(tmp_path / "qwen-ck"), "--output", str(tmp_path / "again")]) == 0
+    first, second = load_file(tmp_path / "qwen" / "model.safetensors"), load_file(tmp_path / "again" /
+                                                                                  "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, qwen.eval()(ids).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("change, named", [
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},

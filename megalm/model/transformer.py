@@ -126,6 +126,9 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias, input_entered=True)
         self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias, input_entered=True)
         self.wo = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, bias)
+        if cfg.qk_layernorm:  # shared by every head; each TP rank normalises its own heads: gradients summed over TP
+            self.q_norm = Norm(hd, cfg.normalization, cfg.norm_epsilon, topo.tp > 1)
+            self.k_norm = Norm(hd, cfg.normalization, cfg.norm_epsilon, topo.tp > 1)
 
     def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, doc_mask=None):
         """``doc_mask``: boolean ``[b, 1, s, s]`` allowed query-key pairs (packed documents), else causal."""
@@ -133,8 +136,10 @@ class Attention(nn.Module):
         x = enter_tp_region(x, self.topo)  # the whole sequence, also when x was a sequence-parallel shard
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         b, s = q.shape[:2]
-        q = q.view(b, s, self.n_heads, hd).transpose(1, 2)
-        k = k.view(b, s, self.n_kv, hd).transpose(1, 2)
+        q, k = q.view(b, s, self.n_heads, hd), k.view(b, s, self.n_kv, hd)
+        if self.cfg.qk_layernorm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, s, self.n_kv, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)

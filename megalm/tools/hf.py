@@ -1,5 +1,5 @@
-"""Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT2LMHeadModel, LlamaForCausalLM
-or MixtralForCausalLM, safetensors weights, config.json, the run's tokenizer files) from a checkpoint of any layout;
+"""Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT2LMHeadModel, LlamaForCausalLM,
+MixtralForCausalLM or Qwen3MoeForCausalLM, safetensors weights, config.json, the run's tokenizer files) from a checkpoint of any layout;
 ``megalm-import-hf`` turns such a directory into a megalm checkpoint that loads under any layout.
 
 Checkpoints already hold whole, unpadded tensors under global names, so conversion is renaming: GPT-2's fused
@@ -28,8 +28,9 @@ class ConversionError(ValueError):
 
 
 def flavour(m: ModelConfig) -> str:
-    """'gpt2', 'llama' or 'mixtral' (the Llama flavour with every MLP a mixture of experts as Mixtral routes
-    them), or a ConversionError naming what none of them has."""
+    """'gpt2', 'llama', 'mixtral' (the Llama flavour with every MLP a mixture of experts as Mixtral routes them)
+    or 'qwen3_moe' (with QK normalisation, MoE in any layers), or a ConversionError naming what none of them
+    has."""
     if (m.position_embedding_type, m.normalization, m.swiglu) == ("learned_absolute", "LayerNorm", False):
         mha = m.num_query_groups == m.num_attention_heads
         if not m.add_bias_linear or m.untie_embeddings_and_output_weights or not mha:
@@ -37,17 +38,22 @@ def flavour(m: ModelConfig) -> str:
         return "gpt2"
     if (m.position_embedding_type, m.normalization, m.swiglu) == ("rope", "RMSNorm", True):
         if not m.num_experts:
+            if m.qk_layernorm:
+                raise ConversionError("--qk-layernorm without experts (Qwen3) is not exported yet")
             return "llama"
+        family = "qwen3_moe" if m.qk_layernorm else "mixtral"
         unlike = [what for what, differs in (
-            ("MoE in every layer (--moe-layer-freq)", not all(m.moe_layers())),
+            ("MoE in every layer (--moe-layer-freq)", family == "mixtral" and not all(m.moe_layers())),
             ("no shared expert", m.moe_shared_expert_intermediate_size),
-            ("softmax router scores over the top-k (no --moe-router-pre-softmax, no sigmoid)",
-             m.moe_router_pre_softmax or m.moe_router_score_function != "softmax"),
+            ("softmax router scores (no sigmoid)", m.moe_router_score_function != "softmax"),
+            ("top-k of the logits then softmax (no --moe-router-pre-softmax)",
+             family == "mixtral" and m.moe_router_pre_softmax),
             ("no group-limited routing", m.moe_router_num_groups), ("no expert bias", m.moe_router_enable_expert_bias),
             ("no biases (--disable-bias-linear)", m.add_bias_linear)) if differs]
         if unlike:
-            raise ConversionError("MixtralForCausalLM needs " + "; ".join(unlike))
-        return "mixtral"
+            raise ConversionError(f"{ {'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM'}[family]} "
+                                  "needs " + "; ".join(unlike))
+        return family
     raise ConversionError(f"no transformers architecture for position {m.position_embedding_type}, "
                           f"{m.normalization}, swiglu={m.swiglu}: export supports the GPT-2 flavour "
                           f"(learned, LayerNorm, GELU) and the Llama flavour (rope, RMSNorm, SwiGLU)")
@@ -62,6 +68,22 @@ def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
                 "layer_norm_epsilon": m.norm_epsilon, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
+    if flavour(m) == "qwen3_moe":
+        moe = m.moe_layers()
+        return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": vocab,
+                "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+                "moe_intermediate_size": m.moe_ffn_hidden_size, "num_hidden_layers": m.num_layers,
+                "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups,
+                "head_dim": m.head_dim, "max_position_embeddings": m.max_position_embeddings,
+                "rms_norm_eps": m.norm_epsilon, "rope_theta": m.rotary_base, "hidden_act": "silu",
+                "attention_bias": False, "num_experts": m.num_experts, "num_experts_per_tok": m.moe_router_topk,
+                "norm_topk_prob": not m.moe_router_pre_softmax, "decoder_sparse_step": 1,
+                "mlp_only_layers": [i for i, on in enumerate(moe) if not on],
+                "router_aux_loss_coef": m.moe_aux_loss_coeff, "output_router_logits": False,
+                "use_sliding_window": False, "sliding_window": None,
+                "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
+                "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
+                "torch_dtype": "float32"}
     if flavour(m) == "mixtral":
         return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": vocab,
                 "hidden_size": m.hidden_size, "intermediate_size": m.moe_ffn_hidden_size,
@@ -104,10 +126,16 @@ def _gpt2_names(layers: int):
     return pairs
 
 
+# where each MoE family keeps its router and experts (megalm's w1 / w3 / w2: gate, up, down)
+MOE_NAMES = {"mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{}.", ("w1", "w3", "w2")),
+             "qwen3_moe": ("mlp.gate", "mlp.experts.{}.", ("gate_proj", "up_proj", "down_proj"))}
+
+
 def _llama_names(m: ModelConfig):
-    """(megalm name, HF name) of the Llama flavour; for Mixtral all but the experts (``_mixtral_experts``)."""
+    """(megalm name, HF name) of the Llama-like families, all but the experts (``_experts``)."""
+    family = flavour(m)
+    moe = m.moe_layers()
     pairs = [("embedding.weight", "model.embed_tokens.weight"), ("final_norm.weight", "model.norm.weight")]
-    mlp = () if m.num_experts else (("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj"))
     if m.untie_embeddings_and_output_weights:
         pairs.append(("output.weight", "lm_head.weight"))
     biases = ("weight", "bias") if m.add_bias_linear else ("weight",)
@@ -115,27 +143,34 @@ def _llama_names(m: ModelConfig):
         a, h = f"layers.{i}.", f"model.layers.{i}."
         pairs += [(a + "attention_norm.weight", h + "input_layernorm.weight"),
                   (a + "mlp_norm.weight", h + "post_attention_layernorm.weight")]
+        mlp = () if moe[i] else (("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj"))
         for ours, theirs in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
                              ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"), *mlp):
             pairs += [(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in biases]
-        if m.num_experts:
-            pairs.append((a + "mlp.router.weight", h + "block_sparse_moe.gate.weight"))
+        if m.qk_layernorm:
+            pairs += [(a + "attention.q_norm.weight", h + "self_attn.q_norm.weight"),
+                      (a + "attention.k_norm.weight", h + "self_attn.k_norm.weight")]
+        if moe[i]:
+            pairs.append((a + "mlp.router.weight", h + MOE_NAMES[family][0] + ".weight"))
     return pairs
 
 
-def _mixtral_experts(m: ModelConfig):
+def _experts(m: ModelConfig):
     """(megalm stacked name ``[E, in, out]``, HF per-expert name pattern ``[out, in]``) of every expert matrix."""
-    return [(f"layers.{i}.mlp.experts.{w}", f"model.layers.{i}.block_sparse_moe.experts.{{}}.{w}.weight")
-            for i in range(m.num_layers) for w in ("w1", "w3", "w2")]
+    if not m.num_experts:
+        return []
+    _, prefix, names = MOE_NAMES[flavour(m)]
+    return [(f"layers.{i}.mlp.experts.{w}", f"model.layers.{i}.{prefix}{theirs}.weight")
+            for i, on in enumerate(m.moe_layers()) if on for w, theirs in zip(("w1", "w3", "w2"), names)]
 
 
 def to_hf(m: ModelConfig, state: dict) -> dict:
     """transformers state dict from megalm's full-tensor state."""
     out = {}
-    if flavour(m) in ("llama", "mixtral"):
+    if flavour(m) != "gpt2":
         for ours, theirs in _llama_names(m):
             out[theirs] = state[ours]
-        for ours, theirs in _mixtral_experts(m) if m.num_experts else ():
+        for ours, theirs in _experts(m):
             for e, matrix in enumerate(state[ours]):
                 out[theirs.format(e)] = matrix.t()
         return {k: v.contiguous() for k, v in out.items()}
@@ -151,10 +186,10 @@ def to_hf(m: ModelConfig, state: dict) -> dict:
 def from_hf(m: ModelConfig, hf: dict) -> dict:
     """megalm's full-tensor state from a transformers state dict (inverse of ``to_hf``)."""
     out = {}
-    if flavour(m) in ("llama", "mixtral"):
+    if flavour(m) != "gpt2":
         for ours, theirs in _llama_names(m):
             out[ours] = hf[theirs]
-        for ours, theirs in _mixtral_experts(m) if m.num_experts else ():
+        for ours, theirs in _experts(m):
             out[ours] = torch.stack([hf[theirs.format(e)].t() for e in range(m.num_experts)])
         return {k: v.float().contiguous() for k, v in out.items()}
     for ours, theirs, transpose in _gpt2_names(m.num_layers):
@@ -235,12 +270,16 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         m.num_query_groups = m.num_attention_heads
         m.gelu_approximation = GPT2_GELU[hf.get("activation_function", "gelu_new")]
         return m
-    if kind in ("llama", "mixtral"):
+    if kind in ("llama", "mixtral", "qwen3_moe"):
         mixtral = {"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
                    "router_jitter_noise", "sliding_window"} if kind == "mixtral" else set()
+        qwen3_moe = {"num_experts", "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                     "output_router_logits", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                     "mlp_only_layers", "use_sliding_window", "sliding_window", "max_window_layers"} \
+            if kind == "qwen3_moe" else set()
         _refuse_unknown(hf, {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                              "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-                             "hidden_act", "attention_bias", "mlp_bias", "head_dim"} | mixtral)
+                             "hidden_act", "attention_bias", "mlp_bias", "head_dim"} | mixtral | qwen3_moe)
         _require(hf, "hidden_act", ("silu",), "silu")
         m.position_embedding_type, m.normalization, m.swiglu = "rope", "RMSNorm", True
         m.num_layers, m.hidden_size = hf["num_hidden_layers"], hf["hidden_size"]
@@ -253,14 +292,24 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         m.add_bias_linear = bool(hf.get("attention_bias", False))
         _require(hf, "mlp_bias", (m.add_bias_linear,), m.add_bias_linear)
         if hf.get("head_dim") not in (None, m.head_dim):
-            raise ConversionError(f"config.json: head_dim {hf['head_dim']} != hidden_size / heads ({m.head_dim})")
+            m.kv_channels = hf["head_dim"]  # a head width of its own (Qwen3)
+        if kind == "qwen3_moe":
+            _require(hf, "use_sliding_window", (False,), False)
+            m.qk_layernorm = True
+            m.num_experts = hf.get("num_experts") or hf["num_local_experts"]
+            m.moe_router_topk, m.moe_ffn_hidden_size = hf["num_experts_per_tok"], hf["moe_intermediate_size"]
+            m.moe_router_pre_softmax = not hf.get("norm_topk_prob", False)
+            m.moe_aux_loss_coeff = float(hf.get("router_aux_loss_coef", 0.0))
+            step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+            m.moe_layer_freq = " ".join("1" if i not in dense and (i + 1) % step == 0 else "0"
+                                        for i in range(m.num_layers))
         if kind == "mixtral":
             _require(hf, "sliding_window", (None,), None)  # a window changes attention: not implemented
             m.num_experts, m.moe_router_topk = hf["num_local_experts"], hf["num_experts_per_tok"]
             m.moe_ffn_hidden_size = m.ffn_hidden_size
             m.moe_aux_loss_coeff = float(hf.get("router_aux_loss_coef", 0.0))
         return m
-    raise ConversionError(f"config.json: model_type {kind!r} is not supported (gpt2, llama or mixtral)")
+    raise ConversionError(f"config.json: model_type {kind!r} is not supported (gpt2, llama, mixtral or qwen3_moe)")
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model")
