@@ -28,6 +28,8 @@ VARIANTS = {
     "groups-shared": ["--num-experts", "8", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
                       "--moe-shared-expert-intermediate-size", "32", "--moe-router-pre-softmax"],
     "deep": ["--num-layers", "4", "--moe-layer-freq", "[1,0,1,1]", "--global-batch-size", "16"],
+    "qwen-like": ["--qk-layernorm", "--kv-channels", "12", "--position-embedding-type", "rope", "--normalization",
+                  "RMSNorm", "--moe-router-pre-softmax"],
 }
 EP2, TP2SP = ["--expert-model-parallel-size", "2"], ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 PP2 = ["--pipeline-model-parallel-size", "2"]
@@ -47,6 +49,7 @@ LAYOUTS = {
     "ep2-pp2-dropping": (4, "dropping", EP2 + PP2),
     "ep2-tp2-sp-bias": (4, "bias-seq-sigmoid", EP2 + TP2SP),
     "ep4-zero1-groups-shared": (4, "groups-shared", ["--expert-model-parallel-size", "4", "--zero-stage", "1"]),
+    "ep2-tp2-sp-qk-norm-kv-channels": (4, "qwen-like", EP2 + TP2SP),
 }
 
 
