@@ -18,6 +18,8 @@ from typing import Callable, List
 import torch
 import torch.distributed as dist
 
+from megalm.parallel.mappings import gather_dim0, reduce_scatter_dim0
+
 Compute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -37,46 +39,6 @@ class _AllToAll(torch.autograd.Function):
         out = grad.new_empty((sum(back_out),) + tuple(grad.shape[1:]))
         dist.all_to_all_single(out, grad.contiguous(), back_out, back_in, group=ctx.group)
         return out, None, None, None
-
-
-def _gather0(x, group):
-    n = dist.get_world_size(group)
-    out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter0(x, group):
-    n = dist.get_world_size(group)
-    out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-    return out
-
-
-class _GatherDim0(torch.autograd.Function):
-    """All-gather equal parts along dim 0; the backward reduce-scatters (sums) the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter0(grad, ctx.group), None
-
-
-class _ReduceScatterDim0(torch.autograd.Function):
-    """Sum over the group and keep this rank's part of dim 0; the backward all-gathers."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather0(grad, ctx.group), None
 
 
 def _sort_by_expert(experts: torch.Tensor):
@@ -147,9 +109,9 @@ def dispatch_alltoall(x, experts, probs, num_experts: int, compute: Compute, gro
 def dispatch_allgather(x, experts, probs, num_experts: int, compute: Compute, group, ep_rank: int) -> torch.Tensor:
     ep = dist.get_world_size(group)
     local = num_experts // ep
-    x_all = _GatherDim0.apply(x, group)
-    experts_all = _gather0(experts, group)  # ids need no gradient
-    probs_all = _GatherDim0.apply(probs, group)
+    x_all = gather_dim0(x, group)
+    experts_all = gather_dim0(experts, group)
+    probs_all = gather_dim0(probs, group)
     mine = (experts_all >= ep_rank * local) & (experts_all < (ep_rank + 1) * local)
     pairs = mine.reshape(-1).nonzero().squeeze(1)
     ids = experts_all.reshape(-1)[pairs] - ep_rank * local
@@ -160,4 +122,4 @@ def dispatch_allgather(x, experts, probs, num_experts: int, compute: Compute, gr
     y = compute(x_all[token], counts)
     weighted = y * probs_all.reshape(-1)[pairs].unsqueeze(1).to(y.dtype)
     partial = weighted.new_zeros((x_all.shape[0], y.shape[1])).index_add_(0, token, weighted)
-    return _ReduceScatterDim0.apply(partial, group)
+    return reduce_scatter_dim0(partial, group)

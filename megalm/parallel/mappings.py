@@ -116,3 +116,27 @@ def reduce_scatter_to_sequence_parallel(x, group):
 def scatter_to_sequence_parallel(x, group):
     """Keep this rank's sequence shard of a replicated tensor; all-gather the gradient."""
     return _pair(x, group, _split_seq, _all_gather_seq)
+
+
+# Along dim 0 (the token dimension of expert dispatch, ``megalm/parallel/experts.py``), equal parts per rank.
+
+def _gather_dim0(x, group):
+    out = x.new_empty((_size(group) * x.shape[0],) + tuple(x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_dim0(x, group):
+    out = x.new_empty((x.shape[0] // _size(group),) + tuple(x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def gather_dim0(x, group):
+    """Every rank's part stacked along dim 0; the backward reduce-scatters (sums) the gradient."""
+    return _pair(x, group, _gather_dim0, _reduce_scatter_dim0)
+
+
+def reduce_scatter_dim0(x, group):
+    """Sum over the group and keep this rank's part of dim 0; the backward all-gathers."""
+    return _pair(x, group, _reduce_scatter_dim0, _gather_dim0)

@@ -51,12 +51,14 @@ def flavour(m: ModelConfig) -> str:
             ("no group-limited routing", m.moe_router_num_groups), ("no expert bias", m.moe_router_enable_expert_bias),
             ("no biases (--disable-bias-linear)", m.add_bias_linear)) if differs]
         if unlike:
-            raise ConversionError(f"{ {'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM'}[family]} "
-                                  "needs " + "; ".join(unlike))
+            raise ConversionError(f"{ARCHITECTURES[family]} needs " + "; ".join(unlike))
         return family
     raise ConversionError(f"no transformers architecture for position {m.position_embedding_type}, "
                           f"{m.normalization}, swiglu={m.swiglu}: export supports the GPT-2 flavour "
                           f"(learned, LayerNorm, GELU) and the Llama flavour (rope, RMSNorm, SwiGLU)")
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
@@ -68,43 +70,23 @@ def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
                 "layer_norm_epsilon": m.norm_epsilon, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
-    if flavour(m) == "qwen3_moe":
-        moe = m.moe_layers()
-        return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": vocab,
-                "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
-                "moe_intermediate_size": m.moe_ffn_hidden_size, "num_hidden_layers": m.num_layers,
-                "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups,
-                "head_dim": m.head_dim, "max_position_embeddings": m.max_position_embeddings,
-                "rms_norm_eps": m.norm_epsilon, "rope_theta": m.rotary_base, "hidden_act": "silu",
-                "attention_bias": False, "num_experts": m.num_experts, "num_experts_per_tok": m.moe_router_topk,
-                "norm_topk_prob": not m.moe_router_pre_softmax, "decoder_sparse_step": 1,
-                "mlp_only_layers": [i for i, on in enumerate(moe) if not on],
-                "router_aux_loss_coef": m.moe_aux_loss_coeff, "output_router_logits": False,
-                "use_sliding_window": False, "sliding_window": None,
-                "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
-                "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
-                "torch_dtype": "float32"}
-    if flavour(m) == "mixtral":
-        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": vocab,
-                "hidden_size": m.hidden_size, "intermediate_size": m.moe_ffn_hidden_size,
-                "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-                "num_key_value_heads": m.num_query_groups, "head_dim": m.head_dim,
-                "max_position_embeddings": m.max_position_embeddings, "rms_norm_eps": m.norm_epsilon,
-                "rope_theta": m.rotary_base, "hidden_act": "silu", "num_local_experts": m.num_experts,
-                "num_experts_per_tok": m.moe_router_topk, "router_aux_loss_coef": m.moe_aux_loss_coeff,
-                "output_router_logits": False, "sliding_window": None,
-                "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
-                "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
-                "torch_dtype": "float32"}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-            "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
-            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-            "num_key_value_heads": m.num_query_groups, "head_dim": m.head_dim,
-            "max_position_embeddings": m.max_position_embeddings, "rms_norm_eps": m.norm_epsilon,
-            "rope_theta": m.rotary_base, "hidden_act": "silu", "attention_bias": m.add_bias_linear,
-            "mlp_bias": m.add_bias_linear, "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
-            "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
-            "torch_dtype": "float32"}
+    family = flavour(m)
+    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": vocab,
+           "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
+           "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups,
+           "head_dim": m.head_dim, "max_position_embeddings": m.max_position_embeddings,
+           "rms_norm_eps": m.norm_epsilon, "rope_theta": m.rotary_base, "hidden_act": "silu",
+           "tie_word_embeddings": not m.untie_embeddings_and_output_weights, "initializer_range": m.init_method_std,
+           "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": "float32"}
+    if family == "llama":
+        return dict(out, attention_bias=m.add_bias_linear, mlp_bias=m.add_bias_linear)
+    out.update(num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff,
+               output_router_logits=False, sliding_window=None)
+    if family == "mixtral":
+        return dict(out, intermediate_size=m.moe_ffn_hidden_size, num_local_experts=m.num_experts)
+    return dict(out, moe_intermediate_size=m.moe_ffn_hidden_size, num_experts=m.num_experts, attention_bias=False,
+                norm_topk_prob=not m.moe_router_pre_softmax, decoder_sparse_step=1, use_sliding_window=False,
+                mlp_only_layers=[i for i, on in enumerate(m.moe_layers()) if not on])
 
 
 def _gpt2_names(layers: int):
