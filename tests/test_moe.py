@@ -47,6 +47,7 @@ LAYOUTS = {
                                                      "--recompute-granularity", "full"]),
     "ep2-dropping": (2, "dropping", EP2),
     "ep2-pp2-dropping": (4, "dropping", EP2 + PP2),
+    "dp2-dropping": (2, "dropping", []),
     "ep2-tp2-sp-bias": (4, "bias-seq-sigmoid", EP2 + TP2SP),
     "ep4-zero1-groups-shared": (4, "groups-shared", ["--expert-model-parallel-size", "4", "--zero-stage", "1"]),
     "ep2-tp2-sp-qk-norm-kv-channels": (4, "qwen-like", EP2 + TP2SP),
@@ -302,3 +303,28 @@ def test_moe_metrics_reach_the_log_and_tensorboard(tmp_path, dataset_prefix, bpe
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert {"moe_aux_loss", "moe_z_loss", "moe_load_imbalance", "moe_dropped_share"} <= set(events.Tags()["scalars"])
+
+
+def test_flops_count_active_parameters():
+    """Of each MoE layer's routed experts only top-k of E count in the FLOPs (MFU); the rest as the dense model."""
+    cfg = tiny_moe(num_layers=2, moe_layer_freq="[1,0]", num_experts=8, moe_router_topk=2)
+    model = GPT(cfg, 300)
+    layers, _ = model.matmul_parameters()
+    experts = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
+    rest = sum(p.numel() for p in model.layers.parameters() if not getattr(p, "expert", False))
+    assert experts == 8 * 3 * 16 * 24 and layers == rest + experts * 2 // 8
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_mixed_precision_with_experts_split(tmp_path, dataset_prefix, bpe_flags, precision):
+    got, _ = run(tmp_path, dataset_prefix, bpe_flags, 2, *EP2, precision, "--lr", "3e-3", iters=8)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["moe_aux_loss"]) for r in got)
+    assert got[-1]["loss"] < got[0]["loss"]
+
+
+def test_moe_tiny_config_loads():
+    from conftest import ROOT
+
+    cfg = load_config(["--config", os.path.join(ROOT, "configs", "moe_tiny.yaml"), "--expert-model-parallel-size", "2",
+                       "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"], world_size=2)
+    assert cfg.model.num_experts == 8 and cfg.model.moe_layers() == [True] * 4
