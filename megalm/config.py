@@ -84,7 +84,8 @@ class ParallelConfig:
                                       "--num-layers / --pipeline-model-parallel-size each)", nargs="+")
     expert_model_parallel_size: int = opt(1, "ranks that split the experts of each MoE layer (EP); experts fold "
                                           "onto the ranks attention uses, as ETP x EP x expert-DP")
-    expert_tensor_parallel_size: int = opt(1, "ranks that split each expert (ETP); only 1 is implemented")
+    expert_tensor_parallel_size: int = opt(1, "ranks that split each expert's width (ETP), innermost of the "
+                                           "expert ranks")
 
     @property
     def model_parallel_size(self) -> int:

@@ -81,9 +81,9 @@ def validate_moe(m, p, world_size: Optional[int]) -> None:
                           f"{m.num_experts}")
     if m.num_experts % ep:
         raise ConfigError(f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}")
-    if etp != 1:
-        raise ConfigError(f"--expert-tensor-parallel-size {etp}: only 1 is implemented (experts whole on each "
-                          f"rank)")
+    if m.moe_ffn_hidden_size % etp:
+        raise ConfigError(f"--moe-ffn-hidden-size {m.moe_ffn_hidden_size} is not divisible by "
+                          f"--expert-tensor-parallel-size {etp}")
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if world_size is not None:
         attention_ranks = world_size // (tp * pp) * tp if world_size % (tp * pp) == 0 else None

@@ -51,6 +51,10 @@ LAYOUTS = {
     "ep2-tp2-sp-bias": (4, "bias-seq-sigmoid", EP2 + TP2SP),
     "ep4-zero1-groups-shared": (4, "groups-shared", ["--expert-model-parallel-size", "4", "--zero-stage", "1"]),
     "ep2-tp2-sp-qk-norm-kv-channels": (4, "qwen-like", EP2 + TP2SP),
+    "ep2-etp2-tp2-sp": (4, "plain", EP2 + TP2SP + ["--expert-tensor-parallel-size", "2"]),
+    "etp2-dp2": (2, "plain", ["--expert-tensor-parallel-size", "2"]),
+    "ep2-etp2-dp4-zero1-allgather": (4, "plain", EP2 + ["--expert-tensor-parallel-size", "2", "--zero-stage", "1",
+                                                        "--moe-token-dispatcher-type", "allgather"]),
 }
 
 
@@ -165,6 +169,10 @@ def test_capacity_drops_the_right_pairs(policy):
     (["--num-experts", "4", "--deepspeed"], "--num-experts with --deepspeed is not supported"),
     (["--num-experts", "4", "--moe-layer-freq", "1 0 1"], "give an integer N or one 0/1 per layer"),
     (["--expert-model-parallel-size", "2"], "need --num-experts"),
+    (["--num-experts", "4", "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "2"],
+     "x --expert-tensor-parallel-size 2 does not divide the 2 ranks"),
+    (["--num-experts", "4", "--moe-ffn-hidden-size", "5", "--expert-tensor-parallel-size", "2"],
+     "--moe-ffn-hidden-size 5 is not divisible by --expert-tensor-parallel-size 2"),
 ])
 def test_impossible_moe_settings(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -244,15 +252,19 @@ def test_all_tokens_to_one_expert(tmp_path, dataset_prefix, bpe_flags):
     assert_matches("all tokens on expert 0", ref, got)
 
 
-def test_resume_across_expert_parallel_sizes(tmp_path, dataset_prefix, bpe_flags):
-    """Saved at EP 4 (4 ranks, expert bias moving), continued at EP 2 and at one process: the losses of the
-    uninterrupted run (the experts, their Adam state and the expert bias are in global coordinates)."""
+@pytest.mark.parametrize("saved_at, continued_at", [
+    (["--expert-model-parallel-size", "4"], [("ep2", 2, EP2), ("one", 1, [])]),
+    (EP2 + ["--expert-tensor-parallel-size", "2"], [("one", 1, [])]),
+], ids=["ep4", "ep2-etp2"])
+def test_resume_across_expert_parallel_sizes(tmp_path, dataset_prefix, bpe_flags, saved_at, continued_at):
+    """Saved at EP 4 (or EP 2 x ETP 2; 4 ranks, expert bias moving), continued at EP 2 and at one process: the
+    losses of the uninterrupted run (the experts, their Adam state and the expert bias are in global
+    coordinates; under ETP each expert is written in pieces of its width)."""
     flags = ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01"]
-    full, _ = run(tmp_path / "full", dataset_prefix, bpe_flags, 4, *flags, "--expert-model-parallel-size", "4",
-                  "--save-interval", "5")
+    full, _ = run(tmp_path / "full", dataset_prefix, bpe_flags, 4, *flags, *saved_at, "--save-interval", "5")
     saved = tmp_path / "full" / "ck" / "iter_0000005"
     assert any("-dp" in f for f in os.listdir(saved))  # ranks beyond the first replica wrote their experts
-    for name, nproc, layout in (("ep2", 2, EP2), ("one", 1, [])):
+    for name, nproc, layout in continued_at:
         got, _ = run(tmp_path / name, dataset_prefix, bpe_flags, nproc, *flags, *layout, "--load", str(saved))
         assert [r["iteration"] for r in got] == list(range(6, 11))
         for a, b in zip(full[5:], got, strict=True):

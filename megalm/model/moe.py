@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.parallel.experts import dispatch_allgather, dispatch_alltoall, dispatch_local
-from megalm.parallel.mappings import reduce_from_tp
+from megalm.parallel.mappings import gather_dim0, reduce_from_tp, reduce_scatter_dim0
 from megalm.parallel.state import Topology
 
 
@@ -144,16 +144,17 @@ class Router(nn.Module):
 
 class GroupedExperts(nn.Module):
     """This rank's experts, stacked: ``w1 [E_local, h, f]`` (and ``w3`` with SwiGLU), ``w2 [E_local, f, h]``;
-    global tensors are ``[E, ...]``, split over the expert-parallel ranks along dim 0."""
+    global tensors are ``[E, ...]``, split over the expert-parallel ranks along dim 0, and with expert tensor
+    parallelism along the width ``f`` (``etp_dim``): each rank then returns partial sums."""
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
         self.cfg, self.swiglu = cfg, cfg.swiglu
-        local, h, f = cfg.num_experts // topo.ep, cfg.hidden_size, cfg.moe_ffn_hidden_size
+        local, h, f = cfg.num_experts // topo.ep, cfg.hidden_size, cfg.moe_ffn_hidden_size // topo.etp
         names = ("w1", "w3", "w2") if cfg.swiglu else ("w1", "w2")
         for name in names:
             p = nn.Parameter(torch.empty((local, f, h) if name == "w2" else (local, h, f)))
-            p.tp_dim, p.expert = None, True
+            p.tp_dim, p.expert, p.etp_dim = None, True, 1 if name == "w2" else 2
             setattr(self, name, p)
 
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -207,12 +208,16 @@ class MoELayer(nn.Module):
         if self.cfg.moe_expert_capacity_factor is not None:
             probs, dropped = self._drop_over_capacity(experts, probs)
         c, topo = self.cfg, self.topo
+        if topo.etp > 1:  # every rank of an expert's width needs all the tokens its ETP group routed
+            flat, experts, probs = (gather_dim0(t, topo.etp_group) for t in (flat, experts, probs))
         if topo.ep == 1:
             y = dispatch_local(flat, experts, probs, c.num_experts, self.experts)
         elif c.moe_token_dispatcher_type == "allgather":
             y = dispatch_allgather(flat, experts, probs, c.num_experts, self.experts, topo.ep_group, topo.ep_rank)
         else:
             y = dispatch_alltoall(flat, experts, probs, c.num_experts, self.experts, topo.ep_group)
+        if topo.etp > 1:  # partial sums over the width: summed, and each rank keeps its own tokens
+            y = reduce_scatter_dim0(y, topo.etp_group)
         y = y.view(b, s, h)
         if self.shared is not None:
             y = y + self.shared(x)

@@ -248,6 +248,8 @@ class DistributedOptimizer:
                 dist.all_reduce(sq_exp, group=self.topo.edp_group)
             if self.topo.ep > 1:
                 dist.all_reduce(sq_exp, group=self.topo.ep_group)
+            if self.topo.etp > 1:
+                dist.all_reduce(sq_exp, group=self.topo.etp_group)
             total = total + sq_exp
         if self.topo.pp > 1:
             dist.all_reduce(total, group=self.topo.pp_group)

@@ -130,9 +130,10 @@ def init_shard_(param: torch.Tensor, full_shape, std: float, generator: torch.Ge
 
 def shard_of(full: torch.Tensor, param: torch.Tensor, topo: Topology) -> torch.Tensor:
     """This rank's part of a whole tensor: split along ``tp_dim`` over TP, or for an expert parameter along
-    dim 0 (the experts) over the expert-parallel ranks."""
+    dim 0 (the experts) over the expert-parallel ranks and along ``etp_dim`` (the width) over ETP."""
     if getattr(param, "expert", False):
-        return full if topo.ep == 1 else full.chunk(topo.ep, dim=0)[topo.ep_rank]
+        part = full if topo.ep == 1 else full.chunk(topo.ep, dim=0)[topo.ep_rank]
+        return part if topo.etp == 1 else part.chunk(topo.etp, dim=param.etp_dim)[topo.etp_rank]
     dim = getattr(param, "tp_dim", None)
     return full if dim is None or topo.tp == 1 else full.chunk(topo.tp, dim=dim)[topo.tp_rank]
 
@@ -141,6 +142,7 @@ def full_shape(param: torch.Tensor, topo: Topology):
     shape = list(param.shape)
     if getattr(param, "expert", False):
         shape[0] *= topo.ep
+        shape[param.etp_dim] *= topo.etp
         return tuple(shape)
     dim = getattr(param, "tp_dim", None)
     if dim is not None:

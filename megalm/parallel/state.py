@@ -3,7 +3,8 @@
 Rank order is Megatron's: tensor parallelism innermost (the ranks of one TP group share a node), then data
 parallelism, then pipeline stages: ``rank = (pp_rank * DP + dp_rank) * TP + tp_rank``. Experts fold onto the same
 ranks (Megatron's "parallel folding"): the TP x DP ranks of a stage, numbered ``dp_rank * TP + tp_rank``, are
-split EP innermost, then expert-data-parallel (the ranks that hold the same experts). One ``Topology`` object is
+split expert-tensor-parallel (ETP: each expert's width split) innermost, then EP (the experts split), then
+expert-data-parallel (the ranks that hold the same expert shards). One ``Topology`` object is
 built at start-up and passed explicitly.
 """
 from __future__ import annotations
@@ -41,10 +42,13 @@ class Topology:
     embedding_group: Optional[object] = field(default=None, repr=False)  # first and last stage, for tied weights
     ep: int = 1
     ep_rank: int = 0
-    edp: int = 1  # expert data parallelism: ranks holding the same experts
+    edp: int = 1  # expert data parallelism: ranks holding the same expert shards
     edp_rank: int = 0
+    etp: int = 1  # expert tensor parallelism: ranks splitting each expert's width
+    etp_rank: int = 0
     ep_group: Optional[object] = field(default=None, repr=False)
     edp_group: Optional[object] = field(default=None, repr=False)
+    etp_group: Optional[object] = field(default=None, repr=False)
 
     @property
     def is_first_rank(self) -> bool:
@@ -63,7 +67,7 @@ class Topology:
 
     @classmethod
     def build(cls, tp: int = 1, sequence_parallel: bool = False, pp: int = 1, ep: int = 1,
-              experts: bool = False) -> "Topology":
+              experts: bool = False, etp: int = 1) -> "Topology":
         """Groups for the current process group (a single process when torch.distributed is not initialised).
         ``sequence_parallel`` splits activations between blocks along the sequence over the TP group; with
         ``experts`` (an MoE model) the expert groups are built too, ``ep`` ranks splitting each layer's experts."""
@@ -73,13 +77,15 @@ class Topology:
             raise LayoutError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp} x "
                               f"--pipeline-model-parallel-size {pp}")
         dp = world // (tp * pp)
-        if ep < 1 or (tp * dp) % ep:
-            raise LayoutError(f"--expert-model-parallel-size {ep} does not divide the {tp * dp} ranks of a "
-                              f"pipeline stage")
+        if ep < 1 or etp < 1 or (tp * dp) % (ep * etp):
+            raise LayoutError(f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not "
+                              f"divide the {tp * dp} ranks of a pipeline stage")
         local = rank % (tp * dp)  # this rank's place among its stage's ranks
+        n = ep * etp
         topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp % dp,
                    sequence_parallel=sequence_parallel and tp > 1, pp=pp, pp_rank=rank // (tp * dp),
-                   ep=ep, ep_rank=local % ep, edp=tp * dp // ep, edp_rank=local // ep)
+                   ep=ep, ep_rank=local // etp % ep, edp=tp * dp // n, edp_rank=local // n, etp=etp,
+                   etp_rank=local % etp)
         topo.pp_ranks = tuple(topo.rank_of(topo.tp_rank, topo.dp_rank, s) for s in range(pp))
         if dist.is_initialized():
             # every rank must create every group, in the same order
@@ -89,10 +95,12 @@ class Topology:
                        ("pp_group", [[at(t, d, s) for s in range(pp)] for d in range(dp) for t in range(tp)]),
                        ("embedding_group", [[at(t, d, 0), at(t, d, pp - 1)] for d in range(dp) for t in range(tp)]
                         if pp > 1 else []),
-                       ("ep_group", [[s * tp * dp + e * ep + i for i in range(ep)] for s in range(pp)
-                                     for e in range(tp * dp // ep)] if experts else []),
-                       ("edp_group", [[s * tp * dp + e * ep + i for e in range(tp * dp // ep)] for s in range(pp)
-                                      for i in range(ep)] if experts else [])]
+                       ("etp_group", [[s * tp * dp + b * etp + i for i in range(etp)] for s in range(pp)
+                                      for b in range(tp * dp // etp)] if experts else []),
+                       ("ep_group", [[s * tp * dp + e * n + j * etp + i for j in range(ep)] for s in range(pp)
+                                     for e in range(tp * dp // n) for i in range(etp)] if experts else []),
+                       ("edp_group", [[s * tp * dp + e * n + j for e in range(tp * dp // n)] for s in range(pp)
+                                      for j in range(n)] if experts else [])]
             for attr, groups in layouts:
                 for ranks in groups:
                     group = dist.new_group(ranks)

@@ -67,7 +67,7 @@ def stage_parameters(cfg: Config, vocab_size: int, pp_rank: int) -> tuple:
     p = cfg.parallel
     topo = Topology(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, pp_rank=pp_rank,
                     sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1,
-                    ep=p.expert_model_parallel_size)
+                    ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size)
     chunks = stage_chunks(cfg.model.num_layers, topo.pp, pp_rank, p.num_layers_per_virtual_pipeline_stage,
                           p.pipeline_stage_layers)
     with torch.device("meta"):
@@ -116,7 +116,7 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
     dense_layer = activation_units_per_layer(cfg) * sbh * width
     moe_layer = activation_units_per_layer(cfg, True) * sbh * width if m.num_experts else 0
     sp = p.sequence_parallel and tp > 1
-    edp = tp * dp // p.expert_model_parallel_size
+    edp = tp * dp // (p.expert_model_parallel_size * p.expert_tensor_parallel_size)
     out = []
     for stage in range(pp):
         params, experts, moe = stage_parameters(cfg, vocab_size, stage)

@@ -70,15 +70,16 @@ def _writes(p, topo: Topology) -> bool:
     return topo.dp_rank == 0 and (topo.tp_rank == 0 or (topo.tp > 1 and getattr(p, "tp_dim", None) is not None))
 
 
-def _place(p, topo: Topology) -> tuple:
-    """(dim, start, stop) of this rank's part in the global tensor (dim None for the whole)."""
+def _place(p, topo: Topology) -> list:
+    """This rank's part in the global tensor as ``[dim, start, stop]`` splits: ``[[None, 0, rows]]`` for the
+    whole tensor, one split for a TP shard or experts split over EP, two for experts also split over ETP."""
     if getattr(p, "expert", False):
-        dim, size, index = (0, topo.ep, topo.ep_rank) if topo.ep > 1 else (None, 1, 0)
+        splits = [(0, topo.ep, topo.ep_rank), (p.etp_dim, topo.etp, topo.etp_rank)]
     else:
-        dim, size, index = (getattr(p, "tp_dim", None), topo.tp, topo.tp_rank) if topo.tp > 1 else (None, 1, 0)
-    if dim is None:
-        return None, 0, p.shape[0] if p.ndim else 1
-    return dim, index * p.shape[dim], (index + 1) * p.shape[dim]
+        splits = [(getattr(p, "tp_dim", None), topo.tp, topo.tp_rank)]
+    out = [[dim, index * p.shape[dim], (index + 1) * p.shape[dim]] for dim, size, index in splits
+           if dim is not None and size > 1]
+    return out or [[None, 0, p.shape[0] if p.ndim else 1]]
 
 
 def _rng_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
@@ -95,14 +96,15 @@ def _files(root: str) -> list:
 
 def local_shards(model, full_state: dict, topo: Topology) -> tuple:
     """This rank's parameters and Adam state as written, and their place in the global tensors:
-    ``(model, optimizer, index)`` with ``index[name] = [dim, start, stop, padded_rows]`` (``dim`` None for a
-    whole tensor); only what ``_writes`` gives this rank."""
+    ``(model, optimizer, index)`` with ``index[name] = [dim, start, stop, padded_rows, (dim, start, stop)...]``
+    (``dim`` None for a whole tensor; more splits follow for experts split two ways); only what ``_writes``
+    gives this rank."""
     tensors, moments, index = {}, {}, {}
     for name, p in _owned(model):
         if not _writes(p, topo):
             continue
-        dim, start, stop = _place(p, topo)
-        index[name] = [dim, start, stop, bool(getattr(p, "padded_rows", False))]
+        first, *more = _place(p, topo)
+        index[name] = [*first, bool(getattr(p, "padded_rows", False))] + [x for split in more for x in split]
         tensors[name] = p.detach().cpu().clone()
         if full_state.get(p):
             moments[name] = {k: v.detach().cpu().clone() for k, v in full_state[p].items()}
@@ -242,7 +244,7 @@ def read_checkpoint(path: str, parts=("model", "optimizer")) -> dict:
                  for f in wanted if f.startswith(f"{part}-")}
         out[part] = {}
         for name, entries in meta["shards"][part].items():
-            entries = sorted(entries, key=lambda e: e[2])
+            entries = sorted(entries, key=lambda e: e[2:4] + e[6:8])
             if part == "model":
                 out[part][name] = _join([files[e[0]][name] for e in entries], entries, vocab)
             else:
@@ -272,8 +274,23 @@ def read_rng(path: str, meta: dict, topo: Topology) -> tuple:
 
 
 def _join(pieces, entries, vocab_size):
-    dim, padded = entries[0][1], entries[0][4]
-    full = pieces[0].clone() if dim is None else torch.cat(pieces, dim=dim)
+    """The whole tensor from its pieces: each entry ``[file, dim, start, stop, padded, (dim, start, stop)...]``
+    places its piece in a box of the whole (a second split for experts under expert tensor parallelism)."""
+    padded = entries[0][4]
+    if entries[0][1] is None:
+        full = pieces[0].clone()
+    else:
+        boxes = [[e[1:4]] + [e[i:i + 3] for i in range(5, len(e), 3)] for e in entries]
+        shape = list(pieces[0].shape)
+        for box in boxes:
+            for dim, _, stop in box:
+                shape[dim] = max(shape[dim], stop)
+        full = pieces[0].new_empty(shape)
+        for piece, box in zip(pieces, boxes):
+            where = [slice(None)] * len(shape)
+            for dim, start, stop in box:
+                where[dim] = slice(start, stop)
+            full[tuple(where)] = piece
     return full[:vocab_size] if padded and vocab_size else full
 
 
