@@ -39,6 +39,8 @@ class MoEOptions:
                                      "(probs) or latest in the sequence (position)", choices=("probs", "position"))
     moe_token_dispatcher_type: str = opt("alltoall", "how tokens reach their experts' ranks under expert "
                                          "parallelism", choices=("alltoall", "allgather"))
+    moe_pad_expert_input_to_capacity: bool = opt(False, "with a capacity factor: pad every expert's input to its "
+                                                 "capacity, so expert matmuls have fixed shapes (same numbers)")
     moe_grouped_gemm: bool = opt(True, "experts as one grouped matmul over tokens sorted by expert (the per-expert "
                                  "loop is the reference)", flag="--moe-per-expert-loop", negate=True)
 
@@ -108,6 +110,8 @@ def validate_moe(m, p, world_size: Optional[int]) -> None:
                               f"--moe-router-group-topk {group_topk} groups")
     if m.moe_expert_capacity_factor is not None and m.moe_expert_capacity_factor <= 0:
         raise ConfigError(f"--moe-expert-capacity-factor must be positive, got {m.moe_expert_capacity_factor}")
+    if m.moe_pad_expert_input_to_capacity and m.moe_expert_capacity_factor is None:
+        raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if m.moe_aux_loss_coeff < 0 or (m.moe_z_loss_coeff or 0) < 0 or m.moe_router_bias_update_rate < 0:
         raise ConfigError("--moe-aux-loss-coeff, --moe-z-loss-coeff and --moe-router-bias-update-rate must be >= 0")
     for size, flag in ((m.moe_ffn_hidden_size, "--moe-ffn-hidden-size"),

@@ -46,6 +46,8 @@ LAYOUTS = {
     "ep2-vpp2x2-recompute": (4, "deep", EP2 + PP2 + ["--num-layers-per-virtual-pipeline-stage", "1",
                                                      "--recompute-granularity", "full"]),
     "ep2-dropping": (2, "dropping", EP2),
+    "ep2-dropping-padded-allgather": (2, "dropping", EP2 + ["--moe-pad-expert-input-to-capacity",
+                                                            "--moe-token-dispatcher-type", "allgather"]),
     "ep2-pp2-dropping": (4, "dropping", EP2 + PP2),
     "dp2-dropping": (2, "dropping", []),
     "ep2-tp2-sp-bias": (4, "bias-seq-sigmoid", EP2 + TP2SP),
@@ -154,11 +156,12 @@ def test_capacity_drops_the_right_pairs(policy):
                      MoEStats(), None)
     experts = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3]])  # expert 0 wanted 4 times, capacity ceil(0.5*8/4)=1
     probs = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.5, 0.5], [0.7, 0.3]])
-    kept, dropped = layer._drop_over_capacity(experts, probs)
+    kept, dropped, capacity = layer._drop_over_capacity(experts, probs)
+    assert capacity == 1 and dropped == 4 / 8
     keep0 = [1] if policy == "probs" else [0]
-    assert [t for t in range(4) if kept[t, 0] > 0] == keep0
-    assert kept[1, 1] > 0 and kept[3, 1] > 0 and (kept[0, 1] > 0) != (kept[2, 1] > 0)  # expert 1: one of two
-    assert dropped == 4 / 8
+    assert [t for t in range(4) if kept[t, 0] == 0] == keep0  # the others now name expert E = 4: dropped
+    assert (kept[:, 0] == 4).sum() == 3 and kept[1, 1] == 2 and kept[3, 1] == 3
+    assert sorted(kept[[0, 2], 1].tolist()) == [1, 4]  # expert 1: one of its two pairs kept
 
 
 @pytest.mark.parametrize("argv, message", [

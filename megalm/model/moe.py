@@ -204,18 +204,20 @@ class MoELayer(nn.Module):
         b, s, h = x.shape
         flat = x.reshape(-1, h)
         experts, probs, aux, z, counts = self.router(flat, b)
-        dropped = 0.0
+        dropped, compute = 0.0, self.experts
         if self.cfg.moe_expert_capacity_factor is not None:
-            probs, dropped = self._drop_over_capacity(experts, probs)
+            experts, dropped, capacity = self._drop_over_capacity(experts, probs)
+            if self.cfg.moe_pad_expert_input_to_capacity:
+                compute = _PaddedToCapacity(self.experts, capacity * self.topo.ep * self.topo.etp)
         c, topo = self.cfg, self.topo
         if topo.etp > 1:  # every rank of an expert's width needs all the tokens its ETP group routed
             flat, experts, probs = (gather_dim0(t, topo.etp_group) for t in (flat, experts, probs))
         if topo.ep == 1:
-            y = dispatch_local(flat, experts, probs, c.num_experts, self.experts)
+            y = dispatch_local(flat, experts, probs, c.num_experts, compute)
         elif c.moe_token_dispatcher_type == "allgather":
-            y = dispatch_allgather(flat, experts, probs, c.num_experts, self.experts, topo.ep_group, topo.ep_rank)
+            y = dispatch_allgather(flat, experts, probs, c.num_experts, compute, topo.ep_group, topo.ep_rank)
         else:
-            y = dispatch_alltoall(flat, experts, probs, c.num_experts, self.experts, topo.ep_group)
+            y = dispatch_alltoall(flat, experts, probs, c.num_experts, compute, topo.ep_group)
         if topo.etp > 1:  # partial sums over the width: summed, and each rank keeps its own tokens
             y = reduce_scatter_dim0(y, topo.etp_group)
         y = y.view(b, s, h)
@@ -232,9 +234,9 @@ class MoELayer(nn.Module):
 
     def _drop_over_capacity(self, experts: torch.Tensor, probs: torch.Tensor):
         """Each expert keeps at most ``capacity = ceil(factor x T x k / E)`` of this rank's (token, choice) pairs:
-        those with the highest probabilities (``probs`` policy) or the earliest tokens (``position``); a dropped
-        pair's probability becomes 0 (its expert computes nothing useful for it). Returns the new probabilities
-        and the share dropped."""
+        those with the highest probabilities (``probs`` policy) or the earliest tokens (``position``). A dropped
+        pair's expert becomes ``E`` (the dispatchers send it nowhere; the token keeps its other choices and the
+        residual). Returns the new experts, the share dropped and the capacity."""
         c = self.cfg
         T, k = experts.shape
         capacity = int(-(-c.moe_expert_capacity_factor * T * k // c.num_experts))
@@ -251,7 +253,25 @@ class MoELayer(nn.Module):
         place[order] = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
         keep = (place < capacity).view(T, k)
         dropped = float((~keep).sum()) / keep.numel()
-        return probs * keep, dropped
+        return experts.masked_fill(~keep, c.num_experts), dropped, capacity
+
+
+class _PaddedToCapacity(nn.Module):
+    """``--moe-pad-expert-input-to-capacity``: every local expert's input padded with zero rows to a fixed
+    ``rows`` (its capacity times the ranks that send to it), so the expert matmuls always see the same shapes;
+    the padding's outputs are dropped again. Numbers are unchanged."""
+
+    def __init__(self, experts: nn.Module, rows: int):
+        super().__init__()
+        self.experts, self.rows = experts, rows
+
+    def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        n = counts.numel()
+        starts = torch.cumsum(counts, 0) - counts
+        expert = torch.repeat_interleave(torch.arange(n, device=tokens.device), counts)
+        slot = expert * self.rows + torch.arange(tokens.shape[0], device=tokens.device) - starts[expert]
+        padded = tokens.new_zeros((n * self.rows, tokens.shape[1])).index_copy(0, slot, tokens)
+        return self.experts(padded, torch.full_like(counts, self.rows))[slot]
 
 
 @torch.no_grad()

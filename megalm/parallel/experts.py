@@ -1,8 +1,8 @@
 """Token dispatch for expert parallelism: getting each (token, expert) pair to the rank that holds the expert and
 the result back, as autograd functions (what ``mappings.py`` is for tensor parallelism).
 
-A dispatcher takes this rank's tokens ``x [T, h]``, their experts ``experts [T, k]`` (global ids) and weights
-``probs [T, k]``, runs ``compute(tokens, counts)`` on the tokens that reach this rank, sorted by local expert with
+A dispatcher takes this rank's tokens ``x [T, h]``, their experts ``experts [T, k]`` (global ids; ``E``, one past
+the last, marks a pair dropped by the capacity rule, which goes nowhere) and weights ``probs [T, k]``, runs ``compute(tokens, counts)`` on the tokens that reach this rank, sorted by local expert with
 ``counts`` per local expert, and returns ``sum_k probs * expert_k(x)`` for this rank's tokens.
 
 - ``local``: one rank holds every expert (EP 1).
@@ -41,12 +41,14 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None
 
 
-def _sort_by_expert(experts: torch.Tensor):
-    """(order, token of each sorted pair): the (token, choice) pairs flattened and sorted by expert, stably, so
-    that within an expert tokens keep their order."""
+def _sort_by_expert(experts: torch.Tensor, num_experts: int):
+    """(order, token of each sorted pair, pairs per expert): the (token, choice) pairs flattened and sorted by
+    expert, stably, so that within an expert tokens keep their order; dropped pairs (id ``num_experts``) sort
+    last and are left out."""
     flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    return order, order // experts.shape[1]
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    order = torch.argsort(flat, stable=True)[: int(counts.sum())]
+    return order, order // experts.shape[1], counts
 
 
 def _combine(y: torch.Tensor, order, token, probs, num_tokens: int) -> torch.Tensor:
@@ -56,8 +58,7 @@ def _combine(y: torch.Tensor, order, token, probs, num_tokens: int) -> torch.Ten
 
 
 def dispatch_local(x, experts, probs, num_experts: int, compute: Compute) -> torch.Tensor:
-    order, token = _sort_by_expert(experts)
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
+    order, token, counts = _sort_by_expert(experts, num_experts)
     return _combine(compute(x[token], counts), order, token, probs, x.shape[0])
 
 
@@ -91,8 +92,7 @@ def _exchange(x, out_splits: List[int], in_splits: List[int], me: int, group):
 def dispatch_alltoall(x, experts, probs, num_experts: int, compute: Compute, group) -> torch.Tensor:
     ep, me = dist.get_world_size(group), dist.get_rank(group)
     local = num_experts // ep
-    order, token = _sort_by_expert(experts)
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
+    order, token, counts = _sort_by_expert(experts, num_experts)
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts, group=group)  # [source rank, my local expert]
     received = received.view(ep, local)

@@ -42,7 +42,7 @@ _RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropo
                          "recompute_granularity", "recompute_method", "recompute_num_layers",
                          "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_aux_loss_coeff", "moe_z_loss_coeff",
                          "moe_router_load_balancing_type", "moe_router_bias_update_rate",
-                         "moe_expert_capacity_factor", "moe_token_drop_policy"}
+                         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_pad_expert_input_to_capacity"}
 
 
 def pick_device() -> torch.device:
