@@ -37,14 +37,15 @@ class MoEStats:
         self.layers = {}
 
     def record(self, layer: str, counts: torch.Tensor, aux: Optional[torch.Tensor], z: Optional[torch.Tensor],
-               dropped: float) -> None:
+               dropped) -> None:
+        """Accumulated as tensors (no host sync per micro-batch); read once per step by ``finish_step``."""
         row = self.layers.setdefault(layer, {"counts": torch.zeros_like(counts, dtype=torch.float64),
                                              "aux_loss": 0.0, "z_loss": 0.0, "micro_batches": 0, "dropped": 0.0})
         row["counts"] += counts.double()
-        row["aux_loss"] += float(aux) if aux is not None else 0.0
-        row["z_loss"] += float(z) if z is not None else 0.0
+        row["aux_loss"] = row["aux_loss"] + (aux if aux is not None else 0.0)
+        row["z_loss"] = row["z_loss"] + (z if z is not None else 0.0)
         row["micro_batches"] += 1
-        row["dropped"] += dropped
+        row["dropped"] = row["dropped"] + dropped
 
     def reset(self) -> None:
         self.layers = {}
@@ -252,7 +253,7 @@ class MoELayer(nn.Module):
         place = torch.empty_like(order)
         place[order] = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
         keep = (place < capacity).view(T, k)
-        dropped = float((~keep).sum()) / keep.numel()
+        dropped = (~keep).sum() / keep.numel()
         return experts.masked_fill(~keep, c.num_experts), dropped, capacity
 
 
@@ -295,7 +296,7 @@ def finish_step(model: nn.Module, topo: Topology, rate: float) -> dict:
         if topo.dp > 1:
             dist.all_reduce(counts, group=topo.dp_group)
         n = row["micro_batches"]
-        totals += torch.tensor([row["aux_loss"] / n, row["z_loss"] / n, row["dropped"] / n, 0.0],
+        totals += torch.tensor([float(row["aux_loss"]) / n, float(row["z_loss"]) / n, float(row["dropped"]) / n, 0.0],
                                dtype=torch.float64, device=device)
         totals[3] += 1
         worst = torch.maximum(worst, (counts.max() / counts.mean().clamp_min(1e-9)).view(1))
