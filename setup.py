@@ -48,7 +48,8 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest", "megatron-core", "transformers", "safetensors", "tiktoken"],
+    extras_require={"test": ["pytest", "megatron-core", "transformers", "safetensors", "tiktoken", "matplotlib",
+                             "wandb"],
                     "deepspeed": ["deepspeed>=0.14"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -62,5 +63,6 @@ setup(
         "megalm-build-corpus=megalm.tools.build_corpus:main",
         "megalm-train-tokenizer=megalm.tools.train_tokenizer:main",
         "megalm-merge-datasets=megalm.tools.merge_datasets:main",
+        "megalm-plot=megalm.tools.plot:main",
     ]},
 )

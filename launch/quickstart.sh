@@ -26,5 +26,6 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $PY -m torch.distributed.run --standalone 
   --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" \
   --save "$OUT/checkpoints" --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard" "${SHORT[@]}"
 $PY -m megalm.tools.summarize_metrics "$OUT/metrics.jsonl"
+$PY -m megalm.tools.plot "$OUT/metrics.jsonl" -o "$OUT/curves.png" --labels "TP 2 x PP 2"  # loss, lr, ... curves
 $PY -m megalm.generate --load "$OUT/checkpoints" --max-new-tokens 60 --temperature 0.7 --top-p 0.9 \
   --prompt "Return a new list" --prompt "The file object"

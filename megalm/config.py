@@ -165,6 +165,10 @@ class LoggingConfig:
                                        "known GPUs; none on CPU)")
     tensorboard_dir: Optional[str] = opt(None, "write TensorBoard events here")
     metrics_file: Optional[str] = opt(None, "append one JSON line of metrics per iteration here")
+    wandb_project: Optional[str] = opt(None, "log metrics to Weights & Biases under this project (WANDB_MODE=offline "
+                                       "writes the run locally)")
+    wandb_exp_name: Optional[str] = opt(None, "the W&B run's name")
+    wandb_save_dir: Optional[str] = opt(None, "where W&B writes its run directory (default: the working directory)")
 
 
 @dataclass

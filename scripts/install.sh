@@ -29,7 +29,7 @@ fi
 import importlib, sys
 missing = []
 for name in ("torch", "megalm._C", "megalm._bpe", "deepspeed", "lm_eval", "transformers", "megatron.core", "tiktoken",
-             "sentencepiece"):
+             "sentencepiece", "matplotlib", "wandb"):
     try:
         importlib.import_module(name)
     except Exception as exc:  # an extension can fail with other errors than ImportError

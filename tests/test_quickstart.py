@@ -1,5 +1,6 @@
 """The main job itself: launch/quickstart.sh, shortened by its environment variables (the suite has installed
-everything already), and what it leaves behind: the dataset, the checkpoint, the loss drop, the samples."""
+everything already), and what it leaves behind: the dataset, the checkpoint, the loss drop, the curves, the
+samples."""
 import json
 import os
 import subprocess
@@ -27,6 +28,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert len(valid) == 3 and valid[-1] < 0.85 * first
     drop = round(100 * (1 - valid[-1] / first))
     assert f"final validation loss: {valid[-1]:.3f} ({drop}% lower)" in res.stdout
+    assert f"wrote {out}/curves.png" in res.stdout
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for prompt in ("Return a new list", "The file object"):
         sample = res.stdout.split(f"--- prompt: {prompt!r}\n")[1].split("--- prompt:")[0].strip()
         assert sample.startswith(prompt) and len(sample.split()) > len(prompt.split()), sample

@@ -1,4 +1,5 @@
-"""Where training numbers go: a progress line, JSON lines (``--metrics-file``), TensorBoard events.
+"""Where training numbers go: a progress line, JSON lines (``--metrics-file``), TensorBoard events, Weights &
+Biases (``--wandb-project``).
 
 Only the rank that logs (global rank 0) opens files; every other rank gets a logger that writes nothing.
 """
@@ -21,11 +22,20 @@ def setup_logging(rank: int) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, enabled: bool, metrics_file: Optional[str] = None, tensorboard_dir: Optional[str] = None):
+    def __init__(self, enabled: bool, metrics_file: Optional[str] = None, tensorboard_dir: Optional[str] = None,
+                 wandb: Optional[dict] = None):
+        """``wandb``: ``{"project", "name", "dir", "config"}`` to log to Weights & Biases as well."""
         self.enabled = enabled
-        self._jsonl = self._tb = None
+        self._jsonl = self._tb = self._wandb = None
         if not enabled:
             return
+        if wandb and wandb.get("project"):
+            import wandb as wandb_lib
+
+            if wandb.get("dir"):
+                os.makedirs(wandb["dir"], exist_ok=True)
+            self._wandb = wandb_lib.init(project=wandb["project"], name=wandb.get("name"), dir=wandb.get("dir"),
+                                         config=wandb.get("config"))
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
             self._jsonl = open(metrics_file, "a", buffering=1)
@@ -40,10 +50,13 @@ class MetricsLogger:
             return
         if self._jsonl:
             self._jsonl.write(json.dumps(row) + "\n")
+        numbers = {k: v for k, v in row.items()
+                   if k != "iteration" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb:
-            for key, value in row.items():
-                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, row["iteration"])
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, row["iteration"])
+        if self._wandb:
+            self._wandb.log(numbers, step=row["iteration"])
 
     def progress(self, row: dict, train_iters: int) -> None:
         if not self.enabled:
@@ -72,3 +85,5 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._wandb:
+            self._wandb.finish()

@@ -82,7 +82,10 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
         self.iteration = 0
         self.consumed_samples = 0
-        self.metrics = MetricsLogger(topo.rank == 0, cfg.logging.metrics_file, cfg.logging.tensorboard_dir)
+        lg = cfg.logging
+        self.metrics = MetricsLogger(topo.rank == 0, lg.metrics_file, lg.tensorboard_dir,
+                                     {"project": lg.wandb_project, "name": lg.wandb_exp_name, "dir": lg.wandb_save_dir,
+                                      "config": cfg.to_dict()})
         barrier = dist.barrier if dist.is_initialized() else None
         if cfg.data.sft_data:
             self.train_ds, self.valid_ds = build_sft_datasets(cfg.data.sft_data, self.tokenizer, cfg.model.seq_length,
