@@ -291,7 +291,7 @@ def test_moe_model_builds_the_same_full_model_under_any_expert_split():
 
 
 def test_generation_with_experts_split(tmp_path, dataset_prefix, bpe_flags):
-    """An MoE checkpoint generates the same text at EP 2 and at TP 2 x EP 2 as in one process."""
+    """An MoE checkpoint generates the same text at EP 2, at TP 2 x EP 2 and at PP 2 as in one process."""
     from conftest import run_module
 
     run(tmp_path, dataset_prefix, bpe_flags, 2, *EP2, iters=4)
@@ -299,7 +299,7 @@ def test_generation_with_experts_split(tmp_path, dataset_prefix, bpe_flags):
             "10", "--no-stop-at-eod"]
     one = run_module("megalm.generate", *args)
     assert one.returncode == 0, one.stderr[-2000:]
-    for nproc, layout in ((2, EP2), (4, EP2 + ["--tensor-model-parallel-size", "2"])):
+    for nproc, layout in ((2, EP2), (4, EP2 + ["--tensor-model-parallel-size", "2"]), (2, PP2)):
         many = torchrun(nproc, "megalm/generate.py", *args, *layout)
         assert many.returncode == 0, many.stderr[-2000:]
         assert [line for line in many.stdout.splitlines() if not line.startswith("[rank")] == one.stdout.splitlines()
