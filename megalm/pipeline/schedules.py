@@ -14,21 +14,12 @@ stages ``c * P + r``); the bubble shrinks to ``(P - 1) / (V m + P - 1)`` for ``V
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch.autograd import Variable
 
 from megalm.pipeline.p2p import PipeComm
-
-
-@dataclass
-class ScheduleStats:
-    peak_in_flight: int = 0  # most micro-batches whose activations this rank held at once
-
-    def track(self, outputs) -> None:
-        self.peak_in_flight = max(self.peak_in_flight, sum(len(o) for o in outputs))
 
 
 class LiveActivations:
@@ -81,25 +72,23 @@ def backward_step(input_tensor, output_tensor, output_grad):
 Forward = Callable[[int, int, Optional[torch.Tensor]], torch.Tensor]
 
 
-def no_pipelining(forward: Forward, micro_batches: int, forward_only: bool) -> ScheduleStats:
+def no_pipelining(forward: Forward, micro_batches: int, forward_only: bool) -> None:
     """Gradient accumulation on one stage: forward and backward each micro-batch in turn."""
     for i in range(micro_batches):
         out = forward(0, i, None)
         if not forward_only:
             backward_step(None, out, None)
-    return ScheduleStats(peak_in_flight=1)
 
 
 def one_f_one_b(forward: Forward, comm: PipeComm, micro_batches: int, pp: int, pp_rank: int,
-                forward_only: bool) -> ScheduleStats:
+                forward_only: bool) -> None:
     first, last = pp_rank == 0, pp_rank == pp - 1
-    stats = ScheduleStats()
     if forward_only:
         for i in range(micro_batches):
             x, _ = comm.communicate(recv_prev=not first)
             y = forward(0, i, x)
             comm.communicate(send_next=None if last else y)
-        return stats
+        return
     warmup = min(pp - pp_rank - 1, micro_batches)
     steady = micro_batches - warmup
     inputs, outputs = deque(), deque()
@@ -108,7 +97,6 @@ def one_f_one_b(forward: Forward, comm: PipeComm, micro_batches: int, pp: int, p
         y = forward(0, i, x)
         inputs.append(x)
         outputs.append(y)
-        stats.track([outputs])
         return y
 
     for i in range(warmup):
@@ -129,16 +117,15 @@ def one_f_one_b(forward: Forward, comm: PipeComm, micro_batches: int, pp: int, p
         _, grad = comm.communicate(recv_next=not last)
         input_grad = backward_step(inputs.popleft(), outputs.popleft(), grad)
         comm.communicate(send_prev=None if first else input_grad)
-    return stats
 
 
 def interleaved_1f1b(forward: Forward, comm: PipeComm, micro_batches: int, pp: int, pp_rank: int, virtual: int,
-                     forward_only: bool) -> ScheduleStats:
+                     forward_only: bool) -> None:
     """Megatron-LM's interleaved schedule. Step ``k`` of the ``V m`` forward (or backward) steps runs chunk
     ``(k mod P V) div P`` (reversed for backward) on micro-batch ``(k div P V) P + k mod P``: groups of ``P``
     micro-batches go through chunk 0, then chunk 1, and so on."""
     first, last = pp_rank == 0, pp_rank == pp - 1
-    total, stats = micro_batches * virtual, ScheduleStats()
+    total = micro_batches * virtual
 
     def chunk_of(k, is_forward):
         c = (k % (pp * virtual)) // pp
@@ -160,7 +147,6 @@ def interleaved_1f1b(forward: Forward, comm: PipeComm, micro_batches: int, pp: i
             inputs[c].append(None)  # the first virtual stage reads tokens, not a received tensor
         y = forward(c, micro_of(k), inputs[c][-1])
         outputs[c].append(y)
-        stats.track(outputs)
         if forward_only:
             inputs[c].pop()
             outputs[c].pop()
@@ -210,7 +196,7 @@ def interleaved_1f1b(forward: Forward, comm: PipeComm, micro_batches: int, pp: i
         if recv_next:
             grads[next_bchunk].append(grad)
     if forward_only:
-        return stats
+        return
     if all_warmup:
         grads[virtual - 1].append(comm.communicate(recv_next=not last)[1])
     for k in range(steady, total):
@@ -219,11 +205,10 @@ def interleaved_1f1b(forward: Forward, comm: PipeComm, micro_batches: int, pp: i
         recv_next = not (last and next_chunk == virtual - 1) and k != total - 1
         _, grad = comm.communicate(send_prev=input_grad, recv_next=recv_next)
         grads[next_chunk].append(grad)
-    return stats
 
 
 def run_schedule(forward: Forward, comm: Optional[PipeComm], micro_batches: int, pp: int, pp_rank: int,
-                 virtual: int, forward_only: bool) -> ScheduleStats:
+                 virtual: int, forward_only: bool) -> None:
     if pp == 1:
         return no_pipelining(forward, micro_batches, forward_only)
     if virtual > 1:

@@ -203,8 +203,8 @@ class Trainer:
             total.add_(loss.detach())
             return loss if forward_only else loss * self.scaler.scale
 
-        self.schedule_stats = run_schedule(forward, self.comm, len(micro_batches), self.topo.pp, self.topo.pp_rank,
-                                           len(self.model.chunks), forward_only)
+        run_schedule(forward, self.comm, len(micro_batches), self.topo.pp, self.topo.pp_rank, len(self.model.chunks),
+                     forward_only)
         return total
 
     def train_step(self, micro_batches) -> dict:
