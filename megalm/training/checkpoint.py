@@ -1,15 +1,17 @@
-"""Checkpoints in global coordinates: every rank of the first data-parallel replica writes its own shards, keyed by
-global parameter name, with their place in the whole tensor recorded in the metadata.
+"""Checkpoints in global coordinates: every tensor is written once, by a rank that holds it (the first data-parallel
+replica for the dense model; the first expert-data-parallel rank for each MoE expert shard), keyed by global
+parameter name, with its place in the whole tensor recorded in the metadata.
 
 On disk, Megatron's habit: ``SAVE/latest_checkpointed_iteration.txt`` and ``SAVE/iter_0000500/`` holding
 ``model-tpXX-ppYYY.pt`` and ``optimizer-tpXX-ppYYY.pt`` per (TP, PP) rank (Adam moments all-gathered over DP
-first when ZeRO shards them), ``rng-tpXX-ppYYY-dpZZZZZ.pt`` from every rank (each rank's random streams differ:
-pipeline stages draw different amounts, the TP tracker is seeded per TP rank), ``config.yaml``, ``meta.json``
-and, on the DeepSpeed path, the engine's own state under ``deepspeed/`` (iteration, consumed samples, the shard
-index and a SHA-256 of every file). A save is written to a temporary directory, fsynced and renamed before the
-pointer moves, so a crash mid-save leaves the previous checkpoint and the pointer intact. Tensors load with
-``weights_only=True`` (memory-mapped). Reading assembles whole tensors, so a checkpoint loads under any TP / PP /
-DP / ZeRO layout without a conversion step.
+first when ZeRO shards them; ranks beyond the first replica add ``-dpZZZZZ`` files with their experts),
+``rng-tpXX-ppYYY-dpZZZZZ.pt`` from every rank (each rank's random streams differ: pipeline stages draw different
+amounts, the TP tracker is seeded per TP rank), ``config.yaml``, ``meta.json`` (iteration, consumed samples, the
+shard index and a SHA-256 of every file) and, on the DeepSpeed path, the engine's own state under
+``deepspeed/``. A save is written to a temporary directory, fsynced and renamed before the pointer moves, so a
+crash mid-save leaves the previous checkpoint and the pointer intact. Tensors load with ``weights_only=True``
+(memory-mapped). Reading assembles whole tensors, so a checkpoint loads under any TP / PP / DP / EP / ZeRO layout
+without a conversion step.
 """
 from __future__ import annotations
 
