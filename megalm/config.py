@@ -82,6 +82,11 @@ class ParallelConfig:
                                           flag="--deepspeed_config")
     pipeline_stage_layers: list = opt([], "uneven pipeline split: layers of each stage, e.g. 3 3 2 (default: "
                                       "--num-layers / --pipeline-model-parallel-size each)", nargs="+")
+    context_parallel_size: int = opt(1, "ranks that split each sequence (CP), between TP and DP in the rank order; "
+                                     "each holds chunks i and 2 CP - 1 - i")
+    cp_comm_type: str = opt("allgather", "how context-parallel attention sees the other ranks' keys and values: "
+                            "all-gathered (allgather), or heads exchanged for sequence with all-to-all (a2a, "
+                            "Ulysses); ring p2p is not implemented yet", choices=("allgather", "a2a", "p2p"))
     expert_model_parallel_size: int = opt(1, "ranks that split the experts of each MoE layer (EP); experts fold "
                                           "onto the ranks attention uses, as ETP x EP x expert-DP")
     expert_tensor_parallel_size: int = opt(1, "ranks that split each expert's width (ETP), innermost of the "
@@ -89,7 +94,8 @@ class ParallelConfig:
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        """Ranks of one data-parallel replica: TP x CP x PP."""
+        return self.tensor_model_parallel_size * self.context_parallel_size * self.pipeline_model_parallel_size
 
 
 @dataclass
@@ -377,6 +383,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                         (t.eval_interval, "--eval-interval"), (lg.log_interval, "--log-interval"),
                         (p.tensor_model_parallel_size, "--tensor-model-parallel-size"),
                         (p.pipeline_model_parallel_size, "--pipeline-model-parallel-size"),
+                        (p.context_parallel_size, "--context-parallel-size"),
                         (p.num_layers_per_virtual_pipeline_stage, "--num-layers-per-virtual-pipeline-stage")]:
         if value is None and flag == "--num-layers-per-virtual-pipeline-stage":
             continue
@@ -420,8 +427,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"--tensor-model-parallel-size {tp}")
     if world_size is not None and world_size % p.model_parallel_size:
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                          f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}")
+                          f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}"
+                          + (f" x --context-parallel-size {p.context_parallel_size}"
+                             if p.context_parallel_size > 1 else ""))
     validate_pipeline(cfg)
+    validate_context_parallel(cfg)
     validate_moe(m, p, world_size)
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
@@ -531,6 +541,29 @@ def validate_pipeline(cfg: Config) -> None:
         if (m.num_layers // pp) % vpp or m.num_layers // pp == vpp:
             raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {vpp} must divide the {m.num_layers // pp} "
                               f"layers of each pipeline stage into at least two chunks")
+
+
+def validate_context_parallel(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
+    if cp == 1:
+        return
+    if m.seq_length % (2 * cp):
+        raise ConfigError(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp} (each "
+                          f"rank holds two chunks of every sequence)")
+    if p.sequence_parallel and tp > 1 and (m.seq_length // cp) % tp:
+        raise ConfigError(f"--sequence-parallel: each context-parallel rank's {m.seq_length // cp} tokens are not "
+                          f"divisible by --tensor-model-parallel-size {tp}")
+    if p.cp_comm_type == "p2p":
+        raise ConfigError("--cp-comm-type p2p (ring attention) is not implemented yet: use a2a or allgather")
+    if p.cp_comm_type == "a2a" and ((m.num_attention_heads // tp) % cp or (m.num_query_groups // tp) % cp):
+        raise ConfigError(f"--cp-comm-type a2a splits heads over --context-parallel-size {cp}: each TP rank's "
+                          f"{m.num_attention_heads // tp} heads and {m.num_query_groups // tp} key/value groups must "
+                          f"divide by it")
+    if m.num_experts:
+        raise ConfigError("--context-parallel-size with --num-experts is not implemented yet")
+    if p.deepspeed:
+        raise ConfigError("--context-parallel-size with --deepspeed is not supported: use megalm's own path")
 
 
 def validate_tokenizer(d: DataConfig) -> None:

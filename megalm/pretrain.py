@@ -57,7 +57,8 @@ def main(argv=None) -> int:
         p = cfg.parallel
         topo = Topology.build(p.tensor_model_parallel_size, p.sequence_parallel, p.pipeline_model_parallel_size,
                               p.expert_model_parallel_size, experts=bool(cfg.model.num_experts),
-                              etp=p.expert_tensor_parallel_size)
+                              etp=p.expert_tensor_parallel_size, cp=p.context_parallel_size,
+                              cp_comm_type=p.cp_comm_type)
         Trainer(cfg, topo).train()
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from megalm.data.tokenizers import padded_vocab_size
 from megalm.model.moe import MoEStats
 from megalm.model.recompute import recomputed
 from megalm.model.transformer import Block, KVCache, Norm, hidden_dropout, rope_tables
+from megalm.parallel.context import attention_mask
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, enter_tp_region, full_shape,
                                     init_shard_, param_generator)
@@ -116,7 +117,9 @@ class GPT(nn.Module):
             x = hidden
         blocks = [self.layers[str(i)] for i in self.chunks[chunk]]
         mask = None
-        if document_ids is not None:  # causal within each packed document
+        if self.topo.cp > 1 and kv_cache is None:  # this rank's chunks of the sequence against all of it
+            mask = attention_mask(self.topo.cp_comm_type, tokens.shape[1], self.topo, document_ids)
+        elif document_ids is not None:  # causal within each packed document
             same = document_ids[:, :, None] == document_ids[:, None, :]
             mask = (same & torch.ones_like(same[0]).tril())[:, None]
         if self.cfg.recompute_granularity == "full" and self.training and kv_cache is None:

@@ -1,6 +1,9 @@
 """Data-parallel gradient reduction and the AdamW step, with optional ZeRO sharding of optimizer state (and
 gradients) over the data-parallel group.
 
+With context parallelism the data-parallel group is DP x CP: each CP rank's loss covers its part of every
+sequence, so gradients are summed over CP and averaged over DP.
+
 Parameters are packed into contiguous buckets (in reverse order, roughly the order backward produces gradients),
 each padded to split evenly over the DP ranks, and become views into one flat fp32 buffer per bucket. As soon as
 every parameter of a bucket has its gradient for the step, a hook starts the bucket's reduction asynchronously, so
@@ -68,7 +71,7 @@ class DistributedOptimizer:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, topo: Topology, zero_stage: int,
                  micro_batches: int, bucket_numel: int):
         self.cfg, self.topo = cfg, topo
-        self.zero_stage = zero_stage if topo.dp > 1 else 0  # nothing to shard over one rank
+        self.zero_stage = zero_stage if topo.dp * topo.cp > 1 else 0  # nothing to shard over one rank
         self.micro_batches = micro_batches
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
@@ -110,7 +113,12 @@ class DistributedOptimizer:
             offsets.append(total)
             total += p.numel()
         t = self.topo
-        group, size, index = (t.edp_group, t.edp, t.edp_rank) if expert else (t.dp_group, t.dp, t.dp_rank)
+        if expert:
+            group, size, index = t.edp_group, t.edp, t.edp_rank
+        elif t.cp > 1:  # every context-parallel rank holds a part of each sequence: gradients summed over them too
+            group, size, index = t.dp_cp_group, t.dp * t.cp, t.dp_rank * t.cp + t.cp_rank
+        else:
+            group, size, index = t.dp_group, t.dp, t.dp_rank
         slices = size if self.zero_stage >= 1 and size > 1 else 1
         numel = math.ceil(total / slices) * slices
         b = Bucket(params=params, offsets=offsets, numel=numel, deferred=deferred, expert=expert, group=group,
@@ -241,8 +249,9 @@ class DistributedOptimizer:
         if self.topo.tp > 1:
             dist.all_reduce(sq_tp, group=self.topo.tp_group)
         total = sq_tp + sq_rep
-        if any(b.slices > 1 for b in self.buckets if not b.expert):
-            dist.all_reduce(total, group=self.topo.dp_group)
+        dense = [b for b in self.buckets if not b.expert and b.slices > 1]
+        if dense:
+            dist.all_reduce(total, group=dense[0].group)
         if any(b.expert for b in self.buckets):
             if any(b.slices > 1 for b in self.buckets if b.expert):
                 dist.all_reduce(sq_exp, group=self.topo.edp_group)

@@ -1,7 +1,8 @@
 """Process topology: who this rank is in the tensor-, data- and pipeline-parallel groups, and how it was launched.
 
-Rank order is Megatron's: tensor parallelism innermost (the ranks of one TP group share a node), then data
-parallelism, then pipeline stages: ``rank = (pp_rank * DP + dp_rank) * TP + tp_rank``. Experts fold onto the same
+Rank order is Megatron's: tensor parallelism innermost (the ranks of one TP group share a node), then context
+parallelism, then data parallelism, then pipeline stages:
+``rank = ((pp_rank * DP + dp_rank) * CP + cp_rank) * TP + tp_rank``. Experts fold onto the same
 ranks (Megatron's "parallel folding"): the TP x DP ranks of a stage, numbered ``dp_rank * TP + tp_rank``, are
 split expert-tensor-parallel (ETP: each expert's width split) innermost, then EP (the experts split), then
 expert-data-parallel (the ranks that hold the same expert shards). One ``Topology`` object is
@@ -40,6 +41,11 @@ class Topology:
     pp_group: Optional[object] = field(default=None, repr=False)
     pp_ranks: tuple = (0,)  # global ranks of this rank's pipeline, stage 0 first
     embedding_group: Optional[object] = field(default=None, repr=False)  # first and last stage, for tied weights
+    cp: int = 1
+    cp_rank: int = 0
+    cp_comm_type: str = "allgather"  # how context-parallel attention reaches the other ranks' keys and values
+    cp_group: Optional[object] = field(default=None, repr=False)
+    dp_cp_group: Optional[object] = field(default=None, repr=False)  # DP x CP: where gradients are reduced
     ep: int = 1
     ep_rank: int = 0
     edp: int = 1  # expert data parallelism: ranks holding the same expert shards
@@ -62,39 +68,48 @@ class Topology:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
-        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int, cp_rank: int = 0) -> int:
+        return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     @classmethod
     def build(cls, tp: int = 1, sequence_parallel: bool = False, pp: int = 1, ep: int = 1,
-              experts: bool = False, etp: int = 1) -> "Topology":
+              experts: bool = False, etp: int = 1, cp: int = 1, cp_comm_type: str = "allgather") -> "Topology":
         """Groups for the current process group (a single process when torch.distributed is not initialised).
         ``sequence_parallel`` splits activations between blocks along the sequence over the TP group; with
         ``experts`` (an MoE model) the expert groups are built too, ``ep`` ranks splitting each layer's experts."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if tp < 1 or pp < 1 or world % (tp * pp):
+        if tp < 1 or pp < 1 or cp < 1 or world % (tp * pp * cp):
             raise LayoutError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp} x "
-                              f"--pipeline-model-parallel-size {pp}")
-        dp = world // (tp * pp)
+                              f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}")
+        dp = world // (tp * pp * cp)
         if ep < 1 or etp < 1 or (tp * dp) % (ep * etp):
             raise LayoutError(f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not "
                               f"divide the {tp * dp} ranks of a pipeline stage")
-        local = rank % (tp * dp)  # this rank's place among its stage's ranks
+        local = rank % (tp * dp)  # this rank's place among its stage's ranks (MoE: without CP)
         n = ep * etp
-        topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // tp % dp,
-                   sequence_parallel=sequence_parallel and tp > 1, pp=pp, pp_rank=rank // (tp * dp),
+        topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // (tp * cp) % dp,
+                   sequence_parallel=sequence_parallel and tp > 1, pp=pp, pp_rank=rank // (tp * cp * dp),
+                   cp=cp, cp_rank=rank // tp % cp, cp_comm_type=cp_comm_type,
                    ep=ep, ep_rank=local // etp % ep, edp=tp * dp // n, edp_rank=local // n, etp=etp,
                    etp_rank=local % etp)
-        topo.pp_ranks = tuple(topo.rank_of(topo.tp_rank, topo.dp_rank, s) for s in range(pp))
+        topo.pp_ranks = tuple(topo.rank_of(topo.tp_rank, topo.dp_rank, s, topo.cp_rank) for s in range(pp))
         if dist.is_initialized():
             # every rank must create every group, in the same order
             at = topo.rank_of
-            layouts = [("tp_group", [[at(t, d, s) for t in range(tp)] for s in range(pp) for d in range(dp)]),
-                       ("dp_group", [[at(t, d, s) for d in range(dp)] for s in range(pp) for t in range(tp)]),
-                       ("pp_group", [[at(t, d, s) for s in range(pp)] for d in range(dp) for t in range(tp)]),
-                       ("embedding_group", [[at(t, d, 0), at(t, d, pp - 1)] for d in range(dp) for t in range(tp)]
-                        if pp > 1 else []),
+            cps = range(cp)
+            layouts = [("tp_group", [[at(t, d, s, c) for t in range(tp)] for s in range(pp) for d in range(dp)
+                                     for c in cps]),
+                       ("dp_group", [[at(t, d, s, c) for d in range(dp)] for s in range(pp) for t in range(tp)
+                                     for c in cps]),
+                       ("pp_group", [[at(t, d, s, c) for s in range(pp)] for d in range(dp) for t in range(tp)
+                                     for c in cps]),
+                       ("embedding_group", [[at(t, d, 0, c), at(t, d, pp - 1, c)] for d in range(dp)
+                                            for t in range(tp) for c in cps] if pp > 1 else []),
+                       ("cp_group", [[at(t, d, s, c) for c in cps] for s in range(pp) for d in range(dp)
+                                     for t in range(tp)] if cp > 1 else []),
+                       ("dp_cp_group", [[at(t, d, s, c) for d in range(dp) for c in cps] for s in range(pp)
+                                        for t in range(tp)] if cp > 1 else []),
                        ("etp_group", [[s * tp * dp + b * etp + i for i in range(etp)] for s in range(pp)
                                       for b in range(tp * dp // etp)] if experts else []),
                        ("ep_group", [[s * tp * dp + e * n + j * etp + i for j in range(ep)] for s in range(pp)

@@ -23,7 +23,8 @@ keeps the fp32 logits of one micro-batch for the loss (``s b V / t``). Step time
 (6 N + 12 L h s per token, with recomputation's extra forward, N counting the active top-k of E experts) at an
 assumed fraction of the peak.
 
-Mixture of experts: each rank holds E / EP experts per MoE layer; their gradients and Adam state are sharded over
+Context parallelism divides the activations by CP (the a2a type's figure; allgather also keeps the whole
+sequence's keys and values). Mixture of experts: each rank holds E / EP experts per MoE layer; their gradients and Adam state are sharded over
 the expert-data-parallel ranks (TP x DP / EP) under ZeRO. An MoE layer's activations replace the MLP's with, per
 token, ``k (2 + 4 f_e / h)`` (SwiGLU; ``k (2 + 2 f_e / h)`` GELU: the routed copies in and out and the expert
 hidden states), divided by t under sequence parallelism, plus the router's ``2 E / h``. The all-to-all moves per
@@ -111,7 +112,8 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
         p.num_layers_per_virtual_pipeline_stage else 1
     zero = o.zero_stage if dp > 1 else 0
     mixed = t.bf16 or t.fp16
-    sbh = m.seq_length * t.micro_batch_size * m.hidden_size
+    cp = p.context_parallel_size  # each rank holds 1/CP of every sequence
+    sbh = m.seq_length // cp * t.micro_batch_size * m.hidden_size
     width = 2 if mixed else 4
     dense_layer = activation_units_per_layer(cfg) * sbh * width
     moe_layer = activation_units_per_layer(cfg, True) * sbh * width if m.num_experts else 0
@@ -141,7 +143,7 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
         acts *= in_flight
         if stage == pp - 1:
             padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
-            acts += 4 * m.seq_length * t.micro_batch_size * padded / tp
+            acts += 4 * m.seq_length // cp * t.micro_batch_size * padded / tp
         out.append(StageMemory(stage, params, experts, param_bytes, grad_bytes, optimizer_bytes, int(acts)))
     return out
 
@@ -208,7 +210,8 @@ def main(argv=None) -> int:
     gib = 1024 ** 3
     n = total_parameters(cfg, vocab)
     print(f"model: {n / 1e9:.3f}B parameters; layout TP {p.tensor_model_parallel_size} x PP "
-          f"{p.pipeline_model_parallel_size} x DP {data_parallel_size(cfg, world)}, ZeRO {cfg.optim.zero_stage}, "
+          f"{p.pipeline_model_parallel_size}{f' x CP {p.context_parallel_size}' if p.context_parallel_size > 1 else ''} "
+          f"x DP {data_parallel_size(cfg, world)}, ZeRO {cfg.optim.zero_stage}, "
           f"{num_micro_batches(cfg, world)} micro-batches of {cfg.train.micro_batch_size} per step")
     moe = bool(cfg.model.num_experts)
     if moe:

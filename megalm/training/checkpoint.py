@@ -69,7 +69,8 @@ def _writes(p, topo: Topology) -> bool:
     rank 0 for a replicated tensor."""
     if getattr(p, "expert", False):
         return topo.edp_rank == 0
-    return topo.dp_rank == 0 and (topo.tp_rank == 0 or (topo.tp > 1 and getattr(p, "tp_dim", None) is not None))
+    return topo.dp_rank == 0 and topo.cp_rank == 0 and (topo.tp_rank == 0 or (topo.tp > 1 and
+                                                                          getattr(p, "tp_dim", None) is not None))
 
 
 def _place(p, topo: Topology) -> list:
@@ -84,8 +85,8 @@ def _place(p, topo: Topology) -> list:
     return out or [[None, 0, p.shape[0] if p.ndim else 1]]
 
 
-def _rng_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
-    return f"rng-tp{tp_rank:02d}-pp{pp_rank:03d}-dp{dp_rank:05d}.pt"
+def _rng_file(tp_rank: int, pp_rank: int, dp_rank: int, cp_rank: int = 0) -> str:
+    return f"rng-tp{tp_rank:02d}-pp{pp_rank:03d}-dp{dp_rank:05d}" + (f"-cp{cp_rank:02d}" if cp_rank else "") + ".pt"
 
 
 def _files(root: str) -> list:
@@ -141,7 +142,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict
     if dist.is_initialized():
         dist.barrier()
     index = None
-    rng_path = os.path.join(tmp, _rng_file(topo.tp_rank, topo.pp_rank, topo.dp_rank))
+    rng_path = os.path.join(tmp, _rng_file(topo.tp_rank, topo.pp_rank, topo.dp_rank, topo.cp_rank))
     torch.save(rng, rng_path)
     _fsync_file(rng_path)
     if write_extra is not None:
@@ -268,9 +269,9 @@ def read_rng(path: str, meta: dict, topo: Topology) -> tuple:
         names, same = ["rng.pt"], False
     else:
         saved = meta.get("layout", {})
-        s_tp, s_pp, s_dp = saved.get("tp", 1), saved.get("pp", 1), saved.get("dp", 1)
-        same = (s_tp, s_pp, s_dp) == (topo.tp, topo.pp, topo.dp)
-        names = [_rng_file(topo.tp_rank % s_tp, topo.pp_rank % s_pp, topo.dp_rank % s_dp)]
+        s_tp, s_pp, s_dp, s_cp = (saved.get(k, 1) for k in ("tp", "pp", "dp", "cp"))
+        same = (s_tp, s_pp, s_dp, s_cp) == (topo.tp, topo.pp, topo.dp, topo.cp)
+        names = [_rng_file(topo.tp_rank % s_tp, topo.pp_rank % s_pp, topo.dp_rank % s_dp, topo.cp_rank % s_cp)]
     _verified(path, meta, names)
     return torch.load(os.path.join(path, names[0]), map_location="cpu", weights_only=True), same
 

@@ -26,6 +26,7 @@ from megalm.model.moe import finish_step as finish_moe_step
 from megalm.optim.distributed import DistributedOptimizer
 from megalm.optim.loss_scaler import LossScaler
 from megalm.optim.schedule import learning_rate
+from megalm.parallel.context import split_batch
 from megalm.parallel.state import Topology, collective_device
 from megalm.pipeline.layout import stage_chunks
 from megalm.pipeline.p2p import PipeComm
@@ -73,7 +74,7 @@ class Trainer:
             *self.model.matmul_parameters(), self.model.num_parameters())
         self.comm = None
         if topo.pp > 1:
-            seq = cfg.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
+            seq = cfg.model.seq_length // topo.cp // (topo.tp if topo.sequence_parallel else 1)
             self.comm = PipeComm(topo, (t.micro_batch_size, seq, cfg.model.hidden_size), torch.float32, self.device)
         o = cfg.optim
         self.optimizer = self.build_optimizer()
@@ -109,9 +110,11 @@ class Trainer:
                                      peak_tflops(device_name, cfg.logging.peak_tflops))
         if cfg.checkpoint.load:
             self.load(cfg.checkpoint.load)
-        log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x PP %d x DP %d",
+        extra = "".join(f" x {name} {n}" for name, n in (("CP", topo.cp), ("EP", topo.ep), ("ETP", topo.etp))
+                        if n > 1)
+        log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x PP %d x DP %d%s",
                  f"{num_params:,}", cfg.model.num_layers, cfg.model.hidden_size,
-                 self.tokenizer.vocab_size, self.model.padded_vocab_size, topo.tp, topo.pp, topo.dp)
+                 self.tokenizer.vocab_size, self.model.padded_vocab_size, topo.tp, topo.pp, topo.dp, extra)
         self.log_memory()
         if topo.pp > 1:
             virtual = len(chunks)
@@ -158,16 +161,23 @@ class Trainer:
         t = self.cfg.train
         d = self.cfg.data
         sft = bool(d.sft_data)  # packed examples: positions and attention restart at every end of document
-        return global_batch(dataset, consumed, t.global_batch_size, t.micro_batch_size, self.topo.dp_rank,
-                            self.topo.dp, eod=self.tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
-                            reset_position_ids=d.reset_position_ids or sft,
-                            reset_attention_mask=d.reset_attention_mask or sft)
+        batches = global_batch(dataset, consumed, t.global_batch_size, t.micro_batch_size, self.topo.dp_rank,
+                               self.topo.dp, eod=self.tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
+                               reset_position_ids=d.reset_position_ids or sft,
+                               reset_attention_mask=d.reset_attention_mask or sft)
+        if self.topo.cp > 1:  # this context-parallel rank's chunks of every sequence
+            batches = [split_batch(b, self.topo.cp, self.topo.cp_rank) for b in batches]
+        return batches
 
     def _mean_loss(self, total: torch.Tensor) -> float:
-        """The step's loss as every rank reports it: from the last stage, averaged over data parallelism."""
+        """The step's loss as every rank reports it: from the last stage, summed over context parallelism (each
+        rank's share of the masked mean), averaged over data parallelism."""
         if self.topo.pp > 1:
             total = total.clone()
             dist.all_reduce(total, group=self.topo.pp_group)  # only the last stage's is non-zero
+        if self.topo.cp > 1:
+            total = total.clone()
+            dist.all_reduce(total, group=self.topo.cp_group)
         if self.topo.dp > 1:
             total = total.clone()
             dist.all_reduce(total, group=self.topo.dp_group)
@@ -181,9 +191,15 @@ class Trainer:
                 if k in batch}
 
     def masked_mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
-        """The micro-batch's loss: per-token losses averaged over the positions its loss mask keeps."""
+        """The micro-batch's loss: per-token losses averaged over the positions its loss mask keeps. Under
+        context parallelism this rank's sum over the whole sequence's count (summed over the CP group), so the
+        ranks' losses add up to the sequence's mean, and a rank with no loss position gives a finite zero."""
         mask = batch["loss_mask"].to(self.device)
-        return (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
+        count = mask.sum()
+        if self.topo.cp > 1:
+            count = count.clone()
+            dist.all_reduce(count, group=self.topo.cp_group)
+        return (per_token.float() * mask).sum() / count.clamp_min(1.0)
 
     def _run_micro_batches(self, micro_batches, forward_only: bool) -> torch.Tensor:
         """Forward (and backward) every micro-batch through this rank's stage; returns the sum of the
@@ -309,6 +325,7 @@ class Trainer:
         return {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
                 "tokenizer": self.tokenizer.fingerprint,
                 "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep,
+                           "cp": self.topo.cp,
                            "zero_stage": self.cfg.optim.zero_stage}}
 
     def save(self) -> None:
