@@ -105,3 +105,20 @@ def tiny_train_flags(dataset_prefix, bpe_flags, *extra):
             "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2",
             "--eval-interval", "4", "--eval-iters", "2", "--split", "90,10,0", "--log-interval", "1",
             "--data-path", dataset_prefix, *bpe_flags, *extra]
+
+
+def pretrain_run(tmp, nproc: int, argv: list):
+    """``megalm.pretrain argv`` with a metrics file and a save directory under ``tmp``: in this process when
+    ``nproc`` is 1, else under torchrun. Returns (every metrics row, the final parameters as whole tensors)."""
+    from megalm.pretrain import main
+    from megalm.training.checkpoint import read_checkpoint
+
+    argv = [str(a) for a in argv] + ["--metrics-file", str(tmp / "m.jsonl"), "--save", str(tmp / "ck")]
+    if nproc == 1:
+        assert main(argv) == 0
+    else:
+        res = torchrun(nproc, "megalm/pretrain.py", *argv)
+        assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp / "m.jsonl") as fh:
+        metrics = [json.loads(line) for line in fh]
+    return metrics, read_checkpoint(str(tmp / "ck"), parts=("model",))["model"]

@@ -6,11 +6,9 @@ import json
 
 import pytest
 
-from conftest import ROOT, tiny_train_flags, torchrun
+from conftest import ROOT, pretrain_run, tiny_train_flags, torchrun
 from parity import assert_close
 from megalm.config import ConfigError, load_config
-from megalm.pretrain import main
-from megalm.training.checkpoint import read_checkpoint
 
 LLAMA_DOCS = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
               "--untie-embeddings-and-output-weights", "--num-query-groups", "2", "--disable-bias-linear",
@@ -36,22 +34,16 @@ LAYOUTS = {
 }
 
 
-def rows(path, key="loss"):
+def rows(path):
     with open(path) as fh:
-        return [r for r in map(json.loads, fh) if key in r]
+        return [r for r in map(json.loads, fh) if "loss" in r]
 
 
 def run(tmp, dataset_prefix, bpe_flags, nproc, *flags, iters=10):
-    argv = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", str(iters),
-                                             "--global-batch-size", "8", "--eval-interval", "5", *flags)]
-    argv += ["--metrics-file", str(tmp / "m.jsonl"), "--save", str(tmp / "ck")]
-    if nproc == 1:
-        assert main(argv) == 0
-    else:
-        res = torchrun(nproc, "megalm/pretrain.py", *argv)
-        assert res.returncode == 0, res.stderr[-3000:]
-    return (rows(tmp / "m.jsonl"), rows(tmp / "m.jsonl", "valid_loss"),
-            read_checkpoint(str(tmp / "ck"), parts=("model",))["model"])
+    metrics, params = pretrain_run(tmp, nproc, tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", str(iters),
+                                                                "--global-batch-size", "8", "--eval-interval", "5",
+                                                                *flags))
+    return [r for r in metrics if "loss" in r], [r for r in metrics if "valid_loss" in r], params
 
 
 @pytest.fixture(scope="module")

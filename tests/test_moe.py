@@ -9,14 +9,12 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_train_flags, torchrun
+from conftest import pretrain_run, tiny_train_flags, torchrun
 from parity import assert_close
 from megalm.config import ConfigError, Config, finalize, load_config
 from megalm.model.gpt import GPT
 from megalm.model.moe import GroupedExperts, MoELayer, MoEStats, Router
 from megalm.parallel.state import Topology
-from megalm.pretrain import main
-from megalm.training.checkpoint import read_checkpoint
 
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff",
        "0.001", "--swiglu", "--disable-bias-linear", "--global-batch-size", "8", "--eval-interval", "100"]
@@ -184,20 +182,10 @@ def test_impossible_moe_settings(argv, message):
 
 # ---- parity through torchrun ---------------------------------------------------------------------------------
 
-def rows(path):
-    with open(path) as fh:
-        return [r for r in map(json.loads, fh) if "loss" in r]
-
-
 def run(tmp, dataset_prefix, bpe_flags, nproc, *flags, iters=10):
-    argv = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", str(iters), *MOE, *flags)]
-    argv += ["--metrics-file", str(tmp / "m.jsonl"), "--save", str(tmp / "ck")]
-    if nproc == 1:
-        assert main(argv) == 0
-    else:
-        res = torchrun(nproc, "megalm/pretrain.py", *argv)
-        assert res.returncode == 0, res.stderr[-3000:]
-    return rows(tmp / "m.jsonl"), read_checkpoint(str(tmp / "ck"), parts=("model",))["model"]
+    metrics, params = pretrain_run(tmp, nproc, tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", str(iters),
+                                                                *MOE, *flags))
+    return [r for r in metrics if "loss" in r], params
 
 
 @pytest.fixture(scope="module")
