@@ -18,6 +18,7 @@ import yaml
 
 from megalm.config_fields import ConfigError, opt  # noqa: F401  (re-exported: callers import them from here)
 from megalm.config_moe import MoEOptions, validate_moe
+from megalm.config_parallel import validate_context_parallel, validate_pipeline
 
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
@@ -512,58 +513,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             raise ConfigError("--save-interval needs --save")
     if ck.load and not os.path.isdir(ck.load):
         raise ConfigError(f"--load: no checkpoint directory {ck.load}")
-
-
-def validate_pipeline(cfg: Config) -> None:
-    m, p = cfg.model, cfg.parallel
-    pp, vpp, counts = p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage, p.pipeline_stage_layers
-    if pp > m.num_layers:
-        raise ConfigError(f"--pipeline-model-parallel-size {pp} is larger than --num-layers {m.num_layers}: "
-                          f"every stage needs at least one layer")
-    if counts:
-        try:
-            p.pipeline_stage_layers = counts = [int(c) for c in counts]
-        except ValueError:
-            raise ConfigError(f"--pipeline-stage-layers {' '.join(map(str, counts))}: expected integers") from None
-        if len(counts) != pp or sum(counts) != m.num_layers or min(counts) < 1:
-            raise ConfigError(f"--pipeline-stage-layers {' '.join(map(str, counts))}: needs "
-                              f"--pipeline-model-parallel-size ({pp}) positive counts that sum to --num-layers "
-                              f"({m.num_layers})")
-        if vpp is not None:
-            raise ConfigError("--pipeline-stage-layers cannot be combined with "
-                              "--num-layers-per-virtual-pipeline-stage")
-    elif m.num_layers % pp:
-        raise ConfigError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
-                          f"(or give the per-stage counts with --pipeline-stage-layers)")
-    if vpp is not None:
-        if pp < 2:
-            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2")
-        if (m.num_layers // pp) % vpp or m.num_layers // pp == vpp:
-            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {vpp} must divide the {m.num_layers // pp} "
-                              f"layers of each pipeline stage into at least two chunks")
-
-
-def validate_context_parallel(cfg: Config) -> None:
-    m, p = cfg.model, cfg.parallel
-    cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
-    if cp == 1:
-        return
-    if m.seq_length % (2 * cp):
-        raise ConfigError(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp} (each "
-                          f"rank holds two chunks of every sequence)")
-    if p.sequence_parallel and tp > 1 and (m.seq_length // cp) % tp:
-        raise ConfigError(f"--sequence-parallel: each context-parallel rank's {m.seq_length // cp} tokens are not "
-                          f"divisible by --tensor-model-parallel-size {tp}")
-    if p.cp_comm_type == "p2p":
-        raise ConfigError("--cp-comm-type p2p (ring attention) is not implemented yet: use a2a or allgather")
-    if p.cp_comm_type == "a2a" and ((m.num_attention_heads // tp) % cp or (m.num_query_groups // tp) % cp):
-        raise ConfigError(f"--cp-comm-type a2a splits heads over --context-parallel-size {cp}: each TP rank's "
-                          f"{m.num_attention_heads // tp} heads and {m.num_query_groups // tp} key/value groups must "
-                          f"divide by it")
-    if m.num_experts:
-        raise ConfigError("--context-parallel-size with --num-experts is not implemented yet")
-    if p.deepspeed:
-        raise ConfigError("--context-parallel-size with --deepspeed is not supported: use megalm's own path")
 
 
 def validate_tokenizer(d: DataConfig) -> None:

@@ -3,7 +3,6 @@ import json
 import math
 import subprocess
 
-
 from conftest import PYTHON, ROOT, require, tiny_train_flags
 from megalm.pretrain import main
 from megalm.tools.hf import export_main
