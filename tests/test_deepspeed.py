@@ -44,21 +44,23 @@ def test_impossible_deepspeed_layouts(argv, message):
 @pytest.mark.parametrize("nproc, layout", [(2, []), (4, ["--tensor-model-parallel-size", "2"])],
                          ids=["dp2", "tp2-dp2"])
 def test_deepspeed_exact_resume_and_weights_elsewhere(tmp_path, dataset_prefix, bpe_flags, nproc, layout):
-    """With hidden and attention dropout: every rank's own random streams come back (TP ranks' trackers differ)."""
+    """With hidden and attention dropout: every rank's own random streams come back (TP ranks' trackers differ).
+    --keep-last-n removes an old iteration together with the engine state inside it."""
     require("deepspeed")
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--deepspeed", "--zero-stage", "2",
                              "--hidden-dropout", "0.1", "--attention-dropout", "0.1", *layout)
-    res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--save", tmp_path / "ck", "--save-interval", "3",
-                           "--metrics-file", tmp_path / "full.jsonl")
+    res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--save", tmp_path / "ck", "--save-interval", "2",
+                           "--keep-last-n", "2", "--metrics-file", tmp_path / "full.jsonl")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--load", tmp_path / "ck" / "iter_0000003",
+    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
+    res = deepspeed_launch(nproc, "megalm/pretrain.py", *flags, "--load", tmp_path / "ck" / "iter_0000004",
                            "--metrics-file", tmp_path / "resumed.jsonl")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     full = [json.loads(line) for line in open(tmp_path / "full.jsonl")]
     resumed = [json.loads(line) for line in open(tmp_path / "resumed.jsonl")]
-    full = [(r["loss"], r["grad_norm"]) for r in full if "loss" in r][3:]
+    full = [(r["loss"], r["grad_norm"]) for r in full if "loss" in r][4:]
     assert [(r["loss"], r["grad_norm"]) for r in resumed if "loss" in r] == full
-    assert os.path.isdir(tmp_path / "ck" / "iter_0000003" / "deepspeed")  # the engine state inside its iteration
+    assert os.path.isdir(tmp_path / "ck" / "iter_0000004" / "deepspeed")  # the engine state inside its iteration
     # megalm's own path (one process) fine-tunes from the DeepSpeed run's weights
     plain = [str(a) for a in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2")]
     assert main(plain + ["--load", str(tmp_path / "ck"), "--finetune"]) == 0
