@@ -21,7 +21,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert data.num_documents > 100
     assert (out / "checkpoints" / ckpt.LATEST).read_text() == "60"
     state = ckpt.read_checkpoint(str(out / "checkpoints"), parts=("model",))
-    assert state["meta"]["layout"] == {"tp": 2, "pp": 2, "dp": 1, "ep": 1, "zero_stage": 0}
+    assert state["meta"]["layout"] == {"tp": 2, "pp": 2, "dp": 1, "ep": 1, "cp": 1, "zero_stage": 0}
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     first = next(r["loss"] for r in rows if "loss" in r)
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]

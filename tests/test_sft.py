@@ -14,6 +14,7 @@ from megalm.data.loader import collate
 from megalm.data.sft import SFTDataset, pack, tokenize_examples
 from megalm.data.tokenizers import build_tokenizer
 from megalm.model.gpt import GPT
+from megalm.parallel.state import Topology
 from megalm.pretrain import main
 from megalm.training.trainer import Trainer
 from parity import VOCAB, parity_model_config
@@ -56,7 +57,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path, bpe_flags):
     model = GPT(cfg.model, tok.vocab_size)
     model.init_weights(0)
 
-    trainer = SimpleNamespace(device=torch.device("cpu"))  # what Trainer.masked_mean reads of its trainer
+    trainer = SimpleNamespace(device=torch.device("cpu"), topo=Topology())  # what Trainer.masked_mean reads
 
     def loss(labels):  # the trainer's own reduction of per-token losses
         per_token = model(batch["tokens"], labels, batch["position_ids"], document_ids=batch["document_ids"])
