@@ -104,7 +104,7 @@ class Router(nn.Module):
             if c.moe_router_score_function == "sigmoid" and k > 1:
                 probs = probs / probs.sum(-1, keepdim=True)
         counts = torch.bincount(experts.reshape(-1), minlength=E)
-        global_counts = _sum_over_tp(counts.float(), self.topo) if self.topo.sequence_parallel else counts.float()
+        global_counts = _sum_over_tp(counts.float(), self.topo)
         aux = self._balance_loss(scores, experts, global_counts, batch, x.shape[0]) \
             if c.moe_aux_loss_coeff > 0 and c.moe_router_load_balancing_type != "none" else None
         z = None

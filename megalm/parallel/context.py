@@ -14,6 +14,8 @@ The loss is the masked mean over the whole sequence: the trainer sums the token 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -28,8 +30,10 @@ def local_indices(seq_length: int, cp: int, cp_rank: int, device=None) -> torch.
                       torch.arange((2 * cp - 1 - cp_rank) * c, (2 * cp - cp_rank) * c, device=device)))
 
 
+@functools.lru_cache(maxsize=16)
 def natural_order(seq_length: int, cp: int, device=None) -> torch.Tensor:
-    """The permutation that puts the ranks' local parts, concatenated rank by rank, back in sequence order."""
+    """The permutation that puts the ranks' local parts, concatenated rank by rank, back in sequence order
+    (computed once per shape: every attention layer asks for it; callers only index with it)."""
     gathered = torch.cat([local_indices(seq_length, cp, r, device) for r in range(cp)])
     return torch.argsort(gathered)
 
