@@ -106,7 +106,7 @@ def check_token_ids(indexed: IndexedDataset, vocab_size: int, cache: IndexCache)
     """Stop when the dataset holds a token id outside the tokenizer's vocabulary: such ids would train padding
     rows, predict nothing, or fail deep in the embedding. The largest id is computed once per dataset version
     and cached beside the indices."""
-    path = os.path.join(cache.path(indexed.prefix), f"{indexed.fingerprint()}-max_token_id.json")
+    path = os.path.join(cache.path(indexed.prefix), f"{indexed.fingerprint}-max_token_id.json")
     if cache.is_builder and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as fh:
@@ -127,7 +127,7 @@ class GPTDataset:
                  seed: int, name: str, fingerprint: str, cache: IndexCache):
         self.indexed, self.seq_length, self.name = indexed, seq_length, name
         description = {"class": "GPTDataset", "prefix": os.path.abspath(indexed.prefix),
-                       "data": indexed.fingerprint(), "split": name,
+                       "data": indexed.fingerprint, "split": name,
                        "sequences": [int(sequences[0]), int(sequences[-1]) + 1], "num_samples": num_samples,
                        "seq_length": seq_length, "seed": seed, "tokenizer": fingerprint}
         key = hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()

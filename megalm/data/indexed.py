@@ -5,6 +5,7 @@ int64 pointers[S], int64 document index[D], optionally int8 modes[S]. ``.bin`` h
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -214,10 +215,12 @@ class IndexedDataset:
             raise IndexedFormatError(f"{bpath}: {actual} bytes, but {ipath} describes {expected} "
                               f"({'truncated' if actual < expected else 'extra data'})")
 
+    @functools.cached_property
     def fingerprint(self) -> str:
         """What index caches are keyed by, so that a dataset written again (even with the same document count)
         never reuses stale indices: both files' sizes and modification times, and a SHA-256 of the .idx header
-        with its first and last MiB (lengths and document index)."""
+        with its first and last MiB (lengths and document index). Read once per open dataset: the token-id check
+        and every split's indices ask for it."""
         h = hashlib.sha256()
         for path in (idx_path(self.prefix), bin_path(self.prefix)):
             st = os.stat(path)
