@@ -51,7 +51,25 @@ def deepspeed_launch(nproc, module_path, *args, timeout=900):
            module_path, *map(str, args)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".venv", "torch_extensions"))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    before = _deepspeed_shm_files()
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    left = _deepspeed_shm_files() - before
+    for name in left:  # removed so one failure does not fill /dev/shm (memory) for the rest of the suite
+        os.unlink(os.path.join("/dev/shm", name))
+    assert not left, f"the DeepSpeed run left its shared-memory buffers in /dev/shm: {sorted(left)}"
+    return res
+
+
+def _deepspeed_shm_files() -> set:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer")} \
+        if os.path.isdir("/dev/shm") else set()
+
+
+def pytest_runtest_logreport(report):
+    """A failure's report is printed when it happens, not only in the summary at the end: a suite killed later
+    (out of time or memory) still shows why each earlier test failed."""
+    if report.failed:
+        sys.stderr.write(f"\nFAILED {report.nodeid} ({report.when}):\n{report.longreprtext[-6000:]}\n")
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,22 @@ class TopologyMPU:
         return 1
 
 
+def release_shared_memory_names() -> None:
+    """DeepSpeed's CPU all-reduce (used when every rank is on one host) backs each rank with a 66 MB file in
+    /dev/shm that it never unlinks: every run left them behind until /dev/shm, which is memory, filled up. Once
+    ``deepspeed.initialize`` returns, every rank has mapped every peer's file, so after a barrier each rank can
+    unlink its own name; the mappings live on until the processes exit, even by kill -9."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or torch.cuda.is_available():
+        return
+    dist.barrier()
+    name = "_".join(("deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
+
+
 class DeepSpeedTrainer(Trainer):
     def build_optimizer(self):
         import deepspeed
@@ -125,6 +141,7 @@ class DeepSpeedTrainer(Trainer):
         self.engine, optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=build_optimizer(self.model, self.cfg.optim), config=self.ds_config,
             mpu=mpu, dist_init_required=False)
+        release_shared_memory_names()
         return optimizer
 
     def log_memory(self) -> None:
