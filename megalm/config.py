@@ -18,7 +18,7 @@ import yaml
 
 from megalm.config_fields import ConfigError, opt  # noqa: F401  (re-exported: callers import them from here)
 from megalm.config_moe import MoEOptions, validate_moe
-from megalm.config_parallel import validate_context_parallel, validate_pipeline
+from megalm.config_parallel import CP_COMM_TYPES, validate_context_parallel, validate_pipeline
 
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
@@ -85,9 +85,10 @@ class ParallelConfig:
                                       "--num-layers / --pipeline-model-parallel-size each)", nargs="+")
     context_parallel_size: int = opt(1, "ranks that split each sequence (CP), between TP and DP in the rank order; "
                                      "each holds chunks i and 2 CP - 1 - i")
-    cp_comm_type: str = opt("allgather", "how context-parallel attention sees the other ranks' keys and values: "
-                            "all-gathered (allgather), or heads exchanged for sequence with all-to-all (a2a, "
-                            "Ulysses); ring p2p is not implemented yet", choices=("allgather", "a2a", "p2p"))
+    cp_comm_type: list = opt(["allgather"], "how context-parallel attention sees the other ranks' keys and values: "
+                             "all-gathered (allgather), passed round a ring while blocks are computed (p2p), or "
+                             "heads exchanged for sequence with all-to-all (a2a, Ulysses); one, or one per layer",
+                             nargs="+", choices=CP_COMM_TYPES)
     expert_model_parallel_size: int = opt(1, "ranks that split the experts of each MoE layer (EP); experts fold "
                                           "onto the ranks attention uses, as ETP x EP x expert-DP")
     expert_tensor_parallel_size: int = opt(1, "ranks that split each expert's width (ETP), innermost of the "
@@ -277,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                 action = "store_false" if meta.get("negate") else "store_true"
                 group.add_argument(_flag(f), dest=dest, action=action, help=meta["help"])
             elif typ is list:
-                group.add_argument(_flag(f), dest=dest, nargs=meta.get("nargs") or "+", help=meta["help"])
+                group.add_argument(_flag(f), dest=dest, nargs=meta.get("nargs") or "+", choices=meta.get("choices"),
+                                   help=meta["help"])
             else:
                 group.add_argument(_flag(f), dest=dest, type=typ, choices=meta.get("choices"),
                                    help=meta["help"], metavar=f.name.upper())

@@ -91,7 +91,7 @@ def validate_moe(m, p, world_size: Optional[int]) -> None:
         attention_ranks = world_size // (tp * pp) * tp if world_size % (tp * pp) == 0 else None
         if attention_ranks is not None and attention_ranks % (ep * etp):
             raise ConfigError(f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not "
-                              f"divide the {attention_ranks} ranks of a pipeline stage (TP {tp} x DP "
+                              f"divide the {attention_ranks} ranks of a pipeline stage (TP {tp} x CP x DP "
                               f"{attention_ranks // tp})")
     if tp > 1 and not p.sequence_parallel:
         raise ConfigError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (as in Megatron: "

@@ -9,6 +9,8 @@ from megalm.config_fields import ConfigError
 if TYPE_CHECKING:  # config.py imports this module
     from megalm.config import Config
 
+CP_COMM_TYPES = ("allgather", "p2p", "a2a")  # Megatron's names for how CP attention reaches the other ranks
+
 
 def validate_pipeline(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
@@ -42,6 +44,12 @@ def validate_pipeline(cfg: Config) -> None:
 def validate_context_parallel(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
     cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
+    for kind in p.cp_comm_type:
+        if kind not in CP_COMM_TYPES:
+            raise ConfigError(f"--cp-comm-type {kind}: choose from {', '.join(CP_COMM_TYPES)}")
+    if len(p.cp_comm_type) not in (1, m.num_layers):
+        raise ConfigError(f"--cp-comm-type gives {len(p.cp_comm_type)} types: give one, or one per layer "
+                          f"(--num-layers {m.num_layers})")
     if cp == 1:
         return
     if m.seq_length % (2 * cp):
@@ -50,13 +58,13 @@ def validate_context_parallel(cfg: Config) -> None:
     if p.sequence_parallel and tp > 1 and (m.seq_length // cp) % tp:
         raise ConfigError(f"--sequence-parallel: each context-parallel rank's {m.seq_length // cp} tokens are not "
                           f"divisible by --tensor-model-parallel-size {tp}")
-    if p.cp_comm_type == "p2p":
-        raise ConfigError("--cp-comm-type p2p (ring attention) is not implemented yet: use a2a or allgather")
-    if p.cp_comm_type == "a2a" and ((m.num_attention_heads // tp) % cp or (m.num_query_groups // tp) % cp):
+    if "p2p" in p.cp_comm_type and m.attention_dropout > 0:
+        raise ConfigError(f"--cp-comm-type p2p computes attention block by block, merged by log-sum-exp, and has no "
+                          f"attention dropout: set --attention-dropout 0 (it is {m.attention_dropout}), or use "
+                          f"allgather or a2a")
+    if "a2a" in p.cp_comm_type and ((m.num_attention_heads // tp) % cp or (m.num_query_groups // tp) % cp):
         raise ConfigError(f"--cp-comm-type a2a splits heads over --context-parallel-size {cp}: each TP rank's "
                           f"{m.num_attention_heads // tp} heads and {m.num_query_groups // tp} key/value groups must "
                           f"divide by it")
-    if m.num_experts:
-        raise ConfigError("--context-parallel-size with --num-experts is not implemented yet")
     if p.deepspeed:
         raise ConfigError("--context-parallel-size with --deepspeed is not supported: use megalm's own path")

@@ -1,7 +1,7 @@
 """Context parallelism through the real entry point: per-iteration losses, grad norms, validation losses and final
-parameters of one process under CP 2 and 4 with both implemented attention types, composed with TP + SP, PP,
-DP with ZeRO, recomputation and packed documents; a rank whose loss positions are all masked; resume across CP
-sizes; bad layouts."""
+parameters of one process under CP 2 and 4 with each attention type (allgather, ring p2p, a2a), composed with
+TP + SP, PP, DP with ZeRO, recomputation and packed documents, and a type per layer; a rank whose loss positions are
+all masked; resume across CP sizes; bad layouts."""
 import json
 
 import pytest
@@ -16,21 +16,26 @@ LLAMA_DOCS = ["--position-embedding-type", "rope", "--normalization", "RMSNorm",
 FLAVOURS = {"gpt2": [], "llama-docs": LLAMA_DOCS,
             "gpt2-deep": ["--num-layers", "4", "--global-batch-size", "16"]}
 CP2, CP4, A2A = ["--context-parallel-size", "2"], ["--context-parallel-size", "4"], ["--cp-comm-type", "a2a"]
+P2P = ["--cp-comm-type", "p2p"]
 TP2SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 PP2 = ["--pipeline-model-parallel-size", "2"]
 LAYOUTS = {
     "cp2-allgather": (2, "gpt2", CP2),
     "cp2-a2a": (2, "gpt2", CP2 + A2A),
+    "cp2-p2p": (2, "gpt2", CP2 + P2P),
     "cp4-allgather": (4, "gpt2", CP4),
     "cp4-a2a-4-kv-groups": (4, "gpt2", CP4 + A2A),
-    "cp2-tp2-sp": (4, "gpt2", CP2 + TP2SP),
+    "cp4-p2p": (4, "gpt2", CP4 + P2P),
+    "cp2-tp2-sp-p2p": (4, "gpt2", CP2 + TP2SP + P2P),
     "cp2-pp2": (4, "gpt2-deep", CP2 + PP2),
     "cp2-vpp2x2-a2a": (4, "gpt2-deep", CP2 + PP2 + A2A + ["--num-layers-per-virtual-pipeline-stage", "1"]),
     "cp2-dp2-zero1-a2a": (4, "gpt2", CP2 + A2A + ["--zero-stage", "1"]),
-    "cp2-dp2-zero2": (4, "gpt2", CP2 + ["--zero-stage", "2", "--ddp-bucket-size", "5000"]),
+    "cp2-dp2-zero2-p2p": (4, "gpt2", CP2 + P2P + ["--zero-stage", "2", "--ddp-bucket-size", "5000"]),
     "cp2-docs-allgather": (2, "llama-docs", CP2),
     "cp2-docs-a2a": (2, "llama-docs", CP2 + A2A),
-    "cp2-tp2-sp-pp2-docs-recompute": (8, "llama-docs", CP2 + TP2SP + PP2 + ["--recompute-granularity", "full"]),
+    "cp4-docs-p2p": (4, "llama-docs", CP4 + P2P),
+    "cp2-tp2-sp-pp2-docs-recompute-p2p-allgather": (8, "llama-docs", CP2 + TP2SP + PP2 + [
+        "--recompute-granularity", "full", "--cp-comm-type", "p2p", "allgather"]),  # a type per layer
 }
 
 
@@ -91,7 +96,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_rank_with_every_loss_position_masked(tmp_path, dataset_prefix, bpe_flags):
+@pytest.mark.parametrize("kind", ["allgather", "p2p"])
+def test_a_rank_with_every_loss_position_masked(tmp_path, dataset_prefix, bpe_flags, kind):
     """Every loss position that context-parallel rank 0 holds is masked (its keys and values still serve rank
     1's queries): the loss stays finite and equals one process's on the same masked data."""
     script = tmp_path / "mask.py"
@@ -104,7 +110,7 @@ def test_a_rank_with_every_loss_position_masked(tmp_path, dataset_prefix, bpe_fl
     one = subprocess.run([sys.executable, str(script), *argv, "--metrics-file", str(tmp_path / "one.jsonl")],
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    res = torchrun(2, str(script), *argv, *CP2, "--metrics-file", tmp_path / "cp.jsonl")
+    res = torchrun(2, str(script), *argv, *CP2, "--cp-comm-type", kind, "--metrics-file", tmp_path / "cp.jsonl")
     assert res.returncode == 0, res.stderr[-3000:]
     ref, got = rows(tmp_path / "one.jsonl"), rows(tmp_path / "cp.jsonl")
     assert len(ref) == len(got) == 4
@@ -129,8 +135,12 @@ def test_resume_across_context_parallel_sizes(tmp_path, dataset_prefix, bpe_flag
                                                               "--context-parallel-size 2"),
     (["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--num-attention-heads", "3", "--hidden-size", "48"],
      "each TP rank's 3 heads and 3 key/value groups must divide by it"),
-    (["--context-parallel-size", "2", "--cp-comm-type", "p2p"], r"p2p \(ring attention\) is not implemented yet"),
-    (["--context-parallel-size", "2", "--num-experts", "4"], "with --num-experts is not implemented yet"),
+    (["--context-parallel-size", "2", "--cp-comm-type", "p2p", "--attention-dropout", "0.1"],
+     "p2p computes attention block by block, merged by log-sum-exp, and has no attention dropout"),
+    (["--context-parallel-size", "2", "--cp-comm-type", "p2p", "a2a", "p2p"], "gives 3 types: give one, or one per "
+                                                                              "layer \\(--num-layers 2\\)"),
+    (["--context-parallel-size", "2", "--num-experts", "4", "--expert-model-parallel-size", "4"],
+     "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 1 does not divide the 2 ranks"),
     (["--context-parallel-size", "2", "--deepspeed"], "with --deepspeed is not supported"),
     (["--context-parallel-size", "4"], "world size 2 is not divisible by"),
 ])

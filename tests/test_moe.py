@@ -1,5 +1,5 @@
 """Mixture of experts: the layer's pieces against hand computations, then parity of expert parallelism (with TP +
-SP, PP, DP and ZeRO, both dispatchers, token dropping, expert bias) with one process through the real entry point,
+SP, PP, DP and ZeRO, context parallelism, both dispatchers, token dropping, expert bias) with one process through the real entry point,
 a rank that receives no token, and resume across EP sizes."""
 import hashlib
 import json
@@ -55,6 +55,11 @@ LAYOUTS = {
     "etp2-dp2": (2, "plain", ["--expert-tensor-parallel-size", "2"]),
     "ep2-etp2-dp4-zero1-allgather": (4, "plain", EP2 + ["--expert-tensor-parallel-size", "2", "--zero-stage", "1",
                                                         "--moe-token-dispatcher-type", "allgather"]),
+    # context parallelism: experts fold over TP x CP x DP; routing statistics sum over the ranks of each sequence
+    "ep2-cp2": (2, "plain", EP2 + ["--context-parallel-size", "2"]),
+    "ep2-cp2-tp2-sp-bias": (4, "bias-seq-sigmoid", EP2 + TP2SP + ["--context-parallel-size", "2"]),
+    "ep4-cp2-dp2-zero1-p2p": (4, "plain", ["--expert-model-parallel-size", "4", "--context-parallel-size", "2",
+                                           "--cp-comm-type", "p2p", "--zero-stage", "1"]),
 }
 
 

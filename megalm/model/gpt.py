@@ -118,7 +118,8 @@ class GPT(nn.Module):
         blocks = [self.layers[str(i)] for i in self.chunks[chunk]]
         mask = None
         if self.topo.cp > 1 and kv_cache is None:  # this rank's chunks of the sequence against all of it
-            mask = attention_mask(self.topo.cp_comm_type, tokens.shape[1], self.topo, document_ids)
+            mask = {kind: attention_mask(kind, tokens.shape[1], self.topo, document_ids)
+                    for kind in dict.fromkeys(self.topo.cp_comm_types)}  # one per kind the layers use
         elif document_ids is not None:  # causal within each packed document
             same = document_ids[:, :, None] == document_ids[:, None, :]
             mask = (same & torch.ones_like(same[0]).tril())[:, None]

@@ -65,10 +65,11 @@ class _AttachAux(torch.autograd.Function):
         return grad, torch.full_like(ctx.like, ctx.scale), None
 
 
-def _sum_over_tp(x: torch.Tensor, topo: Topology) -> torch.Tensor:
-    """Sum over the TP group under sequence parallelism (each rank routed its own shard; autograd-aware, the
-    gradient flows to each rank's own part); unchanged otherwise."""
-    return reduce_from_tp(x, topo.tp_group) if topo.sequence_parallel else x
+def _sum_over_token_ranks(x: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """Sum over the ranks that split the micro-batch's tokens (TP under sequence parallelism, CP; each routed its
+    own part): autograd-aware, the gradient flows to each rank's own part. Unchanged when a rank has them all."""
+    group, size = topo.token_split
+    return reduce_from_tp(x, group) if size > 1 else x
 
 
 class Router(nn.Module):
@@ -104,13 +105,14 @@ class Router(nn.Module):
             if c.moe_router_score_function == "sigmoid" and k > 1:
                 probs = probs / probs.sum(-1, keepdim=True)
         counts = torch.bincount(experts.reshape(-1), minlength=E)
-        global_counts = _sum_over_tp(counts.float(), self.topo)
+        global_counts = _sum_over_token_ranks(counts.float(), self.topo)
         aux = self._balance_loss(scores, experts, global_counts, batch, x.shape[0]) \
             if c.moe_aux_loss_coeff > 0 and c.moe_router_load_balancing_type != "none" else None
         z = None
         if c.moe_z_loss_coeff:
-            tokens = x.shape[0] * (self.topo.tp if self.topo.sequence_parallel else 1)
-            z = c.moe_z_loss_coeff * _sum_over_tp(torch.logsumexp(logits, dim=-1).pow(2).sum(), self.topo) / tokens
+            tokens = x.shape[0] * self.topo.token_split[1]
+            squares = torch.logsumexp(logits, dim=-1).pow(2).sum()
+            z = c.moe_z_loss_coeff * _sum_over_token_ranks(squares, self.topo) / tokens
         return experts, probs, aux, z, global_counts
 
     def _limit_to_groups(self, scores: torch.Tensor) -> torch.Tensor:
@@ -129,17 +131,18 @@ class Router(nn.Module):
         c, k, E = self.cfg, self.cfg.moe_router_topk, self.cfg.num_experts
         if c.moe_router_score_function == "sigmoid":
             scores = scores / scores.sum(-1, keepdim=True)
-        tp = self.topo.tp if self.topo.sequence_parallel else 1
+        split = self.topo.token_split[1]
         if c.moe_router_load_balancing_type == "aux_loss":
-            total = tokens * tp
-            score_sums = _sum_over_tp(scores.sum(0), self.topo)
+            total = tokens * split
+            score_sums = _sum_over_token_ranks(scores.sum(0), self.topo)
             return c.moe_aux_loss_coeff * E / (k * total * total) * (score_sums * global_counts).sum()
         # seq_aux_loss: the same per sequence, averaged over the micro-batch's sequences
-        seq = tokens // batch * tp
+        seq = tokens // batch * split
         per_seq = scores.view(batch, -1, E).sum(1)
         seq_counts = torch.zeros(batch, E, device=scores.device).scatter_add_(
             1, experts.view(batch, -1), torch.ones(experts.numel(), device=scores.device).view(batch, -1))
-        per_seq, seq_counts = _sum_over_tp(per_seq, self.topo), _sum_over_tp(seq_counts, self.topo).detach()
+        per_seq = _sum_over_token_ranks(per_seq, self.topo)
+        seq_counts = _sum_over_token_ranks(seq_counts, self.topo).detach()
         return c.moe_aux_loss_coeff * E / (k * seq * seq) * (per_seq * seq_counts).sum() / batch
 
 
@@ -279,7 +282,7 @@ class _PaddedToCapacity(nn.Module):
 def finish_step(model: nn.Module, topo: Topology, rate: float) -> dict:
     """After an optimizer step (every rank calls it): move the expert biases (the aux-loss-free update,
     ``bias += rate * sign(mean load - load)`` from the step's token counts over every rank that routed distinct
-    tokens: data parallel, and TP under sequence parallelism), and return the step's MoE metrics as one process
+    tokens: data parallel, CP, and TP under sequence parallelism), and return the step's MoE metrics as one process
     would report them: aux and z losses summed over layers (each the mean over micro-batches), the load imbalance
     (largest over mean tokens per expert, worst layer) and the share of dropped (token, expert) pairs."""
     stats = model.moe_stats

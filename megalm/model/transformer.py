@@ -19,7 +19,7 @@ from megalm.config import ModelConfig
 from megalm.kernels.fused_softmax import fused_softmax
 from megalm.model.recompute import recomputed
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
-from megalm.parallel.context import a2a_attention, allgather_keys_values, natural_order
+from megalm.parallel.context import context_attention
 from megalm.parallel.random import RNGTracker
 from megalm.parallel.state import Topology
 
@@ -149,12 +149,9 @@ class Attention(nn.Module):
             past, mask = kv_cache.length, kv_cache.mask(s, x.device)
             k, v = kv_cache.update(self.layer, k, v)
         if self.topo.cp > 1 and kv_cache is None:  # the sequence is split: attention across the CP ranks
-            order = natural_order(s * self.topo.cp, self.topo.cp, q.device)
-            if self.topo.cp_comm_type == "a2a":
-                out = a2a_attention(q, k, v, self.topo.cp_group, order, lambda *qkv: self._attend(*qkv, 0, mask))
-            else:
-                k, v = allgather_keys_values(k, v, self.topo.cp_group, order)
-                out = self._attend(q, k, v, 0, mask)
+            kind = self.topo.cp_comm_type(int(self.layer))
+            out = context_attention(kind, q, k, v, self.topo, mask[kind], lambda *qkvm: self._attend(*qkvm[:3], 0,
+                                                                                                     qkvm[3]))
         elif self.cfg.recompute_granularity == "selective" and self.training and kv_cache is None:
             out = recomputed(self._attend, self.rng, q, k, v, 0, mask)
         else:

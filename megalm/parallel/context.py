@@ -9,6 +9,7 @@ where each token really is. Attention (``--cp-comm-type``):
   sequence order; the local queries attend with a mask built from the true sequence indices.
 - ``a2a`` (Ulysses): an all-to-all trades sequence for heads, so each rank holds the whole sequence for
   ``heads / CP`` heads; ordinary causal (or document) attention runs, and a second all-to-all trades back.
+- ``p2p`` (ring): keys and values pass round the ranks while each block is computed (``megalm.parallel.ring``).
 
 The loss is the masked mean over the whole sequence: the trainer sums the token count over the CP group.
 """
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from megalm.parallel.experts import _AllToAll
 from megalm.parallel.mappings import gather_dim0
+from megalm.parallel.ring import RingDocuments, ring_attention
 
 
 def local_indices(seq_length: int, cp: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -89,16 +91,55 @@ def a2a_attention(q, k, v, group, order: torch.Tensor, attend):
     return _sequence_for_heads(out[:, :, back], group)
 
 
+def comm_bytes(kind: str, cp: int, micro_batch: int, seq_length: int, heads: int, groups: int, head_dim: int,
+               elem_bytes: int) -> int:
+    """Bytes one rank hands to torch.distributed for one attention layer's forward and backward on one
+    micro-batch, counting send buffers (all-gather, all-to-all and reduce-scatter inputs, ring sends); ``heads``
+    and ``groups`` per TP rank. With ``kv`` this rank's keys (or values) and ``q`` its queries:
+
+    - allgather: forward gathers k and v (2 kv), backward reduce-scatters their gathered gradients (2 CP kv);
+    - a2a: q, k, v and the output are exchanged forward and their gradients backward: 2 (2 q + 2 kv);
+    - p2p: the k/v pair goes round CP - 1 hops forward and again backward, its fp32 gradients CP hops (the last
+      one home): 4 (CP - 1) kv + 2 CP kv_fp32. Blocks skipped for causality still travel: the ring is fixed.
+    """
+    local = seq_length // cp
+    kv = micro_batch * groups * local * head_dim * elem_bytes
+    q = micro_batch * heads * local * head_dim * elem_bytes
+    if kind == "allgather":
+        return 2 * kv + 2 * cp * kv
+    if kind == "a2a":
+        return 2 * (2 * q + 2 * kv)
+    return 4 * (cp - 1) * kv + 2 * cp * (kv // elem_bytes * 4)
+
+
+def context_attention(comm_type: str, q, k, v, topo, mask, attend):
+    """This rank's queries ``[b, heads, s_local, d]`` against the whole sequence, the ``comm_type`` way; ``mask``
+    is what ``attention_mask`` gave for that type, ``attend(q, k, v, mask)`` the model's own attention core."""
+    order = natural_order(q.shape[2] * topo.cp, topo.cp, q.device)
+    if comm_type == "p2p":
+        return ring_attention(q, k, v, topo.cp_group, q.shape[-1] ** -0.5, mask)
+    if comm_type == "a2a":
+        return a2a_attention(q, k, v, topo.cp_group, order, lambda *qkv: attend(*qkv, mask))
+    k, v = allgather_keys_values(k, v, topo.cp_group, order)
+    return attend(q, k, v, mask)
+
+
 def attention_mask(comm_type: str, seq_local: int, topo, document_ids=None):
-    """The boolean mask (True: may attend) for this rank's attention under context parallelism: for
-    ``allgather`` ``[b or 1, 1, s_local, s]`` from the local queries' true positions to all keys in order; for
-    ``a2a`` None (plain causal over the whole sequence) or, with packed documents, ``[b, 1, s, s]``."""
+    """What this rank's attention needs to mask under context parallelism: for ``allgather`` a boolean (True: may
+    attend) ``[b or 1, 1, s_local, s]`` from the local queries' true positions to all keys in order; for ``a2a``
+    None (plain causal over the whole sequence) or, with packed documents, ``[b, 1, s, s]``; for ``p2p`` None or,
+    with packed documents, every rank's document ids (the ring builds each block's mask)."""
     cp, seq = topo.cp, seq_local * topo.cp
     device = document_ids.device if document_ids is not None else None
     order = natural_order(seq, cp, device)
     docs = None
-    if document_ids is not None:  # every rank's document ids, in sequence order
-        docs = gather_dim0(document_ids.t().contiguous(), topo.cp_group).t()[:, order]
+    if document_ids is not None:  # every rank's document ids, rank-major
+        docs = gather_dim0(document_ids.t().contiguous(), topo.cp_group).t()
+        if comm_type == "p2p":
+            return RingDocuments(document_ids, docs.view(docs.shape[0], cp, seq_local).transpose(0, 1))
+        docs = docs[:, order]  # in sequence order
+    if comm_type == "p2p":
+        return None
     if comm_type == "a2a":
         if docs is None:
             return None

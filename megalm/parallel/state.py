@@ -43,9 +43,10 @@ class Topology:
     embedding_group: Optional[object] = field(default=None, repr=False)  # first and last stage, for tied weights
     cp: int = 1
     cp_rank: int = 0
-    cp_comm_type: str = "allgather"  # how context-parallel attention reaches the other ranks' keys and values
+    cp_comm_types: tuple = ("allgather",)  # how CP attention reaches the other ranks' keys: one, or one per layer
     cp_group: Optional[object] = field(default=None, repr=False)
     dp_cp_group: Optional[object] = field(default=None, repr=False)  # DP x CP: where gradients are reduced
+    tp_cp_group: Optional[object] = field(default=None, repr=False)  # TP x CP: one micro-batch's tokens under SP
     ep: int = 1
     ep_rank: int = 0
     edp: int = 1  # expert data parallelism: ranks holding the same expert shards
@@ -68,12 +69,26 @@ class Topology:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    @property
+    def token_split(self) -> tuple:
+        """(group, size) of the ranks that share one micro-batch's tokens, each holding its own part: CP, and TP
+        under sequence parallelism; (None, 1) when a rank holds them all. What MoE routing statistics sum over."""
+        if self.sequence_parallel and self.cp > 1:
+            return self.tp_cp_group, self.tp * self.cp
+        if self.sequence_parallel:
+            return self.tp_group, self.tp
+        return (self.cp_group, self.cp) if self.cp > 1 else (None, 1)
+
+    def cp_comm_type(self, layer: int) -> str:
+        """The context-parallel attention of layer ``layer`` (``--cp-comm-type``: one for all, or one per layer)."""
+        return self.cp_comm_types[layer if len(self.cp_comm_types) > 1 else 0]
+
     def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int, cp_rank: int = 0) -> int:
         return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     @classmethod
     def build(cls, tp: int = 1, sequence_parallel: bool = False, pp: int = 1, ep: int = 1,
-              experts: bool = False, etp: int = 1, cp: int = 1, cp_comm_type: str = "allgather") -> "Topology":
+              experts: bool = False, etp: int = 1, cp: int = 1, cp_comm_type=("allgather",)) -> "Topology":
         """Groups for the current process group (a single process when torch.distributed is not initialised).
         ``sequence_parallel`` splits activations between blocks along the sequence over the TP group; with
         ``experts`` (an MoE model) the expert groups are built too, ``ep`` ranks splitting each layer's experts."""
@@ -83,15 +98,17 @@ class Topology:
             raise LayoutError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp} x "
                               f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}")
         dp = world // (tp * pp * cp)
-        if ep < 1 or etp < 1 or (tp * dp) % (ep * etp):
+        stage = tp * cp * dp  # the ranks of one pipeline stage, over which experts fold
+        if ep < 1 or etp < 1 or stage % (ep * etp):
             raise LayoutError(f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not "
-                              f"divide the {tp * dp} ranks of a pipeline stage")
-        local = rank % (tp * dp)  # this rank's place among its stage's ranks (MoE: without CP)
+                              f"divide the {stage} ranks of a pipeline stage")
+        local = rank % stage  # this rank's place among its stage's ranks
         n = ep * etp
         topo = cls(world_size=world, rank=rank, tp=tp, dp=dp, tp_rank=rank % tp, dp_rank=rank // (tp * cp) % dp,
                    sequence_parallel=sequence_parallel and tp > 1, pp=pp, pp_rank=rank // (tp * cp * dp),
-                   cp=cp, cp_rank=rank // tp % cp, cp_comm_type=cp_comm_type,
-                   ep=ep, ep_rank=local // etp % ep, edp=tp * dp // n, edp_rank=local // n, etp=etp,
+                   cp=cp, cp_rank=rank // tp % cp,
+                   cp_comm_types=(cp_comm_type,) if isinstance(cp_comm_type, str) else tuple(cp_comm_type),
+                   ep=ep, ep_rank=local // etp % ep, edp=stage // n, edp_rank=local // n, etp=etp,
                    etp_rank=local % etp)
         topo.pp_ranks = tuple(topo.rank_of(topo.tp_rank, topo.dp_rank, s, topo.cp_rank) for s in range(pp))
         if dist.is_initialized():
@@ -110,11 +127,13 @@ class Topology:
                                      for t in range(tp)] if cp > 1 else []),
                        ("dp_cp_group", [[at(t, d, s, c) for d in range(dp) for c in cps] for s in range(pp)
                                         for t in range(tp)] if cp > 1 else []),
-                       ("etp_group", [[s * tp * dp + b * etp + i for i in range(etp)] for s in range(pp)
-                                      for b in range(tp * dp // etp)] if experts else []),
-                       ("ep_group", [[s * tp * dp + e * n + j * etp + i for j in range(ep)] for s in range(pp)
-                                     for e in range(tp * dp // n) for i in range(etp)] if experts else []),
-                       ("edp_group", [[s * tp * dp + e * n + j for e in range(tp * dp // n)] for s in range(pp)
+                       ("tp_cp_group", [[at(t, d, s, c) for c in cps for t in range(tp)] for s in range(pp)
+                                        for d in range(dp)] if cp > 1 and tp > 1 else []),
+                       ("etp_group", [[s * stage + b * etp + i for i in range(etp)] for s in range(pp)
+                                      for b in range(stage // etp)] if experts else []),
+                       ("ep_group", [[s * stage + e * n + j * etp + i for j in range(ep)] for s in range(pp)
+                                     for e in range(stage // n) for i in range(etp)] if experts else []),
+                       ("edp_group", [[s * stage + e * n + j for e in range(stage // n)] for s in range(pp)
                                       for j in range(n)] if experts else [])]
             for attr, groups in layouts:
                 for ranks in groups:

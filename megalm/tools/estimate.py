@@ -23,8 +23,10 @@ keeps the fp32 logits of one micro-batch for the loss (``s b V / t``). Step time
 (6 N + 12 L h s per token, with recomputation's extra forward, N counting the active top-k of E experts) at an
 assumed fraction of the peak.
 
-Context parallelism divides the activations by CP (the a2a type's figure; allgather also keeps the whole
-sequence's keys and values). Mixture of experts: each rank holds E / EP experts per MoE layer; their gradients and Adam state are sharded over
+Context parallelism divides the activations by CP (the p2p and a2a figure); allgather also keeps the whole
+sequence's keys and values (``2 r s b h / t``) and the fp32 form of its causal mask from the local queries to
+every key that SDPA keeps (``s b (s / CP)``, bench/bench_cp.py measures it). The bytes each rank hands to torch.distributed for CP
+attention per step are ``megalm.parallel.context.comm_bytes`` summed over its layers and micro-batches. Mixture of experts: each rank holds E / EP experts per MoE layer; their gradients and Adam state are sharded over
 the expert-data-parallel ranks (TP x DP / EP) under ZeRO. An MoE layer's activations replace the MLP's with, per
 token, ``k (2 + 4 f_e / h)`` (SwiGLU; ``k (2 + 2 f_e / h)`` GELU: the routed copies in and out and the expert
 hidden states), divided by t under sequence parallelism, plus the router's ``2 E / h``. The all-to-all moves per
@@ -110,7 +112,7 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
     micro = num_micro_batches(cfg, world_size)
     virtual = m.num_layers // (pp * p.num_layers_per_virtual_pipeline_stage) if \
         p.num_layers_per_virtual_pipeline_stage else 1
-    zero = o.zero_stage if dp > 1 else 0
+    zero = o.zero_stage if dp * p.context_parallel_size > 1 else 0  # ZeRO shards over DP x CP
     mixed = t.bf16 or t.fp16
     cp = p.context_parallel_size  # each rank holds 1/CP of every sequence
     sbh = m.seq_length // cp * t.micro_batch_size * m.hidden_size
@@ -118,13 +120,13 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
     dense_layer = activation_units_per_layer(cfg) * sbh * width
     moe_layer = activation_units_per_layer(cfg, True) * sbh * width if m.num_experts else 0
     sp = p.sequence_parallel and tp > 1
-    edp = tp * dp // (p.expert_model_parallel_size * p.expert_tensor_parallel_size)
+    edp = tp * cp * dp // (p.expert_model_parallel_size * p.expert_tensor_parallel_size)
     out = []
     for stage in range(pp):
         params, experts, moe = stage_parameters(cfg, vocab_size, stage)
         dense = params - experts
         param_bytes = 4 * params
-        shards = [(dense, dp), (experts, edp)]  # each part sharded over the ranks that reduce it
+        shards = [(dense, dp * cp), (experts, edp)]  # each part sharded over the ranks that reduce it
         if zero == 2:
             grad_bytes = sum(4 * math.ceil(n / ranks) for n, ranks in shards)
         else:
@@ -144,8 +146,43 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
         if stage == pp - 1:
             padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
             acts += 4 * m.seq_length // cp * t.micro_batch_size * padded / tp
+        if cp > 1:  # allgather layers also keep every key and value and their scores
+            gathered = sum(_cp_kind(cfg, layer) == "allgather" for layer in _stage_layers(cfg, stage))
+            r = m.num_query_groups / m.num_attention_heads
+            acts += gathered * in_flight * t.micro_batch_size * m.seq_length * (
+                2 * r * m.hidden_size * width / tp + m.seq_length // cp * 4)
         out.append(StageMemory(stage, params, experts, param_bytes, grad_bytes, optimizer_bytes, int(acts)))
     return out
+
+
+def _cp_kind(cfg: Config, layer: int) -> str:
+    kinds = cfg.parallel.cp_comm_type
+    return kinds[layer if len(kinds) > 1 else 0]
+
+
+def _stage_layers(cfg: Config, stage: int) -> list:
+    from megalm.pipeline.layout import stage_chunks
+
+    p = cfg.parallel
+    chunks = stage_chunks(cfg.model.num_layers, p.pipeline_model_parallel_size, stage,
+                          p.num_layers_per_virtual_pipeline_stage, p.pipeline_stage_layers)
+    return [i for chunk in chunks for i in chunk]
+
+
+def context_parallel_bytes(cfg: Config, world_size: int, stage: int = 0) -> float:
+    """Bytes one rank of pipeline stage ``stage`` hands to torch.distributed for context-parallel attention per
+    optimizer step (``megalm.parallel.context.comm_bytes``), without recomputation's repeated forwards."""
+    from megalm.parallel.context import comm_bytes
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
+    if cp == 1:
+        return 0.0
+    width = 2 if (t.bf16 or t.fp16) else 4
+    per_micro = sum(comm_bytes(_cp_kind(cfg, layer), cp, t.micro_batch_size, m.seq_length,
+                               m.num_attention_heads // tp, m.num_query_groups // tp, m.head_dim, width)
+                    for layer in _stage_layers(cfg, stage))
+    return per_micro * num_micro_batches(cfg, world_size)
 
 
 def all_to_all_bytes(cfg: Config, world_size: int, mixed: bool = False) -> float:
@@ -180,6 +217,20 @@ def step_seconds(cfg: Config, world_size: int, vocab_size: int, peak_tflops: flo
     return done * tokens / (world_size * peak_tflops * 1e12 * mfu)
 
 
+def _without_own_flags(argv: list, own: tuple) -> list:
+    """``argv`` less the estimator's own flags and their values (``--flag value`` or ``--flag=value``): what is
+    left goes to the trainer's parser."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in own:
+            skip = True
+        elif arg.split("=", 1)[0] not in own:
+            rest.append(arg)
+    return rest
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     parser.prog = "megalm-estimate"
@@ -193,8 +244,7 @@ def main(argv=None) -> int:
     try:
         args, _ = parser.parse_known_args(argv)
         world, vocab = args.world_size_, args.vocab_
-        rest = [a for a in argv if a not in ("--world-size", str(world), "--padded-vocab", str(vocab),
-                                              "--assumed-mfu", str(getattr(args, "mfu_", "")))]
+        rest = _without_own_flags(argv, ("--world-size", "--padded-vocab", "--assumed-mfu"))
         if vocab is not None and "--tokenizer-type" not in rest:
             rest += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab - 1)]
         cfg = load_config(rest, world_size=world)
@@ -219,6 +269,9 @@ def main(argv=None) -> int:
               f" per GPU (EP {p.expert_model_parallel_size}), top-{cfg.model.moe_router_topk}; all-to-all "
               f"{all_to_all_bytes(cfg, world, cfg.train.bf16 or cfg.train.fp16) / gib:.2f} GiB per step per "
               f"pipeline replica")
+    if p.context_parallel_size > 1:
+        print(f"context parallelism: CP {p.context_parallel_size}, {' '.join(dict.fromkeys(p.cp_comm_type))}; "
+              f"{context_parallel_bytes(cfg, world) / gib:.2f} GiB to torch.distributed per step per GPU (stage 0)")
     print(f"{'stage':>5} {'params/GPU':>12}{' of experts' if moe else ''} {'params GiB':>11} {'grads GiB':>10} "
           f"{'Adam GiB':>9} {'activ. GiB':>11} {'total GiB':>10}")
     for s in stages:

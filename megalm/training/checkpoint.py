@@ -57,9 +57,10 @@ def _owned(model):
 
 
 def _shard_files(topo: Topology) -> tuple:
-    """This rank's file names: the first data-parallel replica's are named by (TP, PP) rank alone (as before
-    experts); other ranks write only experts, in files that also name their data-parallel rank."""
-    suffix = f"tp{topo.tp_rank:02d}-pp{topo.pp_rank:03d}" + (f"-dp{topo.dp_rank:05d}" if topo.dp_rank else "")
+    """This rank's file names: the first data-parallel (and context-parallel) replica's are named by (TP, PP)
+    rank alone (as before experts); other ranks write only experts, in files that also name their DP (CP) rank."""
+    suffix = f"tp{topo.tp_rank:02d}-pp{topo.pp_rank:03d}" + (f"-dp{topo.dp_rank:05d}" if topo.dp_rank else "") \
+        + (f"-cp{topo.cp_rank:02d}" if topo.cp_rank else "")
     return f"model-{suffix}.pt", f"optimizer-{suffix}.pt"
 
 
