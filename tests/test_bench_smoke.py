@@ -34,3 +34,17 @@ def test_moe_benchmark_small():
                           "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "(a) megalm MoE layer" in res.stdout and "ratio 1.000 (target 1.00)" in res.stdout, res.stdout
+
+
+def test_context_parallel_benchmark_small():
+    """bench/bench_cp.py at sequence 512: every type at CP 2 and 4 hands torch.distributed exactly the bytes
+    README's formula gives, and ring and a2a keep at most 1/CP + 15% of CP 1's saved activations."""
+    res = subprocess.run([PYTHON, "bench/bench_cp.py", "--seq", "512", "--repeats", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.splitlines() if line.split()[:1] in (["2"], ["4"])]
+    assert len(rows) == 6, res.stdout
+    for cp, kind, saved, share, target, sent, formula, ratio, overlap, seconds in rows:
+        assert ratio == "1.000", (cp, kind, res.stdout)
+        if kind != "allgather":
+            assert float(share) <= float(target), (cp, kind, res.stdout)

@@ -38,6 +38,19 @@ def test_cli_prints_every_stage():
     assert len([line for line in res.stdout.splitlines() if line.strip()[:2].strip().isdigit()]) == 16
 
 
+def test_cli_with_context_parallelism():
+    """A trainer flag whose value equals --world-size reaches the trainer (it used to be dropped with it); the
+    ring's traffic per step: 12 kv per layer and micro-batch at CP 2 in bf16 (kv = 1 x 8 x 2048 x 32 x 2 bytes),
+    2 layers x 2 micro-batches = 48 MiB."""
+    res = run_module("megalm.tools.estimate", "--world-size", "8", "--padded-vocab", "51200", "--num-layers", "2",
+                     "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "4096",
+                     "--micro-batch-size", "1", "--global-batch-size", "8", "--context-parallel-size", "2",
+                     "--cp-comm-type", "p2p", "--bf16")
+    assert res.returncode == 0, res.stderr
+    assert "CP 2 x DP 4" in res.stdout and "2 micro-batches of 1" in res.stdout
+    assert f"CP 2, p2p; {48 / 1024:.2f} GiB to torch.distributed per step" in res.stdout
+
+
 def test_state_bytes_match_a_measured_run(tmp_path, dataset_prefix, bpe_flags):
     """PP 2 x DP 2 with ZeRO 1 on CPU: rank 0's parameter, gradient and Adam bytes after the first step."""
     flags = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2", "--num-layers", "4",
