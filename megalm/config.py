@@ -18,6 +18,7 @@ import yaml
 
 from megalm.config_fields import ConfigError, opt  # noqa: F401  (re-exported: callers import them from here)
 from megalm.config_moe import MoEOptions, validate_moe
+from megalm.config_attention import AttentionOptions, validate_attention
 from megalm.config_parallel import CP_COMM_TYPES, validate_context_parallel, validate_pipeline
 
 
@@ -29,7 +30,7 @@ MEGATRON_ONLY_TOKENIZERS = ("TikTokenizer", "BertWordPieceLowerCase", "BertWordP
 
 
 @dataclass
-class ModelConfig(MoEOptions):
+class ModelConfig(MoEOptions, AttentionOptions):
     num_layers: int = opt(2, "transformer layers")
     hidden_size: int = opt(64, "model width")
     ffn_hidden_size: Optional[int] = opt(None, "MLP width (default 4*hidden, or Megatron's 2/3 of that with --swiglu)")
@@ -436,6 +437,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     validate_pipeline(cfg)
     validate_context_parallel(cfg)
     validate_moe(m, p, world_size)
+    validate_attention(m, p)
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
     if t.eval_iters < 0:

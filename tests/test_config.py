@@ -65,6 +65,10 @@ def test_bool_flags_and_disable():
     (["--data-path", "0.5", "A", "B"], "weight-prefix pairs"),
     (["--save-interval", "10"], "--save-interval needs --save"),
     (["--load", "/nonexistent/ckpt"], "--load: no checkpoint directory"),
+    (["--use-rope-scaling"], "--use-rope-scaling needs --position-embedding-type rope"),
+    (["--position-embedding-type", "rope", "--use-rope-scaling", "--rope-scaling-high-freq-factor", "0.5"],
+     "--rope-scaling-high-freq-factor above the low one"),
+    (["--sliding-window", "0"], "--sliding-window must be at least 1, got 0"),
 ])
 def test_validation_errors_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

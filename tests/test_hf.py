@@ -132,6 +132,72 @@ def test_mixtral_both_ways(tmp_path, bpe_dir, dataset_prefix, bpe_flags):
     assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy
 
 
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # every band of it in use
+FAMILIES = {
+    # family: (transformers class, its config with the keys real checkpoints carry, megalm options it should give)
+    "llama3.1": ("LlamaForCausalLM", "LlamaConfig", dict(rope_parameters=LLAMA31_ROPE),
+                 dict(use_rope_scaling=True, rope_scaling_original_max_position_embeddings=16, rotary_base=500000.0)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(use_sliding_window=False, sliding_window=8,
+                                                     max_window_layers=1, tie_word_embeddings=True),
+              dict(add_qkv_bias=True, add_bias_linear=False, sliding_window=None)),
+    "qwen2-window": ("Qwen2ForCausalLM", "Qwen2Config", dict(use_sliding_window=True, sliding_window=8,
+                                                            max_window_layers=0),
+                     dict(add_qkv_bias=True, sliding_window=8)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=16, tie_word_embeddings=True),
+              dict(qk_layernorm=True, kv_channels=16, add_bias_linear=False)),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=8, head_dim=8),
+                dict(sliding_window=8, add_bias_linear=False)),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_families_both_ways(tmp_path, bpe_dir, family):
+    """A tiny transformers model of each family people fine-tune now (its weights, biases included, perturbed off
+    their initial values): import gives its logits within 1e-4 and the model options that make it that family;
+    greedy tokens equal transformers' (24-token prompt, 8 new: past the 8-position windows); export gives back
+    the same weights and a config transformers loads with the same logits."""
+    import json
+
+    cls, config_cls, keys, options = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                                               max_position_embeddings=64, **keys)
+    theirs = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    _save_hf(theirs, tmp_path / "in", bpe_dir)
+    ids = torch.randint(0, 1024, (1, 24))
+    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
+    model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
+    assert {k: getattr(model.cfg, k) for k in options} == options
+    with torch.no_grad():
+        hf_greedy = theirs.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0].tolist()
+    assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy
+    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
+    first, second = load_file(tmp_path / "in" / "model.safetensors"), load_file(tmp_path / "out" /
+                                                                                "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, theirs(ids).logits, atol=1e-5)
+
+
+def test_a_window_on_some_layers_only_is_refused(tmp_path, bpe_dir, capsys):
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=1024,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1))
+    _save_hf(qwen, tmp_path / "in", bpe_dir)
+    assert import_main(["--input", str(tmp_path / "in"), "--save", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "a window on some layers only is not implemented" in err and "layer_types" in err, err
+    assert not (tmp_path / "out" / "latest_checkpointed_iteration.txt").exists()
+
+
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_qwen3_moe_both_ways(tmp_path, bpe_dir, norm_topk_prob):
     """A transformers-initialised Qwen3MoeForCausalLM (QK norms, a head width of its own, a dense layer among MoE
@@ -156,14 +222,14 @@ def test_qwen3_moe_both_ways(tmp_path, bpe_dir, norm_topk_prob):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
-     "rope_parameters.rope_type='llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}},
+     "rope_parameters.rope_type='yarn'"),
+    ({"rope_parameters": dict(LLAMA31_ROPE, beta_fast=32)}, "rope_parameters holds beta_fast"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"sliding_window": 16}, "sliding_window=16"),
-], ids=["llama3-rope", "linear-rope", "act", "mlp-bias", "unknown-key"])
+], ids=["yarn-rope", "llama3-unknown-setting", "linear-rope", "act", "mlp-bias", "unknown-key"])
 def test_import_refuses_what_it_does_not_implement(tmp_path, bpe_dir, change, named, capsys):
     import json
 

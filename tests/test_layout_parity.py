@@ -13,7 +13,10 @@ LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--s
          "--untie-embeddings-and-output-weights", "--num-query-groups", "2", "--disable-bias-linear"]
 DEEP = ["--num-layers", "4", "--global-batch-size", "16"]  # 4 layers for 4 stages, 8 micro-batches per step
 FLAVOURS = {"gpt2": [], "llama": LLAMA, "llama-eod": LLAMA + ["--eod-mask-loss", "--reset-position-ids"],
-            "gpt2-deep": DEEP, "llama-deep": LLAMA + DEEP}
+            "gpt2-deep": DEEP, "llama-deep": LLAMA + DEEP,
+            # today's HF families' options: Qwen2's q/k/v biases, Mistral's window, Llama 3.1's RoPE scaling
+            "families-deep": LLAMA + DEEP + ["--add-qkv-bias", "--sliding-window", "8", "--use-rope-scaling",
+                                             "--rope-scaling-original-max-position-embeddings", "16"]}
 PP2 = ["--pipeline-model-parallel-size", "2"]
 
 # name: (processes, flavour, layout flags)
@@ -30,6 +33,7 @@ LAYOUTS = {
     "vpp2x2-llama-recompute": (2, "llama-deep", PP2 + ["--num-layers-per-virtual-pipeline-stage", "1",
                                                        "--recompute-granularity", "full"]),
     "tp2-pp2-sp-llama": (4, "llama-deep", PP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "tp2-pp2-sp-families": (4, "families-deep", PP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "tp2-pp2-dp2-zero1-gpt2": (8, "gpt2-deep", PP2 + ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]),
     "dp2-zero1-gpt2": (2, "gpt2", ["--zero-stage", "1"]),
     "dp2-zero2-llama": (2, "llama", ["--zero-stage", "2", "--ddp-bucket-size", "5000"]),

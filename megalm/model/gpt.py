@@ -105,7 +105,7 @@ class GPT(nn.Module):
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         rope = None
         if self.cfg.position_embedding_type == "rope":
-            rope = rope_tables(self.cfg.head_dim, position_ids, self.cfg.rotary_base)
+            rope = rope_tables(self.cfg, position_ids)
         if self.is_first_chunk(chunk):
             x = self.embedding(tokens)
             if self.cfg.position_embedding_type == "learned_absolute":

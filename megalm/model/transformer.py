@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
+from megalm.config_attention import rope_inverse_frequencies
 from megalm.kernels.fused_softmax import fused_softmax
 from megalm.model.recompute import recomputed
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
@@ -41,10 +42,10 @@ class Norm(nn.Module):
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, base: float):
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor):
     """cos and sin in the half-split layout (the one Hugging Face Llama uses): ``[seq, head_dim]`` for positions
     ``[seq]``, or ``[b, 1, seq, head_dim]`` for per-sample positions ``[b, seq]``."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    inv_freq = rope_inverse_frequencies(cfg, cfg.head_dim, positions.device)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     if emb.dim() == 3:
@@ -114,6 +115,13 @@ def unfused_attention(q, k, v, causal_offset: Optional[int], dropout: float, tra
     return torch.matmul(probs, v)
 
 
+def _window(queries: int, keys: int, past: int, window: int, device) -> torch.Tensor:
+    """Boolean ``[queries, keys]``: causal and at most ``window`` positions back, the query's own included."""
+    i = torch.arange(past, past + queries, device=device)[:, None]
+    j = torch.arange(keys, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, topo: Topology, layer: str, rng: RNGTracker):
         super().__init__()
@@ -121,11 +129,12 @@ class Attention(nn.Module):
         hd = cfg.head_dim
         self.n_heads = cfg.num_attention_heads // topo.tp
         self.n_kv = cfg.num_query_groups // topo.tp
-        bias = cfg.add_bias_linear
+        bias, qkv_bias = cfg.add_bias_linear, cfg.add_bias_linear or cfg.add_qkv_bias
         self.topo = topo
-        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_attention_heads * hd, topo, bias, input_entered=True)
-        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias, input_entered=True)
-        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, bias, input_entered=True)
+        self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_attention_heads * hd, topo, qkv_bias,
+                                       input_entered=True)
+        self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, qkv_bias, input_entered=True)
+        self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, qkv_bias, input_entered=True)
         self.wo = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, bias)
         if cfg.qk_layernorm:  # shared by every head; each TP rank normalises its own heads: gradients summed over TP
             self.q_norm = Norm(hd, cfg.normalization, cfg.norm_epsilon, topo.tp > 1)
@@ -166,7 +175,10 @@ class Attention(nn.Module):
 
     def _attend_with(self, q, k, v, past: int, dropout: float, mask=None):
         s = q.shape[2]
-        if mask is not None:  # packed documents or a padded batch: an explicit mask, SDPA's math
+        if self.cfg.sliding_window is not None:  # query i (at past + i) sees keys j with i - window < j <= i
+            mask = _window(s, k.shape[2], past, self.cfg.sliding_window, q.device) & \
+                (mask if mask is not None else True)
+        if mask is not None:  # packed documents, a padded batch or a window: an explicit mask
             rep = self.n_heads // self.n_kv
             k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

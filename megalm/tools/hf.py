@@ -1,6 +1,8 @@
-"""Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT2LMHeadModel, LlamaForCausalLM,
-MixtralForCausalLM or Qwen3MoeForCausalLM, safetensors weights, config.json, the run's tokenizer files) from a checkpoint of any layout;
-``megalm-import-hf`` turns such a directory into a megalm checkpoint that loads under any layout.
+"""Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT-2, Llama (with Llama 3.1's RoPE
+scaling), Mistral, Qwen2/2.5, Qwen3, Mixtral or Qwen3-MoE: safetensors weights, config.json, the run's tokenizer
+files) from a checkpoint of any layout; ``megalm-import-hf`` turns such a directory into a megalm checkpoint that
+loads under any layout. What distinguishes the families is a model option each (``--add-qkv-bias``,
+``--qk-layernorm``, ``--sliding-window``, ``--use-rope-scaling``), not a special case here.
 
 Checkpoints already hold whole, unpadded tensors under global names, so conversion is renaming: GPT-2's fused
 ``c_attn`` is our ``wq|wk|wv`` stacked and its Conv1D weights are transposed; Llama's names map one to one (our
@@ -28,19 +30,24 @@ class ConversionError(ValueError):
 
 
 def flavour(m: ModelConfig) -> str:
-    """'gpt2', 'llama', 'mixtral' (the Llama flavour with every MLP a mixture of experts as Mixtral routes them)
-    or 'qwen3_moe' (with QK normalisation, MoE in any layers), or a ConversionError naming what none of them
-    has."""
+    """'gpt2', or a Llama-like family: 'llama', 'mistral' (a sliding window), 'qwen2' (query/key/value biases
+    only), 'qwen3' (QK normalisation), 'mixtral' (every MLP a mixture of experts as Mixtral routes them) or
+    'qwen3_moe' (QK normalisation, MoE in any layers); or a ConversionError naming what none of them has."""
     if (m.position_embedding_type, m.normalization, m.swiglu) == ("learned_absolute", "LayerNorm", False):
         mha = m.num_query_groups == m.num_attention_heads
         if not m.add_bias_linear or m.untie_embeddings_and_output_weights or not mha:
             raise ConversionError("GPT-2 needs biases, tied embeddings and one key/value head per query head")
         return "gpt2"
     if (m.position_embedding_type, m.normalization, m.swiglu) == ("rope", "RMSNorm", True):
+        if m.add_qkv_bias and (m.qk_layernorm or m.num_experts or m.add_bias_linear):
+            raise ConversionError("--add-qkv-bias (Qwen2) goes with --disable-bias-linear, without --qk-layernorm "
+                                  "or experts")
         if not m.num_experts:
-            if m.qk_layernorm:
-                raise ConversionError("--qk-layernorm without experts (Qwen3) is not exported yet")
-            return "llama"
+            family = "qwen3" if m.qk_layernorm else "qwen2" if m.add_qkv_bias else \
+                "mistral" if m.sliding_window else "llama"
+            if family == "mistral" and m.add_bias_linear:
+                raise ConversionError("Mistral (--sliding-window) has no biases: add --disable-bias-linear")
+            return family
         family = "qwen3_moe" if m.qk_layernorm else "mixtral"
         unlike = [what for what, differs in (
             ("MoE in every layer (--moe-layer-freq)", family == "mixtral" and not all(m.moe_layers())),
@@ -58,7 +65,9 @@ def flavour(m: ModelConfig) -> str:
                           f"(learned, LayerNorm, GELU) and the Llama flavour (rope, RMSNorm, SwiGLU)")
 
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+QWEN = ("qwen2", "qwen3", "qwen3_moe")  # their window: use_sliding_window, and which layers have it
 
 
 def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
@@ -75,17 +84,31 @@ def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
            "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
            "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups,
            "head_dim": m.head_dim, "max_position_embeddings": m.max_position_embeddings,
-           "rms_norm_eps": m.norm_epsilon, "rope_theta": m.rotary_base, "hidden_act": "silu",
+           "rms_norm_eps": m.norm_epsilon, "hidden_act": "silu",
            "tie_word_embeddings": not m.untie_embeddings_and_output_weights, "initializer_range": m.init_method_std,
-           "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": "float32"}
+           "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": "float32", "rope_theta": m.rotary_base}
+    if family != "llama":
+        out["sliding_window"] = m.sliding_window
+    if m.use_rope_scaling:
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
+                               "low_freq_factor": m.rope_scaling_low_freq_factor,
+                               "high_freq_factor": m.rope_scaling_high_freq_factor,
+                               "original_max_position_embeddings": m.rope_scaling_original_max_position_embeddings}
+    if family in QWEN:  # a window on every layer, or none
+        out.update(use_sliding_window=m.sliding_window is not None, max_window_layers=0,
+                   layer_types=["sliding_attention" if m.sliding_window else "full_attention"] * m.num_layers)
+    if family in ("llama", "qwen3"):
+        out.update(attention_bias=m.add_bias_linear)
     if family == "llama":
-        return dict(out, attention_bias=m.add_bias_linear, mlp_bias=m.add_bias_linear)
+        return dict(out, mlp_bias=m.add_bias_linear)
+    if family in ("mistral", "qwen2", "qwen3"):
+        return out
     out.update(num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff,
-               output_router_logits=False, sliding_window=None)
+               output_router_logits=False)
     if family == "mixtral":
         return dict(out, intermediate_size=m.moe_ffn_hidden_size, num_local_experts=m.num_experts)
     return dict(out, moe_intermediate_size=m.moe_ffn_hidden_size, num_experts=m.num_experts, attention_bias=False,
-                norm_topk_prob=not m.moe_router_pre_softmax, decoder_sparse_step=1, use_sliding_window=False,
+                norm_topk_prob=not m.moe_router_pre_softmax, decoder_sparse_step=1,
                 mlp_only_layers=[i for i, on in enumerate(m.moe_layers()) if not on])
 
 
@@ -121,13 +144,16 @@ def _llama_names(m: ModelConfig):
     if m.untie_embeddings_and_output_weights:
         pairs.append(("output.weight", "lm_head.weight"))
     biases = ("weight", "bias") if m.add_bias_linear else ("weight",)
+    qkv_biases = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
     for i in range(m.num_layers):
         a, h = f"layers.{i}.", f"model.layers.{i}."
         pairs += [(a + "attention_norm.weight", h + "input_layernorm.weight"),
                   (a + "mlp_norm.weight", h + "post_attention_layernorm.weight")]
         mlp = () if moe[i] else (("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj"))
         for ours, theirs in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
-                             ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"), *mlp):
+                             ("attention.wv", "self_attn.v_proj")):
+            pairs += [(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in qkv_biases]
+        for ours, theirs in (("attention.wo", "self_attn.o_proj"), *mlp):
             pairs += [(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in biases]
         if m.qk_layernorm:
             pairs += [(a + "attention.q_norm.weight", h + "self_attn.q_norm.weight"),
@@ -213,23 +239,57 @@ def _require(hf: dict, key: str, allowed, default) -> None:
                               f"{', '.join(map(repr, allowed))})")
 
 
-def _rope_theta(hf: dict) -> float:
-    """RoPE base frequency from either spelling: ``rope_theta`` (transformers 4) or ``rope_parameters``
-    (transformers 5); any scaling (``rope_type`` other than default) is refused by name."""
-    theta = hf.get("rope_theta", 10000.0)
+LLAMA3_ROPE = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_scaling_low_freq_factor",
+               "high_freq_factor": "rope_scaling_high_freq_factor",
+               "original_max_position_embeddings": "rope_scaling_original_max_position_embeddings"}
+
+
+def _rope(hf: dict, m: ModelConfig) -> None:
+    """RoPE from either spelling: ``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters``
+    (transformers 5): the base frequency, and Llama 3.1's scaling (``rope_type`` llama3); any other scaling, or a
+    setting of it megalm does not know, is refused by name."""
+    m.rotary_base = float(hf.get("rope_theta", 10000.0))
     for key in ("rope_scaling", "rope_parameters"):
         params = hf.get(key)
         if not params:
             continue
         kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
+        if kind not in ("default", "llama3"):
             raise ConversionError(f"config.json: {key}.rope_type={kind!r} (RoPE scaling) is not implemented by "
-                                  f"megalm; only unscaled RoPE is")
-        other = sorted(set(params) - {"rope_type", "type", "rope_theta"})
+                                  f"megalm; unscaled RoPE and rope_type 'llama3' are")
+        known = {"rope_type", "type", "rope_theta"} | (set(LLAMA3_ROPE) if kind == "llama3" else set())
+        other = sorted(set(params) - known)
         if other:
-            raise ConversionError(f"config.json: {key} holds {', '.join(other)}, not implemented by megalm")
-        theta = params.get("rope_theta", theta)
-    return float(theta)
+            raise ConversionError(f"config.json: {key} holds {', '.join(other)}, not implemented by megalm "
+                                  f"for rope_type {kind!r}")
+        m.rotary_base = float(params.get("rope_theta", m.rotary_base))
+        if kind == "llama3":
+            m.use_rope_scaling = True
+            for theirs, ours in LLAMA3_ROPE.items():
+                if theirs not in params:
+                    raise ConversionError(f"config.json: {key} with rope_type 'llama3' lacks {theirs}")
+                setattr(m, ours, type(getattr(m, ours))(params[theirs]))
+
+
+def _window(hf: dict, kind: str, layers: int):
+    """The sliding window every layer uses, or None: Mistral's and Mixtral's ``sliding_window``; for Qwen only
+    with ``use_sliding_window`` and on the layers ``layer_types`` (or ``max_window_layers``) name. A window on
+    some layers only is refused by name."""
+    window = hf.get("sliding_window")
+    if kind in QWEN and not hf.get("use_sliding_window", False):
+        return None  # Qwen2 configs carry a sliding_window they do not use
+    types = hf.get("layer_types")
+    if types is None and kind in QWEN:
+        types = ["sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
+                 for i in range(layers)]
+    kinds = set(types or [])
+    if kinds - {"sliding_attention", "full_attention"} or len(kinds) > 1:
+        raise ConversionError(f"config.json: layer_types={types!r} (max_window_layers="
+                              f"{hf.get('max_window_layers')!r}): a window on some layers only is not implemented "
+                              f"by megalm; one window on every layer, or none, is")
+    if kinds == {"full_attention"}:
+        return None
+    return int(window) if window is not None else None
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
@@ -252,16 +312,19 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         m.num_query_groups = m.num_attention_heads
         m.gelu_approximation = GPT2_GELU[hf.get("activation_function", "gelu_new")]
         return m
-    if kind in ("llama", "mixtral", "qwen3_moe"):
+    if kind in ARCHITECTURES:
+        window = {"sliding_window"} if kind != "llama" else set()
+        qwen = {"use_sliding_window", "max_window_layers", "layer_types"} if kind in QWEN else set()
         mixtral = {"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
-                   "router_jitter_noise", "sliding_window"} if kind == "mixtral" else set()
+                   "router_jitter_noise"} if kind == "mixtral" else set()
         qwen3_moe = {"num_experts", "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
                      "output_router_logits", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                     "mlp_only_layers", "use_sliding_window", "sliding_window", "max_window_layers"} \
-            if kind == "qwen3_moe" else set()
+                     "mlp_only_layers"} if kind == "qwen3_moe" else set()
         _refuse_unknown(hf, {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                              "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-                             "hidden_act", "attention_bias", "mlp_bias", "head_dim"} | mixtral | qwen3_moe)
+                             "hidden_act", "head_dim"} | ({"attention_bias", "mlp_bias"} if kind == "llama" else set())
+                        | ({"attention_bias"} if kind in ("qwen3", "qwen3_moe") else set())
+                        | window | qwen | mixtral | qwen3_moe)
         _require(hf, "hidden_act", ("silu",), "silu")
         m.position_embedding_type, m.normalization, m.swiglu = "rope", "RMSNorm", True
         m.num_layers, m.hidden_size = hf["num_hidden_layers"], hf["hidden_size"]
@@ -269,15 +332,17 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         m.num_query_groups = hf.get("num_key_value_heads") or m.num_attention_heads
         m.ffn_hidden_size = hf["intermediate_size"]
         m.max_position_embeddings = m.seq_length = hf.get("max_position_embeddings", 2048)
-        m.norm_epsilon, m.rotary_base = hf.get("rms_norm_eps", 1e-6), _rope_theta(hf)
+        m.norm_epsilon = hf.get("rms_norm_eps", 1e-6)
+        _rope(hf, m)
         m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
         m.add_bias_linear = bool(hf.get("attention_bias", False))
         _require(hf, "mlp_bias", (m.add_bias_linear,), m.add_bias_linear)
         if hf.get("head_dim") not in (None, m.head_dim):
             m.kv_channels = hf["head_dim"]  # a head width of its own (Qwen3)
+        m.sliding_window = _window(hf, kind, m.num_layers)
+        m.add_qkv_bias = kind == "qwen2"  # Qwen2's q, k and v projections always have biases, nothing else
+        m.qk_layernorm = kind in ("qwen3", "qwen3_moe")
         if kind == "qwen3_moe":
-            _require(hf, "use_sliding_window", (False,), False)
-            m.qk_layernorm = True
             m.num_experts = hf.get("num_experts") or hf["num_local_experts"]
             m.moe_router_topk, m.moe_ffn_hidden_size = hf["num_experts_per_tok"], hf["moe_intermediate_size"]
             m.moe_router_pre_softmax = not hf.get("norm_topk_prob", False)
@@ -286,12 +351,12 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             m.moe_layer_freq = " ".join("1" if i not in dense and (i + 1) % step == 0 else "0"
                                         for i in range(m.num_layers))
         if kind == "mixtral":
-            _require(hf, "sliding_window", (None,), None)  # a window changes attention: not implemented
             m.num_experts, m.moe_router_topk = hf["num_local_experts"], hf["num_experts_per_tok"]
             m.moe_ffn_hidden_size = m.ffn_hidden_size
             m.moe_aux_loss_coeff = float(hf.get("router_aux_loss_coef", 0.0))
         return m
-    raise ConversionError(f"config.json: model_type {kind!r} is not supported (gpt2, llama, mixtral or qwen3_moe)")
+    raise ConversionError(f"config.json: model_type {kind!r} is not supported (gpt2, "
+                          f"{', '.join(ARCHITECTURES)})")
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model")
