@@ -60,6 +60,8 @@ setup(
         "megalm-export-hf=megalm.tools.hf:export_main",
         "megalm-estimate=megalm.tools.estimate:main",
         "megalm-import-hf=megalm.tools.hf:import_main",
+        "megalm-import-megatron=megalm.tools.megatron:import_main",
+        "megalm-export-megatron=megalm.tools.megatron:export_main",
         "megalm-build-corpus=megalm.tools.build_corpus:main",
         "megalm-train-tokenizer=megalm.tools.train_tokenizer:main",
         "megalm-merge-datasets=megalm.tools.merge_datasets:main",

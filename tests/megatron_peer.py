@@ -95,20 +95,25 @@ def main():
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, a.load_dir)
         model.load_state_dict(state["model"])
     else:
-        g = torch.Generator().manual_seed(7)  # the same draws on every TP rank: replicated weights stay equal
+        g = torch.Generator().manual_seed(7 + dist.get_rank())
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                if not getattr(p, "tensor_model_parallel", False):  # replicated: every TP rank holds rank 0's
+                    dist.broadcast(p, 0)
     model.eval()
     tokens = torch.load(a.tokens)
     positions = torch.arange(tokens.shape[1])[None]
+    masked = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).triu(1)[None, None]  # True: hidden
     with torch.no_grad():
-        logits = model(tokens, positions, attention_mask=None)[..., :a.vocab_size]
+        logits = model(tokens, positions, attention_mask=masked)[..., :a.vocab_size]
     if dist.get_rank() == 0:
         torch.save(logits, a.logits)
     if a.save:
         name = os.path.join(a.save, f"iter_{a.iteration:07d}")
         common = {"args": megatron_args(a, f, padded), "checkpoint_version": 3.0, "iteration": a.iteration}
+        os.makedirs(name, exist_ok=True)
+        dist.barrier()
         if a.format == "torch_dist":
             dist_checkpointing.save(dict(common, model=model.sharded_state_dict()), name)
         else:
