@@ -178,6 +178,9 @@ class LoggingConfig:
                                        "writes the run locally)")
     wandb_exp_name: Optional[str] = opt(None, "the W&B run's name")
     wandb_save_dir: Optional[str] = opt(None, "where W&B writes its run directory (default: the working directory)")
+    timing_log_level: int = opt(0, "per-step time breakdown in the log and metrics: 0 off, 1 data / forward-backward"
+                                " / gradient reduction / optimizer / checkpoint, 2 the same with the device "
+                                "synchronised at each boundary", choices=(0, 1, 2))
 
 
 @dataclass

@@ -33,6 +33,30 @@ def test_train_logs_metrics_and_tensorboard(tmp_path, dataset_prefix, bpe_flags)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
 
 
+def test_timing_breakdown(tmp_path, dataset_prefix, bpe_flags, caplog):
+    """--timing-log-level 1: every row holds the step's phases, which fit inside the step's time; a save's
+    blocking time comes with the iteration after it; the progress line shows them. Level 0 adds nothing."""
+    import logging
+
+    metrics = tmp_path / "m.jsonl"
+    with caplog.at_level(logging.INFO, logger="megalm"):
+        assert main(tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--metrics-file", metrics,
+                                     "--timing-log-level", "1", "--save", tmp_path / "ck", "--save-interval",
+                                     "3")) == 0
+    train, _ = read_metrics(metrics)
+    phases = ("time_data_ms", "time_forward_backward_ms", "time_grads_reduce_ms", "time_optimizer_ms")
+    for row in train:
+        assert all(row[k] >= 0 for k in phases)
+        assert sum(row[k] for k in phases) <= row["ms_per_iter"] * 1.05 + 1
+        assert row["time_forward_backward_ms"] > row["time_optimizer_ms"] * 0.1
+    assert ["time_checkpoint_ms" in r for r in train] == [False, False, False, True, False, False]
+    assert train[3]["time_checkpoint_ms"] > 0
+    assert any("ms: data " in r.getMessage() and "forward-backward" in r.getMessage() for r in caplog.records)
+    assert main(tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "2", "--metrics-file",
+                                 tmp_path / "off.jsonl")) == 0
+    assert not any(k.startswith("time_") for r in read_metrics(tmp_path / "off.jsonl")[0] for k in r)
+
+
 def test_exact_resume(tmp_path, dataset_prefix, bpe_flags):
     full, resumed = tmp_path / "full.jsonl", tmp_path / "resumed.jsonl"
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--hidden-dropout", "0.1")

@@ -25,6 +25,7 @@ the whole expert-parallel group, which the dispatcher brought to them.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -264,10 +265,16 @@ class DistributedOptimizer:
             dist.all_reduce(total, group=self.topo.pp_group)
         return float(total.sqrt())
 
-    def step(self, lr: float, grad_scale: float = 1.0) -> tuple:
+    def step(self, lr: float, grad_scale: float = 1.0, timers=None) -> tuple:
         """Unscale, clip and apply AdamW at ``lr``; returns (grad norm before clipping, skipped). A non-finite norm
-        (an fp16 overflow) skips the update on every rank alike."""
-        self.finish_gradients()
+        (an fp16 overflow) skips the update on every rank alike. ``timers`` (``megalm.training.timers``) time the
+        gradient reductions still running after backward apart from the update."""
+        with timers("grads-reduce") if timers else contextlib.nullcontext():
+            self.finish_gradients()
+        with timers("optimizer") if timers else contextlib.nullcontext():
+            return self._update(lr, grad_scale)
+
+    def _update(self, lr: float, grad_scale: float) -> tuple:
         grads = self.grads()
         if grad_scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / grad_scale)

@@ -164,9 +164,11 @@ class DeepSpeedTrainer(Trainer):
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            loss = self.masked_mean(self.engine(**self.model_inputs(batch)), batch)
-            self.engine.backward(loss)  # the engine divides by the accumulation steps
-            self.engine.step()
+            with self.timers("forward-backward"):
+                loss = self.masked_mean(self.engine(**self.model_inputs(batch)), batch)
+                self.engine.backward(loss)  # the engine divides by the accumulation steps
+            with self.timers("optimizer"):  # the engine's reduction and update, at the last micro-batch
+                self.engine.step()
             total += loss.detach() / len(micro_batches)
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
@@ -182,7 +184,7 @@ class DeepSpeedTrainer(Trainer):
             return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
         return contextlib.nullcontext()
 
-    def save(self) -> None:
+    def _save(self) -> None:
         """The engine's state goes inside the iteration's temporary directory, so it appears (renamed with the
         rest), and is pruned by --keep-last-n, with its iteration."""
         def engine_state(tmp: str) -> None:

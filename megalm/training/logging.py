@@ -72,6 +72,9 @@ class MetricsLogger:
             parts.append(f"loss scale {row['loss_scale']:.0f}")
         if "pipeline_wait_ms" in row:
             parts.append(f"stage-0 p2p wait {100 * row['pipeline_wait_ms'] / row['ms_per_iter']:.0f}%")
+        timed = [(k[len("time_"):-len("_ms")].replace("_", "-"), v) for k, v in row.items() if k.startswith("time_")]
+        if timed:
+            parts.append("ms: " + ", ".join(f"{name} {ms:.1f}" for name, ms in timed))
         if "moe_aux_loss" in row:
             parts.append(f"moe aux {row['moe_aux_loss']:.4f} load max/mean {row['moe_load_imbalance']:.2f}")
         if "moe_z_loss" in row:

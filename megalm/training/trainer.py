@@ -35,6 +35,7 @@ from megalm.training import checkpoint as ckpt
 from megalm.training.flops import Throughput, peak_tflops
 from megalm.training.logging import MetricsLogger
 from megalm.training.stopping import StopConditions, request_requeue
+from megalm.training.timers import Timers
 
 log = logging.getLogger("megalm")
 
@@ -84,6 +85,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         lg = cfg.logging
+        self.timers = Timers(lg.timing_log_level, self.device)
         self.metrics = MetricsLogger(topo.rank == 0, lg.metrics_file, lg.tensorboard_dir,
                                      {"project": lg.wandb_project, "name": lg.wandb_exp_name, "dir": lg.wandb_save_dir,
                                       "config": cfg.to_dict()})
@@ -231,9 +233,10 @@ class Trainer:
         if moe is not None:  # MoE layers' losses get the gradient the training loss gets
             moe.reset()
             moe.loss_scale = self.scaler.scale / len(micro_batches)
-        total = self._run_micro_batches(micro_batches, forward_only=False)
+        with self.timers("forward-backward"):
+            total = self._run_micro_batches(micro_batches, forward_only=False)
         lr = learning_rate(self.cfg.optim, self.iteration + 1)
-        grad_norm, skipped = self.optimizer.step(lr, self.scaler.scale)
+        grad_norm, skipped = self.optimizer.step(lr, self.scaler.scale, self.timers)
         self.scaler.update(skipped)
         row = {"loss": self._mean_loss(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
         if moe is not None:
@@ -268,14 +271,16 @@ class Trainer:
         while self.iteration < t.train_iters:
             start = time.perf_counter()
             waited = self.comm.wait_seconds if self.comm else 0.0
-            step = self.train_step(self._micro_batches(self.train_ds, self.consumed_samples))
+            with self.timers("data"):
+                micro_batches = self._micro_batches(self.train_ds, self.consumed_samples)
+            step = self.train_step(micro_batches)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             self.iteration += 1
             self.consumed_samples += t.global_batch_size
             row = {"iteration": self.iteration, **step, **self.throughput(tokens_per_iter, elapsed),
-                   "ms_per_iter": 1000 * elapsed, "consumed_samples": self.consumed_samples}
+                   "ms_per_iter": 1000 * elapsed, "consumed_samples": self.consumed_samples, **self.timers.take()}
             if t.fp16:
                 row["loss_scale"] = self.scaler.scale
             if self.iteration == 1:  # measured, not estimated: the Adam moments this rank allocated
@@ -329,6 +334,10 @@ class Trainer:
                            "zero_stage": self.cfg.optim.zero_stage}}
 
     def save(self) -> None:
+        with self.timers("checkpoint"):
+            self._save()
+
+    def _save(self) -> None:
         ck = self.cfg.checkpoint
         ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.full_state(), self.cfg, self.topo,
                              self.checkpoint_meta(), self.rng_state())
