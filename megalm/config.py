@@ -192,6 +192,8 @@ class CheckpointConfig:
     no_load_rng: bool = opt(False, "with --load: do not restore the random generators")
     finetune: bool = opt(False, "with --load: weights only, iteration and samples start at 0")
     keep_last_n: Optional[int] = opt(None, "delete older checkpoints, keeping this many")
+    async_save: bool = opt(False, "write checkpoints in the background: the loop waits only for the host copy of "
+                           "each rank's share; the checkpoint appears once every rank has written it")
 
 
 @dataclass
@@ -512,6 +514,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"--deepspeed_config: no such file {p.deepspeed_config}")
     if ck.keep_last_n is not None:
         _positive(ck.keep_last_n, "--keep-last-n")
+    if ck.async_save and not ck.save:
+        raise ConfigError("--async-save needs --save")
+    if ck.async_save and p.deepspeed:
+        raise ConfigError("--async-save with --deepspeed: DeepSpeed writes its engine state itself, synchronously")
     if (ck.finetune or ck.no_load_optim or ck.no_load_rng) and not ck.load:
         raise ConfigError("--finetune, --no-load-optim and --no-load-rng need --load")
     if ck.save_interval is not None:

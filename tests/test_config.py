@@ -13,7 +13,8 @@ MEGATRON_FLAGS = ("--num-layers --hidden-size --ffn-hidden-size --num-attention-
                   "--data-path --split --tokenizer-type --tokenizer-model --vocab-file --merge-file --save --load "
                   "--save-interval --eval-interval --eval-iters --log-interval --tensorboard-dir --bf16 --fp16 "
                   "--position-embedding-type --normalization --swiglu --untie-embeddings-and-output-weights "
-                  "--metrics-file --tensor-model-parallel-size --disable-bias-linear").split()
+                  "--metrics-file --tensor-model-parallel-size --disable-bias-linear --async-save --timing-log-level "
+                  "--use-rope-scaling --add-qkv-bias --context-parallel-size --cp-comm-type").split()
 
 
 def test_every_megatron_flag_exists():

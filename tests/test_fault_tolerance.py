@@ -190,3 +190,63 @@ def test_kill_during_deepspeed_save_keeps_the_previous_checkpoint(tmp_path, data
     assert os.path.isdir(save / "iter_0000001" / "deepspeed")
     state = ckpt.read_checkpoint(str(save))
     assert state["meta"]["iteration"] == 1 and any(f.startswith("deepspeed/") for f in state["meta"]["checksums"])
+
+
+def test_async_save_resumes_exactly(tmp_path, dataset_prefix, bpe_flags):
+    """--async-save at DP 2 with ZeRO 1: the checkpoints appear (made visible by every rank together), old ones
+    are pruned, and a run resumed from one repeats the uninterrupted run's losses."""
+    from conftest import torchrun
+
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "6", "--zero-stage", "1",
+                             "--eval-interval", "100")
+    res = torchrun(2, "megalm/pretrain.py", *flags, "--save", tmp_path / "ck", "--save-interval", "2",
+                   "--keep-last-n", "2", "--async-save", "--metrics-file", tmp_path / "full.jsonl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000004", "iter_0000006", ckpt.LATEST]
+    res = torchrun(2, "megalm/pretrain.py", *flags, "--load", tmp_path / "ck" / "iter_0000004",
+                   "--metrics-file", tmp_path / "resumed.jsonl")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def losses(path):
+        return [(r["iteration"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(path)) if "loss" in r]
+    assert losses(tmp_path / "resumed.jsonl") == losses(tmp_path / "full.jsonl")[4:]
+
+
+ASYNC_WRITER_HANGS = """
+import os, sys, threading
+sys.path.insert(0, {root!r})
+import megalm.training.checkpoint as ckpt
+real_write = ckpt.PendingSave.write
+def write(self):
+    if self.iteration >= 4:  # iteration 4's writer never finishes; the training loop goes on meanwhile
+        with open({marker!r}, "w") as fh:
+            fh.write(str(os.getpid()))
+        threading.Event().wait()
+    real_write(self)
+ckpt.PendingSave.write = write
+from megalm.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_async_save_keeps_the_previous_checkpoint(tmp_path, dataset_prefix, bpe_flags):
+    """The loop trains on while iteration 4's files are being written (it waited only for the host copy);
+    killed then, the pointer and iteration 2 are intact, nothing of iteration 4 is visible, and the run resumes."""
+    save, marker, script = tmp_path / "ck", tmp_path / "writing", tmp_path / "hang.py"
+    script.write_text(ASYNC_WRITER_HANGS.format(root=ROOT, marker=str(marker)))
+    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "8", "--save", save, "--save-interval",
+                             "2", "--async-save", "--eval-interval", "100", "--metrics-file", tmp_path / "m.jsonl")
+    proc = subprocess.Popen([PYTHON, str(script), *map(str, flags)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (marker.exists() and max(iterations(tmp_path / "m.jsonl"), default=0) >= 5) and \
+            proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists() and max(iterations(tmp_path / "m.jsonl")) >= 5, \
+        proc.communicate()[0][-3000:] if proc.poll() is not None else "no save in time"
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert open(save / ckpt.LATEST).read() == "2"
+    assert sorted(d for d in os.listdir(save) if not d.endswith(".tmp")) == ["iter_0000002", ckpt.LATEST]
+    assert ckpt.read_checkpoint(str(save))["meta"]["iteration"] == 2
+    assert main(tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "3", "--load", save)) == 0

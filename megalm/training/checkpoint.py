@@ -129,11 +129,16 @@ def _sha256(path: str) -> str:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict, cfg: Config, topo: Topology,
-                    meta: dict, rng: dict, write_extra: Optional[Callable[[str], None]] = None) -> Optional[str]:
+                    meta: dict, rng: dict, write_extra: Optional[Callable[[str], None]] = None,
+                    background: bool = False):
     """Every rank calls this. Every rank writes its RNG state; the first data-parallel replica writes each of its
     ranks' shard files (``model-tpXX-ppYYY.pt``, ``optimizer-...``), in global coordinates; ``write_extra(tmp)``,
     called on every rank, adds what else belongs to the iteration (the DeepSpeed engine's state); then rank 0 adds
-    config and metadata (the shard index and a SHA-256 per file), renames the directory and moves the pointer."""
+    config and metadata (the shard index and a SHA-256 per file), renames the directory and moves the pointer.
+
+    With ``background`` (``--async-save``) the caller waits only for the host copy of this rank's share: the files
+    are written and checksummed by a thread, and the returned ``PendingSave`` makes the checkpoint visible
+    (``finish``, a collective) once every rank's thread is done. Otherwise returns the checkpoint's path."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     if topo.rank == 0:
@@ -142,59 +147,116 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
-    index = None
-    rng_path = os.path.join(tmp, _rng_file(topo.tp_rank, topo.pp_rank, topo.dp_rank, topo.cp_rank))
-    torch.save(rng, rng_path)
-    _fsync_file(rng_path)
     if write_extra is not None:
         write_extra(tmp)
-    tensors, moments, index = local_shards(model, optimizer_full_state, topo)
+    tensors, moments, index = local_shards(model, optimizer_full_state, topo)  # host copies
+    files = {_rng_file(topo.tp_rank, topo.pp_rank, topo.dp_rank, topo.cp_rank): rng}
     if tensors:
         model_file, optim_file = _shard_files(topo)
-        for fname, obj in ((model_file, tensors), (optim_file, moments)):
-            torch.save(obj, os.path.join(tmp, fname))
-            _fsync_file(os.path.join(tmp, fname))
+        files.update({model_file: tensors, optim_file: moments})
         index = {"model": {n: [model_file, *e] for n, e in index.items()},
                  "optimizer": {n: [optim_file, *index[n]] for n in moments}}
-    indices = [None] * topo.world_size if topo.rank == 0 else None
-    if dist.is_initialized():
-        dist.gather_object(index, indices, dst=0)
     else:
-        indices = [index]
-    if topo.rank == 0:
-        shards = {"model": {}, "optimizer": {}}
-        for part in (i for i in indices if i):
+        index = None
+    pending = PendingSave(root, iteration, tmp, cfg, topo, dict(meta, vocab_size=model.vocab_size), index, files)
+    if background:
+        pending.start()
+        return pending
+    pending.write()
+    return pending.finish()
+
+
+class PendingSave:
+    """One rank's share of a checkpoint being written: ``write`` (in a thread under ``--async-save``) saves and
+    checksums this rank's files in the temporary directory; ``finish`` (every rank) gathers the shard index and
+    checksums to rank 0, which writes config and metadata and makes the iteration visible atomically."""
+
+    def __init__(self, root, iteration, tmp, cfg, topo, meta, index, files):
+        self.root, self.iteration, self.tmp, self.cfg, self.topo = root, iteration, tmp, cfg, topo
+        self.meta, self.index, self.files = meta, index, files
+        self.checksums, self.error, self.thread = {}, None, None
+
+    def write(self) -> None:
+        try:
+            for fname, obj in self.files.items():
+                path = os.path.join(self.tmp, fname)
+                torch.save(obj, path)
+                _fsync_file(path)
+                self.checksums[fname] = _sha256(path)
+        except Exception as exc:  # reported to every rank by ``finish``
+            self.error = f"{type(exc).__name__}: {exc}"
+        self.files = None  # the host copies go as soon as they are on disk
+
+    def start(self) -> None:
+        import threading
+
+        self.thread = threading.Thread(target=self.write, name=f"megalm-save-{self.iteration}", daemon=True)
+        self.thread.start()
+
+    def done_everywhere(self) -> bool:
+        """Whether every rank's files are written (a collective: all ranks ask at the same point)."""
+        done = torch.tensor([0.0 if self.thread is not None and self.thread.is_alive() else 1.0])
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return bool(done.item())
+
+    def finish(self) -> str:
+        if self.thread is not None:
+            self.thread.join()
+        failed = torch.tensor([1.0 if self.error else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            raise CheckpointError(f"{self.tmp}: writing the checkpoint failed"
+                                  + (f" on this rank: {self.error}" if self.error else " on another rank")
+                                  + "; the previous checkpoint is intact")
+        parts = [None] * self.topo.world_size if self.topo.rank == 0 else None
+        mine = (self.index, self.checksums)
+        if dist.is_initialized():
+            dist.gather_object(mine, parts, dst=0)
+        else:
+            parts = [mine]
+        final = iteration_dir(self.root, self.iteration)
+        if self.topo.rank == 0:
+            self._publish(parts, final)
+        if dist.is_initialized():
+            dist.barrier()
+        return final
+
+    def _publish(self, parts: list, final: str) -> None:
+        shards, checksums = {"model": {}, "optimizer": {}}, {}
+        for index, sums in parts:
+            checksums.update(sums)
             for kind in shards:
-                for name, entry in part[kind].items():
+                for name, entry in (index or {}).get(kind, {}).items():
                     shards[kind].setdefault(name, []).append(entry)
-        save_yaml(cfg, os.path.join(tmp, "config.yaml"))
-        meta = dict(meta, iteration=iteration, vocab_size=model.vocab_size, shards=shards,
-                    checksums={f: _sha256(os.path.join(tmp, f)) for f in _files(tmp)})
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+        save_yaml(self.cfg, os.path.join(self.tmp, "config.yaml"))
+        for f in _files(self.tmp):  # what write_extra added (the DeepSpeed engine's files) and the config
+            if f not in checksums:
+                checksums[f] = _sha256(os.path.join(self.tmp, f))
+        meta = dict(self.meta, iteration=self.iteration, shards=shards, checksums=checksums)
+        with open(os.path.join(self.tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
         for f in ("config.yaml", "meta.json"):
-            _fsync_file(os.path.join(tmp, f))
+            _fsync_file(os.path.join(self.tmp, f))
         if os.path.exists(final):  # re-saving an iteration: move the old one aside first
             old = final + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             shutil.rmtree(old)
-        os.replace(tmp, final)
-        pointer_tmp = os.path.join(root, LATEST + ".tmp")
+        os.replace(self.tmp, final)
+        pointer_tmp = os.path.join(self.root, LATEST + ".tmp")
         with open(pointer_tmp, "w") as fh:
-            fh.write(str(iteration))
+            fh.write(str(self.iteration))
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(pointer_tmp, os.path.join(root, LATEST))
-        dir_fd = os.open(root, os.O_RDONLY)
+        os.replace(pointer_tmp, os.path.join(self.root, LATEST))
+        dir_fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
         log.info("saved checkpoint %s", final)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
 
 
 def prune(root: str, keep: int) -> None:

@@ -269,6 +269,7 @@ class Trainer:
         t, lg, ck = self.cfg.train, self.cfg.logging, self.cfg.checkpoint
         saved_at = None
         while self.iteration < t.train_iters:
+            self.finish_save(blocking=False)
             start = time.perf_counter()
             waited = self.comm.wait_seconds if self.comm else 0.0
             with self.timers("data"):
@@ -303,6 +304,7 @@ class Trainer:
                 log.info("stopping after iteration %d: %s", self.iteration, reason)
                 if ck.save and saved_at != self.iteration:
                     self.save()
+                self.finish_save()  # written and visible before the job is requeued or ends
                 if ck.save and self.topo.rank == 0:
                     request_requeue(ck.save, reason)
                 if not ck.save:
@@ -310,6 +312,7 @@ class Trainer:
                 return
         if ck.save and saved_at != self.iteration:
             self.save()
+        self.finish_save()
 
     def log_validation(self) -> None:
         valid = self.evaluate()
@@ -335,14 +338,32 @@ class Trainer:
 
     def save(self) -> None:
         with self.timers("checkpoint"):
+            self.finish_save()  # the previous background save completes first
             self._save()
 
     def _save(self) -> None:
         ck = self.cfg.checkpoint
-        ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.full_state(), self.cfg, self.topo,
-                             self.checkpoint_meta(), self.rng_state())
+        written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.full_state(), self.cfg,
+                                       self.topo, self.checkpoint_meta(), self.rng_state(), background=ck.async_save)
+        if ck.async_save:
+            self.pending_save = written
+        else:
+            self._saved()
+
+    def _saved(self) -> None:
+        ck = self.cfg.checkpoint
         if ck.keep_last_n and self.topo.rank == 0:
             ckpt.prune(ck.save, ck.keep_last_n)
+
+    def finish_save(self, blocking: bool = True) -> None:
+        """Make a background save visible: at once (``blocking``, every rank waiting for its writer), or only if
+        every rank's writer is already done (asked at each iteration, so checkpoints appear soon)."""
+        pending = getattr(self, "pending_save", None)
+        if pending is None or (not blocking and not pending.done_everywhere()):
+            return
+        self.pending_save = None
+        pending.finish()
+        self._saved()
 
     def read_and_check(self, path: str, parts) -> dict:
         """Read a checkpoint and refuse one whose model or tokenizer differs from this run's."""
