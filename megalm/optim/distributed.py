@@ -312,34 +312,26 @@ class DistributedOptimizer:
         return sum(t.numel() * t.element_size() for s in self.adam.state.values() for t in s.values()
                    if torch.is_tensor(t) and t.dim() > 0)
 
-    def full_state(self) -> dict:
-        """{parameter: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}} with this TP rank's whole tensors (a
-        collective over DP when sharded). Empty before the first step."""
-        if not any(self.adam.state.get(pc.values) for pc in self.pieces):
-            return {}
-        out = {}
-        for b in self.buckets:
-            lo, hi = self._slice_range(b)
-            flats = {}
-            for key in ("exp_avg", "exp_avg_sq"):
-                mine = torch.zeros(hi - lo, dtype=torch.float32, device=b.data.device)
-                for pc in self.pieces:
-                    if self._owner[pc.param] is b:
-                        a = self._offset[pc.param] + pc.start - lo
-                        mine[a:a + pc.values.numel()] = self.adam.state[pc.values][key]
-                full = mine
-                if b.slices > 1:
-                    full = torch.empty(b.numel, dtype=torch.float32, device=b.data.device)
-                    dist.all_gather_into_tensor(full, mine, group=b.group)
-                flats[key] = full
-            step = next(iter(self.adam.state.values()))["step"]
-            for p, off in zip(b.params, b.offsets):
-                out[p] = {k: f[off:off + p.numel()].view_as(p).clone() for k, f in flats.items()}
-                out[p]["step"] = step.clone()
-        return out
+    def checkpoint_state(self) -> tuple:
+        """What this rank writes of the Adam state, with no collective: ``(whole, slices)``. ``whole`` maps a
+        parameter of an unsliced bucket (every data-parallel rank holds it all) to its moments and step; ``slices``
+        maps a parameter of a ZeRO-sliced bucket to this rank's pieces ``[(start, stop, moments and step)]``, ranges
+        of the flattened (TP-local) parameter. Host copies; empty before the first step."""
+        whole, slices = {}, {}
+        for pc in self.pieces:
+            st = self.adam.state.get(pc.values)
+            if not st:
+                continue
+            moments = {"exp_avg": st["exp_avg"].detach().cpu().clone(),
+                       "exp_avg_sq": st["exp_avg_sq"].detach().cpu().clone(), "step": st["step"].detach().cpu().clone()}
+            if self._owner[pc.param].slices > 1:
+                slices.setdefault(pc.param, []).append((pc.start, pc.start + pc.values.numel(), moments))
+            else:
+                whole[pc.param] = {k: (v.view_as(pc.param) if v.ndim else v) for k, v in moments.items()}
+        return whole, slices
 
     def load_full_state(self, state: dict) -> None:
-        """Inverse of ``full_state``: ``state`` maps a parameter to its whole (TP-local) moments and step."""
+        """``state`` maps a parameter to its whole (TP-local) moments and step, as a checkpoint reads back."""
         for pc in self.pieces:
             s = state.get(pc.param)
             if s is None:

@@ -3,8 +3,9 @@ replica for the dense model; the first expert-data-parallel rank for each MoE ex
 parameter name, with its place in the whole tensor recorded in the metadata.
 
 On disk, Megatron's habit: ``SAVE/latest_checkpointed_iteration.txt`` and ``SAVE/iter_0000500/`` holding
-``model-tpXX-ppYYY.pt`` and ``optimizer-tpXX-ppYYY.pt`` per (TP, PP) rank (Adam moments all-gathered over DP
-first when ZeRO shards them; ranks beyond the first replica add ``-dpZZZZZ`` files with their experts),
+``model-tpXX-ppYYY.pt`` and ``optimizer-tpXX-ppYYY.pt`` per (TP, PP) rank (ranks beyond the first replica add
+``-dpZZZZZ`` files with their experts; under ZeRO every rank writes its own slice of the Adam state, nothing is
+gathered, and the index records each slice's range of the flattened tensor and the tensor's place),
 ``rng-tpXX-ppYYY-dpZZZZZ.pt`` from every rank (each rank's random streams differ: pipeline stages draw different
 amounts, the TP tracker is seeded per TP rank), ``config.yaml``, ``meta.json`` (iteration, consumed samples, the
 shard index and a SHA-256 of every file) and, on the DeepSpeed path, the engine's own state under
@@ -32,6 +33,7 @@ from megalm.parallel.state import Topology
 log = logging.getLogger("megalm")
 
 LATEST = "latest_checkpointed_iteration.txt"
+FORMAT = 2  # 2: ZeRO-sliced Adam state written by every rank (``optimizer_slices``); 1 (no key): gathered first
 
 
 class CheckpointError(RuntimeError):
@@ -98,21 +100,29 @@ def _files(root: str) -> list:
     return sorted(out)
 
 
-def local_shards(model, full_state: dict, topo: Topology) -> tuple:
+def local_shards(model, optimizer_state, topo: Topology) -> tuple:
     """This rank's parameters and Adam state as written, and their place in the global tensors:
-    ``(model, optimizer, index)`` with ``index[name] = [dim, start, stop, padded_rows, (dim, start, stop)...]``
-    (``dim`` None for a whole tensor; more splits follow for experts split two ways); only what ``_writes``
-    gives this rank."""
-    tensors, moments, index = {}, {}, {}
+    ``(model, optimizer, index, slices)`` with ``index[name] = [dim, start, stop, padded_rows, (dim, start,
+    stop)...]`` (``dim`` None for a whole tensor; more splits follow for experts split two ways) for what
+    ``_writes`` gives this rank. ``optimizer_state`` is ``(whole, slices)`` (``DistributedOptimizer.
+    checkpoint_state``): ZeRO slices are written by every rank that holds one (fully parallel, nothing gathered),
+    ``slices[name] = [[start, stop, local_shape, *index entry]]`` per piece of the flattened TP-local tensor."""
+    whole, pieces = optimizer_state if isinstance(optimizer_state, tuple) else (optimizer_state or {}, {})
+    tensors, moments, index, slices = {}, {}, {}, {}
     for name, p in _owned(model):
+        first, *more = _place(p, topo)
+        place = [*first, bool(getattr(p, "padded_rows", False))] + [x for split in more for x in split]
+        replicated_over_tp = not getattr(p, "expert", False) and getattr(p, "tp_dim", None) is None
+        if p in pieces and not (replicated_over_tp and topo.tp_rank > 0):
+            slices[name] = [[a, b, list(p.shape), *place] for a, b, _ in pieces[p]]
+            moments[name] = [m for _, _, m in pieces[p]]
         if not _writes(p, topo):
             continue
-        first, *more = _place(p, topo)
-        index[name] = [*first, bool(getattr(p, "padded_rows", False))] + [x for split in more for x in split]
+        index[name] = place
         tensors[name] = p.detach().cpu().clone()
-        if full_state.get(p):
-            moments[name] = {k: v.detach().cpu().clone() for k, v in full_state[p].items()}
-    return tensors, moments, index
+        if whole.get(p):
+            moments[name] = {k: v.detach().cpu().clone() for k, v in whole[p].items()}
+    return tensors, moments, index, slices
 
 
 def _fsync_file(path: str) -> None:
@@ -128,7 +138,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict, cfg: Config, topo: Topology,
+def save_checkpoint(root: str, iteration: int, model, optimizer_state, cfg: Config, topo: Topology,
                     meta: dict, rng: dict, write_extra: Optional[Callable[[str], None]] = None,
                     background: bool = False):
     """Every rank calls this. Every rank writes its RNG state; the first data-parallel replica writes each of its
@@ -149,15 +159,17 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_full_state: dict
         dist.barrier()
     if write_extra is not None:
         write_extra(tmp)
-    tensors, moments, index = local_shards(model, optimizer_full_state, topo)  # host copies
+    tensors, moments, index, slices = local_shards(model, optimizer_state, topo)  # host copies
     files = {_rng_file(topo.tp_rank, topo.pp_rank, topo.dp_rank, topo.cp_rank): rng}
+    model_file, optim_file = _shard_files(topo)
     if tensors:
-        model_file, optim_file = _shard_files(topo)
-        files.update({model_file: tensors, optim_file: moments})
-        index = {"model": {n: [model_file, *e] for n, e in index.items()},
-                 "optimizer": {n: [optim_file, *index[n]] for n in moments}}
-    else:
-        index = None
+        files[model_file] = tensors
+    if moments:
+        files[optim_file] = moments
+    index = {"model": {n: [model_file, *e] for n, e in index.items()},
+             "optimizer": {n: [optim_file, *index[n]] for n in moments if n not in slices},
+             "optimizer_slices": {n: [[optim_file, i, *e] for i, e in enumerate(pieces)]
+                                  for n, pieces in slices.items()}}
     pending = PendingSave(root, iteration, tmp, cfg, topo, dict(meta, vocab_size=model.vocab_size), index, files)
     if background:
         pending.start()
@@ -224,17 +236,20 @@ class PendingSave:
         return final
 
     def _publish(self, parts: list, final: str) -> None:
-        shards, checksums = {"model": {}, "optimizer": {}}, {}
+        shards, checksums = {"model": {}, "optimizer": {}, "optimizer_slices": {}}, {}
         for index, sums in parts:
             checksums.update(sums)
             for kind in shards:
                 for name, entry in (index or {}).get(kind, {}).items():
-                    shards[kind].setdefault(name, []).append(entry)
+                    if kind == "optimizer_slices":
+                        shards[kind].setdefault(name, []).extend(entry)
+                    else:
+                        shards[kind].setdefault(name, []).append(entry)
         save_yaml(self.cfg, os.path.join(self.tmp, "config.yaml"))
         for f in _files(self.tmp):  # what write_extra added (the DeepSpeed engine's files) and the config
             if f not in checksums:
                 checksums[f] = _sha256(os.path.join(self.tmp, f))
-        meta = dict(self.meta, iteration=self.iteration, shards=shards, checksums=checksums)
+        meta = dict(self.meta, format=FORMAT, iteration=self.iteration, shards=shards, checksums=checksums)
         with open(os.path.join(self.tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
         for f in ("config.yaml", "meta.json"):
@@ -317,7 +332,30 @@ def read_checkpoint(path: str, parts=("model", "optimizer")) -> dict:
                 first = files[entries[0][0]][name]
                 out[part][name] = {k: (_join([files[e[0]][name][k] for e in entries], entries, vocab)
                                        if v.ndim > 0 else v.clone()) for k, v in first.items()}
+        if part == "optimizer":
+            for name, entries in meta["shards"].get("optimizer_slices", {}).items():
+                out[part][name] = _join_slices(name, entries, files, vocab)
     return out
+
+
+def _join_slices(name: str, entries: list, files: dict, vocab):
+    """A parameter's Adam state from its ZeRO slices: each entry ``[file, i, start, stop, local_shape, *place]``
+    is a range of a flattened TP-local tensor whose place in the whole is ``place`` (as in ``_join``)."""
+    locals_, step = {}, None
+    for file, i, start, stop, shape, *place in entries:
+        piece = files[file][name][i]
+        key = json.dumps(place)
+        if key not in locals_:
+            numel = int(torch.Size(shape).numel())
+            locals_[key] = (place, shape, {k: torch.zeros(numel) for k in ("exp_avg", "exp_avg_sq")})
+        for k, flat in locals_[key][2].items():
+            flat[start:stop] = piece[k].reshape(-1)
+        step = piece["step"]
+    boxes = list(locals_.values())
+    entries = [[None, *place] for place, _, _ in boxes]
+    out = {k: _join([flats[k].view(shape) for _, shape, flats in boxes], entries, vocab)
+           for k in ("exp_avg", "exp_avg_sq")}
+    return dict(out, step=step.clone())
 
 
 def read_rng(path: str, meta: dict, topo: Topology) -> tuple:

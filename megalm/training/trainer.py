@@ -343,7 +343,7 @@ class Trainer:
 
     def _save(self) -> None:
         ck = self.cfg.checkpoint
-        written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.full_state(), self.cfg,
+        written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.checkpoint_state(), self.cfg,
                                        self.topo, self.checkpoint_meta(), self.rng_state(), background=ck.async_save)
         if ck.async_save:
             self.pending_save = written
