@@ -48,3 +48,14 @@ def test_context_parallel_benchmark_small():
         assert ratio == "1.000", (cp, kind, res.stdout)
         if kind != "allgather":
             assert float(share) <= float(target), (cp, kind, res.stdout)
+
+
+def test_checkpoint_benchmark_small():
+    """bench/bench_checkpoint.py on a small GPT at DP 2: both modes run through the real entry point, every rank
+    writes a share, and an async save blocks the loop for less than a synchronous one."""
+    res = subprocess.run([PYTHON, "bench/bench_checkpoint.py", "--sizes", "2", "--layers", "2", "--hidden", "256"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["2"]][0]
+    sync, background, shares = float(row[1]), float(row[2]), row[7:]
+    assert background < sync and len(shares) == 2 and all(float(s) > 0 for s in shares), res.stdout

@@ -186,9 +186,12 @@ class PendingSave:
     def __init__(self, root, iteration, tmp, cfg, topo, meta, index, files):
         self.root, self.iteration, self.tmp, self.cfg, self.topo = root, iteration, tmp, cfg, topo
         self.meta, self.index, self.files = meta, index, files
-        self.checksums, self.error, self.thread = {}, None, None
+        self.checksums, self.error, self.thread, self.seconds = {}, None, None, 0.0
 
     def write(self) -> None:
+        import time
+
+        start = time.perf_counter()
         try:
             for fname, obj in self.files.items():
                 path = os.path.join(self.tmp, fname)
@@ -198,6 +201,7 @@ class PendingSave:
         except Exception as exc:  # reported to every rank by ``finish``
             self.error = f"{type(exc).__name__}: {exc}"
         self.files = None  # the host copies go as soon as they are on disk
+        self.seconds = time.perf_counter() - start
 
     def start(self) -> None:
         import threading
@@ -271,7 +275,9 @@ class PendingSave:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        log.info("saved checkpoint %s", final)
+        log.info("saved checkpoint %s (rank 0 wrote %.1f MB in %.2f s%s)", final,
+                 sum(os.path.getsize(os.path.join(final, f)) for f in self.checksums) / 1e6, self.seconds,
+                 ", in the background" if self.thread is not None else "")
 
 
 def prune(root: str, keep: int) -> None:
