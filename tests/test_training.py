@@ -227,9 +227,9 @@ def test_resume_under_other_layouts(tmp_path, dataset_prefix, bpe_flags):
 
 
 def test_every_rank_writes_its_zero_slice(tmp_path, dataset_prefix, bpe_flags):
-    """DP 4 with ZeRO 1: each rank writes its own slice of the Adam state (nothing gathered to one rank), a
-    quarter each give or take a bucket's padding; the index says where each slice lies; the checkpoint resumes
-    exactly at DP 4 and loads at DP 1."""
+    """DP 4 with ZeRO 1: each rank writes its own slice of the parameters and of the Adam state (nothing gathered
+    to one rank), a quarter each give or take a bucket's padding; the index says where each slice lies; the
+    checkpoint resumes exactly at DP 4 and loads at DP 1."""
     from conftest import torchrun
     from megalm.training.checkpoint import read_checkpoint
 
@@ -239,11 +239,13 @@ def test_every_rank_writes_its_zero_slice(tmp_path, dataset_prefix, bpe_flags):
                    "--metrics-file", tmp_path / "full.jsonl")
     assert res.returncode == 0, res.stderr[-3000:]
     folder = tmp_path / "a" / "iter_0000002"
-    files = ["optimizer-tp00-pp000.pt"] + [f"optimizer-tp00-pp000-dp{r:05d}.pt" for r in (1, 2, 3)]
-    sizes = [os.path.getsize(folder / f) for f in files]
-    assert max(sizes) < 1.5 * min(sizes)
+    for part in ("model", "optimizer"):
+        files = [f"{part}-tp00-pp000.pt"] + [f"{part}-tp00-pp000-dp{r:05d}.pt" for r in (1, 2, 3)]
+        sizes = [os.path.getsize(folder / f) for f in files]
+        assert max(sizes) < 1.5 * min(sizes), (part, sizes)
     meta = json.load(open(folder / "meta.json"))
-    assert meta["format"] == 2 and meta["shards"]["optimizer_slices"] and not meta["shards"]["optimizer"]
+    assert meta["format"] == 2 and meta["shards"]["optimizer_slices"] and meta["shards"]["model_slices"]
+    assert not meta["shards"]["optimizer"] and not meta["shards"]["model"]
     whole = read_checkpoint(str(folder))
     assert all(whole["optimizer"][n]["exp_avg"].shape == t.shape for n, t in whole["model"].items())
     res = torchrun(4, "megalm/pretrain.py", *flags, "--load", folder, "--metrics-file", tmp_path / "resumed.jsonl")

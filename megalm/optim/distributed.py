@@ -315,9 +315,16 @@ class DistributedOptimizer:
     def checkpoint_state(self) -> tuple:
         """What this rank writes of the Adam state, with no collective: ``(whole, slices)``. ``whole`` maps a
         parameter of an unsliced bucket (every data-parallel rank holds it all) to its moments and step; ``slices``
-        maps a parameter of a ZeRO-sliced bucket to this rank's pieces ``[(start, stop, moments and step)]``, ranges
-        of the flattened (TP-local) parameter. Host copies; empty before the first step."""
+        maps a parameter of a ZeRO-sliced bucket to this rank's pieces ``[(start, stop, moments, step and the
+        parameter's values)]``, ranges of the flattened (TP-local) parameter. Host copies; empty before the first
+        step."""
         whole, slices = {}, {}
+        if not any(self.adam.state.get(pc.values) for pc in self.pieces):
+            return whole, slices
+        for b in self.buckets:  # a sliced parameter is written only as slices, also where this rank holds none
+            if b.slices > 1:
+                for p in b.params:
+                    slices.setdefault(p, [])
         for pc in self.pieces:
             st = self.adam.state.get(pc.values)
             if not st:
@@ -325,6 +332,7 @@ class DistributedOptimizer:
             moments = {"exp_avg": st["exp_avg"].detach().cpu().clone(),
                        "exp_avg_sq": st["exp_avg_sq"].detach().cpu().clone(), "step": st["step"].detach().cpu().clone()}
             if self._owner[pc.param].slices > 1:
+                moments["param"] = pc.values.detach().cpu().clone()
                 slices.setdefault(pc.param, []).append((pc.start, pc.start + pc.values.numel(), moments))
             else:
                 whole[pc.param] = {k: (v.view_as(pc.param) if v.ndim else v) for k, v in moments.items()}

@@ -4,8 +4,9 @@ parameter name, with its place in the whole tensor recorded in the metadata.
 
 On disk, Megatron's habit: ``SAVE/latest_checkpointed_iteration.txt`` and ``SAVE/iter_0000500/`` holding
 ``model-tpXX-ppYYY.pt`` and ``optimizer-tpXX-ppYYY.pt`` per (TP, PP) rank (ranks beyond the first replica add
-``-dpZZZZZ`` files with their experts; under ZeRO every rank writes its own slice of the Adam state, nothing is
-gathered, and the index records each slice's range of the flattened tensor and the tensor's place),
+``-dpZZZZZ`` files with their experts; under ZeRO every rank writes its own slice of the parameters and of the
+Adam state, nothing is gathered, and the index records each slice's range of the flattened tensor and the
+tensor's place),
 ``rng-tpXX-ppYYY-dpZZZZZ.pt`` from every rank (each rank's random streams differ: pipeline stages draw different
 amounts, the TP tracker is seeded per TP rank), ``config.yaml``, ``meta.json`` (iteration, consumed samples, the
 shard index and a SHA-256 of every file) and, on the DeepSpeed path, the engine's own state under
@@ -105,17 +106,22 @@ def local_shards(model, optimizer_state, topo: Topology) -> tuple:
     ``(model, optimizer, index, slices)`` with ``index[name] = [dim, start, stop, padded_rows, (dim, start,
     stop)...]`` (``dim`` None for a whole tensor; more splits follow for experts split two ways) for what
     ``_writes`` gives this rank. ``optimizer_state`` is ``(whole, slices)`` (``DistributedOptimizer.
-    checkpoint_state``): ZeRO slices are written by every rank that holds one (fully parallel, nothing gathered),
-    ``slices[name] = [[start, stop, local_shape, *index entry]]`` per piece of the flattened TP-local tensor."""
+    checkpoint_state``): a parameter in a ZeRO-sliced bucket is written, values and Adam state, by every rank that
+    holds a slice of it (fully parallel, nothing gathered): ``slices[name] = [[start, stop, local_shape, *index
+    entry]]`` per piece of the flattened TP-local tensor, its values under ``model`` and moments under
+    ``optimizer`` as lists in the same order."""
     whole, pieces = optimizer_state if isinstance(optimizer_state, tuple) else (optimizer_state or {}, {})
     tensors, moments, index, slices = {}, {}, {}, {}
     for name, p in _owned(model):
         first, *more = _place(p, topo)
         place = [*first, bool(getattr(p, "padded_rows", False))] + [x for split in more for x in split]
         replicated_over_tp = not getattr(p, "expert", False) and getattr(p, "tp_dim", None) is None
-        if p in pieces and not (replicated_over_tp and topo.tp_rank > 0):
-            slices[name] = [[a, b, list(p.shape), *place] for a, b, _ in pieces[p]]
-            moments[name] = [m for _, _, m in pieces[p]]
+        if p in pieces:
+            if not (replicated_over_tp and topo.tp_rank > 0):
+                slices[name] = [[a, b, list(p.shape), *place] for a, b, _ in pieces[p]]
+                tensors[name] = [m["param"] for _, _, m in pieces[p]]
+                moments[name] = [{k: v for k, v in m.items() if k != "param"} for _, _, m in pieces[p]]
+            continue
         if not _writes(p, topo):
             continue
         index[name] = place
@@ -168,6 +174,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_state, cfg: Conf
         files[optim_file] = moments
     index = {"model": {n: [model_file, *e] for n, e in index.items()},
              "optimizer": {n: [optim_file, *index[n]] for n in moments if n not in slices},
+             "model_slices": {n: [[model_file, i, *e] for i, e in enumerate(pieces)] for n, pieces in slices.items()},
              "optimizer_slices": {n: [[optim_file, i, *e] for i, e in enumerate(pieces)]
                                   for n, pieces in slices.items()}}
     pending = PendingSave(root, iteration, tmp, cfg, topo, dict(meta, vocab_size=model.vocab_size), index, files)
@@ -240,12 +247,12 @@ class PendingSave:
         return final
 
     def _publish(self, parts: list, final: str) -> None:
-        shards, checksums = {"model": {}, "optimizer": {}, "optimizer_slices": {}}, {}
+        shards, checksums = {"model": {}, "optimizer": {}, "model_slices": {}, "optimizer_slices": {}}, {}
         for index, sums in parts:
             checksums.update(sums)
             for kind in shards:
                 for name, entry in (index or {}).get(kind, {}).items():
-                    if kind == "optimizer_slices":
+                    if kind.endswith("_slices"):
                         shards[kind].setdefault(name, []).extend(entry)
                     else:
                         shards[kind].setdefault(name, []).append(entry)
@@ -338,30 +345,35 @@ def read_checkpoint(path: str, parts=("model", "optimizer")) -> dict:
                 first = files[entries[0][0]][name]
                 out[part][name] = {k: (_join([files[e[0]][name][k] for e in entries], entries, vocab)
                                        if v.ndim > 0 else v.clone()) for k, v in first.items()}
-        if part == "optimizer":
-            for name, entries in meta["shards"].get("optimizer_slices", {}).items():
-                out[part][name] = _join_slices(name, entries, files, vocab)
+        for name, entries in meta["shards"].get(f"{part}_slices", {}).items():
+            if part == "model":
+                out[part][name] = _join_slices(name, entries, files, vocab, {"": lambda piece: piece})[""]
+            else:
+                moments = {k: (lambda piece, k=k: piece[k]) for k in ("exp_avg", "exp_avg_sq")}
+                out[part][name] = dict(_join_slices(name, entries, files, vocab, moments),
+                                       step=files[entries[0][0]][name][entries[0][1]]["step"].clone())
     return out
 
 
-def _join_slices(name: str, entries: list, files: dict, vocab):
-    """A parameter's Adam state from its ZeRO slices: each entry ``[file, i, start, stop, local_shape, *place]``
-    is a range of a flattened TP-local tensor whose place in the whole is ``place`` (as in ``_join``)."""
-    locals_, step = {}, None
+def _join_slices(name: str, entries: list, files: dict, vocab, keys: dict) -> dict:
+    """Whole tensors from ZeRO slices: each entry ``[file, i, start, stop, local_shape, *place]`` is a range of a
+    flattened TP-local tensor whose place in the whole is ``place`` (as in ``_join``); ``keys`` maps each output
+    to how it is read from a stored piece."""
+    locals_ = {}
     for file, i, start, stop, shape, *place in entries:
         piece = files[file][name][i]
         key = json.dumps(place)
         if key not in locals_:
-            numel = int(torch.Size(shape).numel())
-            locals_[key] = (place, shape, {k: torch.zeros(numel) for k in ("exp_avg", "exp_avg_sq")})
-        for k, flat in locals_[key][2].items():
-            flat[start:stop] = piece[k].reshape(-1)
-        step = piece["step"]
+            locals_[key] = (place, shape, {k: None for k in keys})
+        for k, read in keys.items():
+            values = read(piece).reshape(-1)
+            flat = locals_[key][2][k]
+            if flat is None:
+                flat = locals_[key][2][k] = values.new_zeros(int(torch.Size(shape).numel()))
+            flat[start:stop] = values
     boxes = list(locals_.values())
     entries = [[None, *place] for place, _, _ in boxes]
-    out = {k: _join([flats[k].view(shape) for _, shape, flats in boxes], entries, vocab)
-           for k in ("exp_avg", "exp_avg_sq")}
-    return dict(out, step=step.clone())
+    return {k: _join([flats[k].view(shape) for _, shape, flats in boxes], entries, vocab) for k in keys}
 
 
 def read_rng(path: str, meta: dict, topo: Topology) -> tuple:
