@@ -13,34 +13,13 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 
-import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from megalm.data.indexed import IndexedDatasetWriter  # noqa: E402
+from bench_zero import ROOT, dataset, free_port
 
 VOCAB = 50257
-
-
-def dataset(workdir: str) -> str:
-    prefix = os.path.join(workdir, "random_text_document")
-    rng = np.random.default_rng(0)
-    writer = IndexedDatasetWriter(prefix, np.int32)
-    for _ in range(200):
-        writer.add_document(rng.integers(0, VOCAB - 1, size=int(rng.integers(200, 2000))))
-    writer.finalize()
-    return prefix
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(a, prefix: str, workdir: str, dp: int, background: bool) -> dict:
@@ -82,7 +61,7 @@ def main():
     print(f"{'DP':>3} {'sync blocks s':>14} {'async blocks s':>15} {'async/sync':>11} {'target':>7} "
           f"{'written s (rank 0)':>19}  MB written per rank")
     with tempfile.TemporaryDirectory() as workdir:
-        prefix = dataset(workdir)
+        prefix = dataset(workdir, VOCAB, 200)
         for dp in a.sizes:
             sync, background = run(a, prefix, workdir, dp, False), run(a, prefix, workdir, dp, True)
             print(f"{dp:>3} {sync['blocked_s']:>14.2f} {background['blocked_s']:>15.2f} "

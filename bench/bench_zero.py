@@ -25,12 +25,13 @@ from megalm.data.indexed import IndexedDatasetWriter  # noqa: E402
 VOCAB = 8192
 
 
-def dataset(workdir: str) -> str:
+def dataset(workdir: str, vocab: int = VOCAB, documents: int = 400) -> str:
+    """A dataset of random tokens (documents of 200 to 2,000) for benchmarks through the real entry point."""
     prefix = os.path.join(workdir, "random_text_document")
     rng = np.random.default_rng(0)
     writer = IndexedDatasetWriter(prefix, np.int32)
-    for _ in range(400):
-        writer.add_document(rng.integers(0, VOCAB - 1, size=int(rng.integers(200, 2000))))
+    for _ in range(documents):
+        writer.add_document(rng.integers(0, vocab - 1, size=int(rng.integers(200, 2000))))
     writer.finalize()
     return prefix
 

@@ -221,22 +221,27 @@ def import_megatron(load: str, save: str, tokenizer_flags: list = ()) -> str:
     return path
 
 
-def import_main(argv=None) -> int:
+def _run(prog: str, action, *args) -> int:
+    """A command's body: logging on, and a bad checkpoint ends it with one line naming what is wrong."""
     from megalm.training.checkpoint import CheckpointError
     from megalm.training.logging import setup_logging
 
+    setup_logging(0)
+    try:
+        action(*args)
+    except (MegatronFormatError, CheckpointError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def import_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="megalm-import-megatron", description="Megatron-LM checkpoint (torch_dist or "
                                 "legacy, any TP/PP) -> megalm checkpoint at the same iteration and data position")
     p.add_argument("--load", required=True, help="Megatron-LM save directory, or one iter_* directory in it")
     p.add_argument("--save", required=True, help="megalm checkpoint directory to write")
     args, tokenizer_flags = p.parse_known_args(argv)
-    setup_logging(0)
-    try:
-        import_megatron(args.load, args.save, tokenizer_flags)
-    except (MegatronFormatError, CheckpointError, FileNotFoundError) as exc:
-        print(f"megalm-import-megatron: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return _run(p.prog, import_megatron, args.load, args.save, tokenizer_flags)
 
 
 def to_megatron(state: dict, m: ModelConfig, padded_vocab: int, spec: str = "te") -> dict:
@@ -339,9 +344,6 @@ def export_megatron(load: str, save: str, tp: int = 1, spec: str = "te") -> str:
 
 
 def export_main(argv=None) -> int:
-    from megalm.training.checkpoint import CheckpointError
-    from megalm.training.logging import setup_logging
-
     p = argparse.ArgumentParser(prog="megalm-export-megatron", description="megalm checkpoint (any layout) -> "
                                 "Megatron-LM torch_dist checkpoint that megatron-core's dist_checkpointing loads")
     p.add_argument("--load", required=True, help="megalm checkpoint (a --save root or an iter_* directory)")
@@ -352,13 +354,7 @@ def export_main(argv=None) -> int:
                    help="layer-norm names: folded into linear_qkv/linear_fc1 (te; also what megatron-core's local "
                         "spec reads today) or older local-spec input_layernorm/pre_mlp_layernorm (local)")
     args = p.parse_args(argv)
-    setup_logging(0)
-    try:
-        export_megatron(args.load, args.save, args.tensor_model_parallel_size, args.megatron_spec)
-    except (MegatronFormatError, CheckpointError, FileNotFoundError) as exc:
-        print(f"megalm-export-megatron: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return _run(p.prog, export_megatron, args.load, args.save, args.tensor_model_parallel_size, args.megatron_spec)
 
 
 if __name__ == "__main__":
