@@ -133,6 +133,9 @@ def test_bad_megatron_checkpoints_name_the_problem(tmp_path, tokens, bpe_dir, da
     _fails(tmp_path, capsys, empty, "neither a torch_dist checkpoint", "mp_rank_XX")
 
     legacy, _ = megatron_checkpoint(tmp_path / "legacy", tokens, bpe_dir, dataset_prefix, "gpt2", "torch", 1)
+    assert import_main(["--load", str(legacy), "--save", str(tmp_path / "out"), "--vocab-file",
+                        str(tmp_path / "missing.json"), "--merge-file", f"{bpe_dir}/merges.txt"]) == 2
+    assert "--vocab-file: " in capsys.readouterr().err and not (tmp_path / "out").exists()
     rank_file = legacy / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
     obj = torch.load(rank_file, weights_only=False)
     original = dict(obj)

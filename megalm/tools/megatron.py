@@ -223,13 +223,14 @@ def import_megatron(load: str, save: str, tokenizer_flags: list = ()) -> str:
 
 def _run(prog: str, action, *args) -> int:
     """A command's body: logging on, and a bad checkpoint ends it with one line naming what is wrong."""
+    from megalm.config import ConfigError
     from megalm.training.checkpoint import CheckpointError
     from megalm.training.logging import setup_logging
 
     setup_logging(0)
     try:
         action(*args)
-    except (MegatronFormatError, CheckpointError, FileNotFoundError) as exc:
+    except (MegatronFormatError, CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -51,8 +51,7 @@ MEGATRON_ENUMS = ("megatron.core.transformer.enums.AttnBackend", "megatron.core.
                   "megatron.core.transformer.enums.CudaGraphScope", "megatron.core.enums.Fp8Recipe",
                   "megatron.core.transformer.enums.Fp8Recipe", "megatron.core.fp8_utils.Fp8Recipe",
                   "megatron.model.enums.AttnMaskType", "megatron.model.enums.LayerType",
-                  "megatron.model.enums.AttnType", "megatron.model.enums.ModelType",
-                  "megatron.core.optimizer.optimizer_config.ParamKey")
+                  "megatron.model.enums.AttnType", "megatron.model.enums.ModelType")
 
 
 def _safe_globals() -> list:
