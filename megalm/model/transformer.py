@@ -159,8 +159,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer, k, v)
         if self.topo.cp > 1 and kv_cache is None:  # the sequence is split: attention across the CP ranks
             kind = self.topo.cp_comm_type(int(self.layer))
-            out = context_attention(kind, q, k, v, self.topo, mask[kind], lambda *qkvm: self._attend(*qkvm[:3], 0,
-                                                                                                     qkvm[3]))
+            out = context_attention(kind, q, k, v, self.topo, mask[kind],
+                                    lambda q, k, v, m: self._attend(q, k, v, 0, m))
         elif self.cfg.recompute_granularity == "selective" and self.training and kv_cache is None:
             out = recomputed(self._attend, self.rng, q, k, v, 0, mask)
         else:

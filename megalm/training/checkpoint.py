@@ -67,14 +67,15 @@ def _shard_files(topo: Topology) -> tuple:
     return f"model-{suffix}.pt", f"optimizer-{suffix}.pt"
 
 
-def _writes(p, topo: Topology) -> bool:
+def _writes(p, topo: Topology, every_replica: bool = False) -> bool:
     """Whether this rank writes ``p``, so that every tensor is written once. Experts: the first
     expert-data-parallel rank holding them. Others: the first data-parallel replica, and of its TP ranks only
-    rank 0 for a replicated tensor."""
+    rank 0 for a replicated tensor. ``every_replica``: ZeRO slices, of which each data-parallel (and
+    expert-data-parallel) rank holds its own, so only the TP rule remains."""
     if getattr(p, "expert", False):
-        return topo.edp_rank == 0
-    return topo.dp_rank == 0 and topo.cp_rank == 0 and (topo.tp_rank == 0 or (topo.tp > 1 and
-                                                                          getattr(p, "tp_dim", None) is not None))
+        return every_replica or topo.edp_rank == 0
+    first_replica = every_replica or (topo.dp_rank == 0 and topo.cp_rank == 0)
+    return first_replica and (topo.tp_rank == 0 or (topo.tp > 1 and getattr(p, "tp_dim", None) is not None))
 
 
 def _place(p, topo: Topology) -> list:
@@ -115,9 +116,8 @@ def local_shards(model, optimizer_state, topo: Topology) -> tuple:
     for name, p in _owned(model):
         first, *more = _place(p, topo)
         place = [*first, bool(getattr(p, "padded_rows", False))] + [x for split in more for x in split]
-        replicated_over_tp = not getattr(p, "expert", False) and getattr(p, "tp_dim", None) is None
         if p in pieces:
-            if not (replicated_over_tp and topo.tp_rank > 0):
+            if _writes(p, topo, every_replica=True):
                 slices[name] = [[a, b, list(p.shape), *place] for a, b, _ in pieces[p]]
                 tensors[name] = [m["param"] for _, _, m in pieces[p]]
                 moments[name] = [{k: v for k, v in m.items() if k != "param"} for _, _, m in pieces[p]]
@@ -127,7 +127,7 @@ def local_shards(model, optimizer_state, topo: Topology) -> tuple:
         index[name] = place
         tensors[name] = p.detach().cpu().clone()
         if whole.get(p):
-            moments[name] = {k: v.detach().cpu().clone() for k, v in whole[p].items()}
+            moments[name] = whole[p]  # host copies already (``checkpoint_state``)
     return tensors, moments, index, slices
 
 
