@@ -157,8 +157,11 @@ class TrainConfig:
     seed: int = opt(1234, "seed of weights, data order and dropout")
     eval_interval: int = opt(100, "iterations between validation runs")
     eval_iters: int = opt(10, "batches per validation run")
-    bf16: bool = opt(False, "bfloat16 compute with fp32 master weights")
-    fp16: bool = opt(False, "float16 compute with fp32 master weights and a dynamic loss scale")
+    bf16: bool = opt(False, "bfloat16 parameters and compute; fp32 gradient accumulation and reduction, fp32 main "
+                     "parameters and Adam state in the optimizer (sharded under ZeRO)")
+    fp16: bool = opt(False, "float16 parameters and compute as --bf16, with a dynamic loss scale")
+    grad_reduce_in_bf16: bool = opt(False, "with --bf16: gradient buffers accumulate and reduce in bf16 (half "
+                                    "the gradient memory and traffic, coarser sums)")
     compile: bool = opt(False, "torch.compile each transformer block (GPU runs; the first steps compile)",
                         flag="--torch-compile")
     exit_interval: Optional[int] = opt(None, "save and exit after an iteration that is a multiple of this")
@@ -445,6 +448,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     validate_attention(m, p)
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+    if t.grad_reduce_in_bf16 and not t.bf16:
+        raise ConfigError("--grad-reduce-in-bf16 needs --bf16")
     if t.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0, got {t.eval_iters}")
     dp = data_parallel_size(cfg, world_size or 1)
@@ -497,6 +502,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             _positive(value, flag)
     if t.nonfinite_patience < 0:
         raise ConfigError(f"--nonfinite-patience must be >= 0, got {t.nonfinite_patience}")
+    if p.deepspeed and t.grad_reduce_in_bf16:
+        raise ConfigError("--grad-reduce-in-bf16 is for megalm's optimizer; --deepspeed keeps the engine's own "
+                          "mixed precision (set its reduction dtype in --deepspeed_config)")
     if o.zero_stage == 3 and not p.deepspeed:
         raise ConfigError("--zero-stage 3 (sharded parameters) needs --deepspeed; megalm's own optimizer does 0-2")
     if p.deepspeed and p.pipeline_model_parallel_size > 1:

@@ -70,12 +70,24 @@ class GPT(nn.Module):
             self.embedding.weight.shared_embedding = True
 
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
+    def init_weights(self, seed: int, device: Optional[torch.device] = None,
+                     dtype: torch.dtype = torch.float32) -> None:
         """Normal(0, std) weights, std / sqrt(2 L) for the projections that write into the residual stream,
         norms at one, biases at zero; each tensor drawn whole from a generator keyed by its name.
-        Also seeds this rank's dropout generator."""
+        Also seeds this rank's dropout generator.
+
+        A model built on the meta device gets its parameters here, one at a time, on ``device`` in ``dtype``
+        (state that is not trained, the MoE expert bias, stays fp32): no copy of the stage is ever made, and the
+        only temporary is the whole tensor a shard is cut from, drawn in fp32 on ``device``."""
         self.rng_tracker.seed(seed, self.topo.tp_rank)
         std = self.cfg.init_method_std
+        for module in self.modules():
+            for leaf, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    real = nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype if p.requires_grad
+                                                    else torch.float32), requires_grad=p.requires_grad)
+                    real.__dict__.update(p.__dict__)  # tp_dim, expert, padded_rows, ...
+                    module._parameters[leaf] = real
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if "norm" in name:
@@ -86,7 +98,7 @@ class GPT(nn.Module):
                 scaled = name.endswith(("attention.wo.weight", ".w2.weight", "experts.w2"))
                 rows = self.vocab_size if p.padded_rows else None
                 init_shard_(p, full_shape(p, self.topo), std / math.sqrt(2 * self.cfg.num_layers) if scaled else std,
-                            param_generator(seed, name), self.topo, valid_rows=rows)
+                            param_generator(seed, name, p.device), self.topo, valid_rows=rows)
 
     def is_first_chunk(self, chunk: int) -> bool:
         """Whether ``chunk`` is the first virtual stage of the whole pipeline (it embeds the tokens)."""

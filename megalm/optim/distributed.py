@@ -5,15 +5,23 @@ With context parallelism the data-parallel group is DP x CP: each CP rank's loss
 sequence, so gradients are summed over CP and averaged over DP.
 
 Parameters are packed into contiguous buckets (in reverse order, roughly the order backward produces gradients),
-each padded to split evenly over the DP ranks, and become views into one flat fp32 buffer per bucket. As soon as
-every parameter of a bucket has its gradient for the step, a hook starts the bucket's reduction asynchronously, so
-communication overlaps the rest of backward:
+each padded to split evenly over the DP ranks, and become views into one flat buffer per bucket, in the
+parameters' dtype. As soon as every parameter of a bucket has its gradient for the step, a hook starts the bucket's
+reduction asynchronously, so communication overlaps the rest of backward:
 
 - ZeRO 0: all-reduce each bucket; every rank updates every parameter (plain data parallelism).
-- ZeRO 1: reduce-scatter each bucket; rank ``d`` updates only its 1/DP slice (its Adam moments exist for that slice
-  only), then the updated slices are all-gathered back into the parameters.
+- ZeRO 1: reduce-scatter each bucket in place (rank ``d``'s reduced slice lands in its own part of the gradient
+  buffer); rank ``d`` updates only its 1/DP slice (its Adam moments exist for that slice only), then the updated
+  slices are all-gathered back into the parameters, in place.
 - ZeRO 2: as ZeRO 1, but no full gradient buffer lives across micro-batches: each micro-batch's gradients are
-  copied into a short-lived bucket, reduce-scattered, and added to this rank's slice.
+  added into a short-lived bucket, reduce-scattered, and added to this rank's fp32 slice.
+
+Mixed precision as Megatron does it (bf16/fp16 parameters): gradients accumulate into fp32 buffers (a hook adds
+each backward's low-precision gradient and frees it; ``grad_dtype`` bf16 is ``--grad-reduce-in-bf16``), and the
+optimizer keeps fp32 main parameters for this rank's slice only, next to the Adam moments; after the update they
+are cast into the bucket's low-precision parameters and gathered in that dtype. Per parameter under ZeRO 1 a rank
+holds 2 (parameters) + 4 (gradients) + 12/DP (main parameters and Adam) bytes. fp32 parameters have no main copy:
+the optimizer updates the bucket's parameters themselves and autograd accumulates into the gradient buffer.
 
 Adam is elementwise, so updating slices gives exactly the unsharded result. Parameters whose gradients need a
 sum over another group first (sequence-parallel norm weights over TP, the two copies of a tied embedding over the
@@ -36,6 +44,19 @@ import torch.distributed as dist
 from megalm.config import OptimConfig
 from megalm.optim.optimizer import adamw, decays
 from megalm.parallel.state import Topology
+
+
+def host_tensor(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    """``t`` on the host as a compact tensor of its own (so ``torch.save`` writes only its bytes, not the whole
+    buffer it is a view of): a copy when ``copy`` or when it lives on a device, else a zero-copy alias."""
+    t = t.detach()
+    if t.device.type != "cpu" or copy or t.ndim == 0:
+        return t.to("cpu", copy=True)
+    if t.untyped_storage().nbytes() == t.nbytes and t.storage_offset() == 0 and t.is_contiguous():
+        return t
+    flat = t.contiguous().reshape(-1)  # a view for the contiguous pieces this is used for
+    raw = torch.from_numpy(flat.view(torch.uint8).numpy())  # new storage over the same memory
+    return raw.view(t.dtype).view(t.shape)
 
 
 @dataclass
@@ -66,16 +87,21 @@ class Bucket:
     slices: int = 1  # 1, or ``size`` when ZeRO shards the bucket
     slice_index: int = 0
     short_lived: bool = False  # ZeRO 2: no full gradient buffer across micro-batches
+    main: Optional[torch.Tensor] = None  # fp32 main parameters of this rank's slice (low-precision parameters)
 
 
 class DistributedOptimizer:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, topo: Topology, zero_stage: int,
-                 micro_batches: int, bucket_numel: int):
+                 micro_batches: int, bucket_numel: int, grad_dtype: torch.dtype = torch.float32):
         self.cfg, self.topo = cfg, topo
         self.zero_stage = zero_stage if topo.dp * topo.cp > 1 else 0  # nothing to shard over one rank
         self.micro_batches = micro_batches
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
+        self.param_dtype, self.grad_dtype = params[0].dtype, grad_dtype
+        mixed = sorted({str(p.dtype) for p in params})
+        if len(mixed) > 1:
+            raise TypeError(f"parameters must share one dtype, got {', '.join(mixed)}")
         special = [p for p in params if getattr(p, "sequence_parallel", False) or getattr(p, "shared_embedding", False)]
         experts = [p for p in reversed(params) if getattr(p, "expert", False)]
         regular = [p for p in reversed(params) if all(p is not q for q in special + experts)]
@@ -90,8 +116,7 @@ class DistributedOptimizer:
         for b in self.buckets:
             for p, off in zip(b.params, b.offsets):
                 self._owner[p], self._offset[p] = b, off
-                if not b.deferred:
-                    p.register_post_accumulate_grad_hook(self._on_grad)
+                p.register_post_accumulate_grad_hook(self._on_grad)
         self.zero_grad()
 
     # ---- layout ----------------------------------------------------------------------------------------------
@@ -125,15 +150,21 @@ class DistributedOptimizer:
         b = Bucket(params=params, offsets=offsets, numel=numel, deferred=deferred, expert=expert, group=group,
                    size=size, slices=slices, slice_index=index if slices > 1 else 0,
                    short_lived=self.zero_stage == 2 and slices > 1)
-        b.data = torch.zeros(numel, dtype=torch.float32, device=device)
+        b.data = torch.zeros(numel, dtype=self.param_dtype, device=device)
         for p, off in zip(params, offsets):
-            if p.dtype != torch.float32:
-                raise TypeError(f"parameters must be fp32 (mixed precision runs under autocast), got {p.dtype}")
             b.data[off:off + p.numel()].copy_(p.detach().reshape(-1))
             p.data = b.data[off:off + p.numel()].view_as(p)
-        if slices > 1:
+        if self.param_dtype != torch.float32:
+            lo, hi = self._slice_range(b)
+            b.main = b.data[lo:hi].float()
+        if b.short_lived:
             b.shard_grad = torch.zeros(numel // slices, dtype=torch.float32, device=device)
         return b
+
+    def _grad_views(self, b: Bucket) -> bool:
+        """Whether parameters' ``.grad`` are views into the bucket's gradient buffer (autograd accumulates in
+        place); otherwise the hook adds each backward's gradient into the buffer and frees it."""
+        return not b.short_lived and self.grad_dtype == self.param_dtype
 
     @staticmethod
     def _slice_range(b: Bucket):
@@ -145,15 +176,24 @@ class DistributedOptimizer:
         for p, off in zip(b.params, b.offsets):
             a, z = max(off, lo), min(off + p.numel(), hi)
             if a < z:
-                yield Piece(p, a - off, b.data[a:z], getattr(p, "tp_dim", None) is not None,
+                values = b.data[a:z] if b.main is None else b.main[a - lo:z - lo]
+                yield Piece(p, a - off, values, getattr(p, "tp_dim", None) is not None,
                             not getattr(p, "tied_copy", False), b.expert)
 
-    def _piece_grad(self, pc: Piece) -> torch.Tensor:
-        b = self._owner[pc.param]
-        lo, _ = self._slice_range(b)
+    def _piece_range(self, pc: Piece) -> tuple:
+        """The piece's range in its bucket's flat buffers."""
         a = self._offset[pc.param] + pc.start
-        src = b.shard_grad if b.slices > 1 else b.grad
-        return src[a - lo: a - lo + pc.values.numel()]
+        return a, a + pc.values.numel()
+
+    def _piece_grad(self, pc: Piece) -> torch.Tensor:
+        """The piece's reduced gradient in fp32: in the gradient buffer itself (ZeRO 0, and ZeRO 1, whose
+        reduce-scatter writes this rank's slice in place), or in the slice ZeRO 2 accumulates."""
+        b = self._owner[pc.param]
+        a, z = self._piece_range(pc)
+        if b.short_lived:
+            lo, _ = self._slice_range(b)
+            return b.shard_grad[a - lo:z - lo]
+        return b.grad[a:z].float()
 
     # ---- gradients -------------------------------------------------------------------------------------------
 
@@ -162,25 +202,28 @@ class DistributedOptimizer:
             b.ready = 0
             if b.shard_grad is not None:
                 b.shard_grad.zero_()
-            if not b.short_lived:
-                if b.grad is None:
-                    b.grad = torch.zeros_like(b.data)
-                    for p, off in zip(b.params, b.offsets):
-                        p.grad = b.grad[off:off + p.numel()].view_as(p)
-                else:
-                    b.grad.zero_()
+            if b.short_lived:
+                b.grad = None
+            elif b.grad is None:
+                b.grad = self._new_grad(b)
             else:
-                for p in b.params:
-                    p.grad = None
+                b.grad.zero_()
+            for p, off in zip(b.params, b.offsets):
+                p.grad = b.grad[off:off + p.numel()].view_as(p) if self._grad_views(b) else None
+
+    def _new_grad(self, b: Bucket) -> torch.Tensor:
+        return torch.zeros(b.numel, dtype=self.grad_dtype, device=b.data.device)
 
     def _on_grad(self, p) -> None:
         b = self._owner[p]
-        if b.short_lived:  # move this micro-batch's gradient into the bucket and free it
+        if not self._grad_views(b):  # add this backward's gradient into the bucket and free it
             if b.grad is None:
-                b.grad = torch.zeros_like(b.data)
+                b.grad = self._new_grad(b)
             off = self._offset[p]
-            b.grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
+            b.grad[off:off + p.numel()].add_(p.grad.reshape(-1))
             p.grad = None
+        if b.deferred:  # reduced after the schedule
+            return
         b.ready += 1
         per_launch = len(b.params) * (1 if b.short_lived else self.micro_batches)
         if b.ready == per_launch:
@@ -196,10 +239,11 @@ class DistributedOptimizer:
             return
         if b.slices == 1:
             b.pending.append((dist.all_reduce(b.grad, group=b.group, async_op=True), None))
-        elif not b.short_lived:
-            b.pending.append((dist.reduce_scatter_tensor(b.shard_grad, b.grad, group=b.group, async_op=True), None))
+        elif not b.short_lived:  # in place: this rank's reduced slice lands in its own part of the buffer
+            lo, hi = self._slice_range(b)
+            b.pending.append((dist.reduce_scatter_tensor(b.grad[lo:hi], b.grad, group=b.group, async_op=True), None))
         else:
-            out = torch.empty_like(b.shard_grad)
+            out = torch.empty(b.shard_grad.shape, dtype=b.grad.dtype, device=b.grad.device)
             b.pending.append((dist.reduce_scatter_tensor(out, b.grad, group=b.group, async_op=True), out))
             b.grad = None  # freed once the reduction completes
 
@@ -209,18 +253,14 @@ class DistributedOptimizer:
         for b in self.buckets:
             if not b.deferred:
                 continue
-            for p in b.params:
-                if b.short_lived and p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            if b.grad is None:  # ZeRO 2, and no gradient reached the bucket
+                b.grad = self._new_grad(b)
+            for p, off in zip(b.params, b.offsets):
+                grad = b.grad[off:off + p.numel()]
                 if getattr(p, "sequence_parallel", False) and self.topo.tp > 1:
-                    dist.all_reduce(p.grad, group=self.topo.tp_group)
+                    dist.all_reduce(grad, group=self.topo.tp_group)
                 if getattr(p, "shared_embedding", False):
-                    dist.all_reduce(p.grad, group=self.topo.embedding_group)
-            if b.short_lived:
-                b.grad = torch.cat([p.grad.reshape(-1) for p in b.params]
-                                   + [b.data.new_zeros(b.numel - sum(p.numel() for p in b.params))])
-                for p in b.params:
-                    p.grad = None
+                    dist.all_reduce(grad, group=self.topo.embedding_group)
             self._launch(b)
         for b in self.buckets:
             if b.ready:  # some parameter got no gradient this step
@@ -291,33 +331,39 @@ class DistributedOptimizer:
         for pc in self.pieces:
             pc.values.grad = None
         for b in self.buckets:
-            if b.slices > 1:
-                lo, hi = self._slice_range(b)
-                dist.all_gather_into_tensor(b.data, b.data[lo:hi].clone(), group=b.group)
+            lo, hi = self._slice_range(b)
+            if b.main is not None:
+                b.data[lo:hi].copy_(b.main)
+            if b.slices > 1:  # in place, in the parameters' dtype
+                dist.all_gather_into_tensor(b.data, b.data[lo:hi], group=b.group)
         return norm, False
 
     # ---- state in global coordinates ---------------------------------------------------------------------------
 
     def memory_bytes(self) -> dict:
         """This rank's persistent training state, measured from the tensors it holds (call it after a step):
-        parameters, gradient buffers (full and/or this rank's slice), Adam moments as allocated."""
+        parameters, gradient buffers (full and/or this rank's slice), fp32 main parameters (low-precision
+        parameters only), Adam moments as allocated."""
         def nbytes(t):
             return 0 if t is None else t.numel() * t.element_size()
 
         return {"param_bytes": sum(nbytes(b.data) for b in self.buckets),
                 "grad_bytes": sum(nbytes(b.grad) + nbytes(b.shard_grad) for b in self.buckets),
+                "main_param_bytes": sum(nbytes(b.main) for b in self.buckets),
                 "optimizer_state_bytes": self.state_bytes()}
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.adam.state.values() for t in s.values()
                    if torch.is_tensor(t) and t.dim() > 0)
 
-    def checkpoint_state(self) -> tuple:
+    def checkpoint_state(self, copy: bool = True) -> tuple:
         """What this rank writes of the Adam state, with no collective: ``(whole, slices)``. ``whole`` maps a
-        parameter of an unsliced bucket (every data-parallel rank holds it all) to its moments and step; ``slices``
-        maps a parameter of a ZeRO-sliced bucket to this rank's pieces ``[(start, stop, moments, step and the
-        parameter's values)]``, ranges of the flattened (TP-local) parameter. Host copies; empty before the first
-        step."""
+        parameter of an unsliced bucket (every data-parallel rank holds it all) to its moments and step (and fp32
+        ``main_param`` for low-precision parameters); ``slices`` maps a parameter of a ZeRO-sliced bucket to this
+        rank's pieces ``[(start, stop, state)]``, ranges of the flattened (TP-local) parameter, whose state also
+        holds the piece's ``param`` values. Host tensors: copies with ``copy`` (an async save's snapshot), else
+        views of the training state where it lives on the host (a synchronous save allocates nothing). Empty
+        before the first step."""
         whole, slices = {}, {}
         if not any(self.adam.state.get(pc.values) for pc in self.pieces):
             return whole, slices
@@ -329,14 +375,32 @@ class DistributedOptimizer:
             st = self.adam.state.get(pc.values)
             if not st:
                 continue
-            moments = {"exp_avg": st["exp_avg"].detach().cpu().clone(),
-                       "exp_avg_sq": st["exp_avg_sq"].detach().cpu().clone(), "step": st["step"].detach().cpu().clone()}
-            if self._owner[pc.param].slices > 1:
-                moments["param"] = pc.values.detach().cpu().clone()
-                slices.setdefault(pc.param, []).append((pc.start, pc.start + pc.values.numel(), moments))
+            b = self._owner[pc.param]
+            state = {k: host_tensor(st[k], copy) for k in ("exp_avg", "exp_avg_sq", "step")}
+            if b.main is not None:
+                state["main_param"] = host_tensor(pc.values, copy)
+            if b.slices > 1:
+                a, z = self._piece_range(pc)
+                state["param"] = host_tensor(b.data[a:z], copy)
+                slices.setdefault(pc.param, []).append((pc.start, pc.start + pc.values.numel(), state))
             else:
-                whole[pc.param] = {k: (v.view_as(pc.param) if v.ndim else v) for k, v in moments.items()}
+                whole[pc.param] = {k: (v.view_as(pc.param) if v.ndim else v) for k, v in state.items()}
         return whole, slices
+
+    def load_main_params(self, values: dict) -> None:
+        """Set the fp32 main parameters (low-precision parameters only) from ``values`` (``{parameter: its
+        TP-local values}``, e.g. a checkpoint's fp32 main parameters or fp32 weights), else from the parameters
+        themselves, so a resumed run continues from the full-precision values it saved."""
+        for pc in self.pieces:
+            b = self._owner[pc.param]
+            if b.main is None:
+                continue
+            v = values.get(pc.param)
+            if v is None:
+                a, z = self._piece_range(pc)
+                pc.values.copy_(b.data[a:z])
+            else:
+                pc.values.copy_(v.reshape(-1)[pc.start:pc.start + pc.values.numel()])
 
     def load_full_state(self, state: dict) -> None:
         """``state`` maps a parameter to its whole (TP-local) moments and step, as a checkpoint reads back."""

@@ -109,9 +109,9 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.topo.tp_group)
 
 
-def param_generator(seed: int, name: str) -> torch.Generator:
-    """A generator that depends only on the seed and the parameter's global name."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+def param_generator(seed: int, name: str, device: Optional[torch.device] = None) -> torch.Generator:
+    """A generator on ``device`` that depends only on the seed and the parameter's global name."""
+    return torch.Generator(device=device or "cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 @torch.no_grad()
@@ -122,7 +122,7 @@ def init_shard_(param: torch.Tensor, full_shape, std: float, generator: torch.Ge
     ``valid_rows`` draws only the first rows (the real vocabulary) and zeroes the rest (padding), so the padded
     size, which depends on TP, does not change the values.
     """
-    full = torch.zeros(full_shape)
+    full = torch.zeros(full_shape, device=param.device)  # fp32 whatever the parameter's dtype
     rows = full_shape[0] if valid_rows is None else valid_rows
     full[:rows].normal_(0.0, std, generator=generator)
     param.copy_(shard_of(full, param, topo))

@@ -2,9 +2,11 @@
 
 Takes the same flags as ``megalm-pretrain`` plus ``--world-size``. Parameters are counted exactly by building
 every pipeline stage on PyTorch's meta device (no memory, no compute), so they follow megalm's real layer shapes,
-vocabulary padding and tied-embedding copies. Bytes per parameter follow megalm's optimizer: fp32 parameters
-(also the master weights under bf16/fp16 autocast), fp32 gradients (a full buffer, plus the reduced 1/DP slice at
-ZeRO 1, only the slice at ZeRO 2), Adam's two fp32 moments (1/DP of them at ZeRO 1 and 2).
+vocabulary padding and tied-embedding copies. Bytes per parameter follow megalm's optimizer: parameters in the
+run's dtype (2 bytes under bf16/fp16, 4 in fp32), gradients in fp32 (a full buffer that ZeRO 1 reduce-scatters
+in place; only this rank's slice at ZeRO 2; 2 bytes with --grad-reduce-in-bf16), and as optimizer state Adam's
+two fp32 moments plus, for bf16/fp16 parameters, fp32 main parameters (1/DP of them at ZeRO 1 and 2): Megatron's
+2 + 4 + 12/DP under ZeRO 1 in bf16.
 
 Activations saved for backward per layer and micro-batch, in units of ``s b h`` elements (s sequence, b micro
 batch, h hidden; ``r = query groups / heads``, ``f`` the MLP width, ``t`` TP), from the tensors megalm's layers
@@ -17,7 +19,7 @@ keep (measured with saved-tensor hooks; tests/test_estimate.py checks the formul
     attention probabilities (fused/unfused): a s / h / t
 
 Full recomputation keeps only each layer's input (1, or 1/t with SP) plus one layer's full set while it is
-recomputed. Under mixed precision linear-layer activations take 2 bytes. The first pipeline stage holds
+recomputed. Under bf16/fp16 activations take 2 bytes. The first pipeline stage holds
 ``min(P, m)`` micro-batches in flight with 1F1B (times ``1 + (P - 1) / (P V)`` interleaved); the last stage also
 keeps the fp32 logits of one micro-batch for the loss (``s b V / t``). Step time is the model FLOPs
 (6 N + 12 L h s per token, with recomputation's extra forward, N counting the active top-k of E experts) at an
@@ -125,13 +127,14 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
     for stage in range(pp):
         params, experts, moe = stage_parameters(cfg, vocab_size, stage)
         dense = params - experts
-        param_bytes = 4 * params
+        param_bytes = width * params
         shards = [(dense, dp * cp), (experts, edp)]  # each part sharded over the ranks that reduce it
         if zero == 2:
             grad_bytes = sum(4 * math.ceil(n / ranks) for n, ranks in shards)
         else:
-            grad_bytes = 4 * params + sum(4 * math.ceil(n / ranks) for n, ranks in shards if ranks > 1) * (zero == 1)
-        optimizer_bytes = sum(8 * (math.ceil(n / ranks) if zero >= 1 else n) for n, ranks in shards)
+            grad_bytes = (2 if t.grad_reduce_in_bf16 else 4) * params
+        per_param = 12 if mixed else 8  # fp32 main parameters next to Adam's moments
+        optimizer_bytes = sum(per_param * (math.ceil(n / ranks) if zero >= 1 else n) for n, ranks in shards)
         layers = len(moe)
         if m.recompute_granularity == "full":
             kept = layers * sbh * 4 / (tp if sp else 1)

@@ -70,7 +70,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 QWEN = ("qwen2", "qwen3", "qwen3_moe")  # their window: use_sliding_window, and which layers have it
 
 
-def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
+def hf_config(m: ModelConfig, vocab: int, eod: int, dtype: str = "float32") -> dict:
     if flavour(m) == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
                 "n_positions": m.max_position_embeddings, "n_embd": m.hidden_size, "n_layer": m.num_layers,
@@ -78,7 +78,7 @@ def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
                 "activation_function": "gelu_new" if m.gelu_approximation == "tanh" else "gelu",
                 "layer_norm_epsilon": m.norm_epsilon, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "initializer_range": m.init_method_std, "bos_token_id": eod, "eos_token_id": eod,
-                "tie_word_embeddings": True, "torch_dtype": "float32"}
+                "tie_word_embeddings": True, "torch_dtype": dtype}
     family = flavour(m)
     out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": vocab,
            "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
@@ -86,7 +86,7 @@ def hf_config(m: ModelConfig, vocab: int, eod: int) -> dict:
            "head_dim": m.head_dim, "max_position_embeddings": m.max_position_embeddings,
            "rms_norm_eps": m.norm_epsilon, "hidden_act": "silu",
            "tie_word_embeddings": not m.untie_embeddings_and_output_weights, "initializer_range": m.init_method_std,
-           "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": "float32", "rope_theta": m.rotary_base}
+           "bos_token_id": eod, "eos_token_id": eod, "torch_dtype": dtype, "rope_theta": m.rotary_base}
     if family != "llama":
         out["sliding_window"] = m.sliding_window
     if m.use_rope_scaling:
@@ -380,11 +380,12 @@ def export_hf(load: str, output: str) -> str:
     state = read_checkpoint(load, parts=("model",))
     cfg = state["config"]
     tok = build_tokenizer(cfg.data)
-    weights = to_hf(cfg.model, state["model"])
+    weights = to_hf(cfg.model, state["model"])  # in the checkpoint's dtype: bf16 from a --bf16 run
+    dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     os.makedirs(output, exist_ok=True)
     save_file(weights, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(output, "config.json"), "w") as fh:
-        json.dump(hf_config(cfg.model, tok.vocab_size, tok.eod), fh, indent=1)
+        json.dump(hf_config(cfg.model, tok.vocab_size, tok.eod, dtype), fh, indent=1)
     for path in _tokenizer_files(cfg):
         shutil.copy(path, os.path.join(output, os.path.basename(path)))
     eos = tok.detokenize([tok.eod]) if cfg.data.tokenizer_type != "NullTokenizer" else None

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config, load_yaml, save_yaml
+from megalm.optim.distributed import host_tensor
 from megalm.parallel.layers import shard_of
 from megalm.parallel.state import Topology
 
@@ -102,7 +103,7 @@ def _files(root: str) -> list:
     return sorted(out)
 
 
-def local_shards(model, optimizer_state, topo: Topology) -> tuple:
+def local_shards(model, optimizer_state, topo: Topology, copy: bool = True) -> tuple:
     """This rank's parameters and Adam state as written, and their place in the global tensors:
     ``(model, optimizer, index, slices)`` with ``index[name] = [dim, start, stop, padded_rows, (dim, start,
     stop)...]`` (``dim`` None for a whole tensor; more splits follow for experts split two ways) for what
@@ -110,7 +111,8 @@ def local_shards(model, optimizer_state, topo: Topology) -> tuple:
     checkpoint_state``): a parameter in a ZeRO-sliced bucket is written, values and Adam state, by every rank that
     holds a slice of it (fully parallel, nothing gathered): ``slices[name] = [[start, stop, local_shape, *index
     entry]]`` per piece of the flattened TP-local tensor, its values under ``model`` and moments under
-    ``optimizer`` as lists in the same order."""
+    ``optimizer`` as lists in the same order. ``copy``: host copies of the parameters (an async save's snapshot)
+    rather than aliases of them."""
     whole, pieces = optimizer_state if isinstance(optimizer_state, tuple) else (optimizer_state or {}, {})
     tensors, moments, index, slices = {}, {}, {}, {}
     for name, p in _owned(model):
@@ -125,7 +127,7 @@ def local_shards(model, optimizer_state, topo: Topology) -> tuple:
         if not _writes(p, topo):
             continue
         index[name] = place
-        tensors[name] = p.detach().cpu().clone()
+        tensors[name] = host_tensor(p, copy)
         if whole.get(p):
             moments[name] = whole[p]  # host copies already (``checkpoint_state``)
     return tensors, moments, index, slices
@@ -165,7 +167,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_state, cfg: Conf
         dist.barrier()
     if write_extra is not None:
         write_extra(tmp)
-    tensors, moments, index, slices = local_shards(model, optimizer_state, topo)  # host copies
+    tensors, moments, index, slices = local_shards(model, optimizer_state, topo, copy=background)
     files = {_rng_file(topo.tp_rank, topo.pp_rank, topo.dp_rank, topo.cp_rank): rng}
     model_file, optim_file = _shard_files(topo)
     if tensors:
@@ -349,9 +351,10 @@ def read_checkpoint(path: str, parts=("model", "optimizer")) -> dict:
             if part == "model":
                 out[part][name] = _join_slices(name, entries, files, vocab, {"": lambda piece: piece})[""]
             else:
-                moments = {k: (lambda piece, k=k: piece[k]) for k in ("exp_avg", "exp_avg_sq")}
-                out[part][name] = dict(_join_slices(name, entries, files, vocab, moments),
-                                       step=files[entries[0][0]][name][entries[0][1]]["step"].clone())
+                first = files[entries[0][0]][name][entries[0][1]]
+                moments = {k: (lambda piece, k=k: piece[k]) for k in ("exp_avg", "exp_avg_sq", "main_param")
+                           if k in first}
+                out[part][name] = dict(_join_slices(name, entries, files, vocab, moments), step=first["step"].clone())
     return out
 
 
@@ -434,9 +437,21 @@ def load_model_state(model, state: dict, topo: Topology, source: str) -> None:
         p.copy_(shard)
 
 
+def full_precision_values(model, state: dict, topo: Topology) -> dict:
+    """``{parameter: this rank's values}`` at the checkpoint's full precision: the optimizer's fp32 main
+    parameters where it saved them (bf16/fp16 runs), else the weights as saved (fp32 from an fp32 run)."""
+    optimizer = state.get("optimizer") or {}
+    out = {}
+    for name, p in model.named_parameters():
+        full = optimizer.get(name, {}).get("main_param", state["model"].get(name))
+        if full is not None:
+            out[p] = shard_of(_pad(full, p, topo), p, topo)
+    return out
+
+
 def load_optimizer_state(model, state: dict, topo: Topology) -> dict:
     """{parameter: moments with this TP rank's whole tensors} from the checkpoint's global ones."""
     return {p: {k: (shard_of(_pad(v, p, topo), p, topo).to(p.device).clone()
                     if v.ndim > 0 else v.clone())
-                for k, v in state[name].items()}
+                for k, v in state[name].items() if k != "main_param"}
             for name, p in model.named_parameters() if name in state}

@@ -154,8 +154,8 @@ class DeepSpeedTrainer(Trainer):
         return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
                    if torch.is_tensor(t) and t.dim() > 0)
 
-    def _autocast(self):
-        return contextlib.nullcontext()  # the engine casts the model itself for bf16/fp16
+    def parameter_dtype(self) -> torch.dtype:
+        return torch.float32  # the engine keeps its own mixed precision: it casts the model for bf16/fp16
 
     def train_step(self, micro_batches) -> dict:
         self.engine.train()

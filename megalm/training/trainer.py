@@ -63,9 +63,9 @@ class Trainer:
         p = cfg.parallel
         chunks = stage_chunks(cfg.model.num_layers, topo.pp, topo.pp_rank, p.num_layers_per_virtual_pipeline_stage,
                               p.pipeline_stage_layers)
-        self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo, chunks)
-        self.model.init_weights(t.seed)
-        self.model.to(self.device)
+        with torch.device("meta"):  # no memory yet: each parameter is created on the device as it is initialised
+            self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo, chunks)
+        self.model.init_weights(t.seed, self.device, self.parameter_dtype())
         if t.compile:
             for block in self.model.layers.values():
                 block.compile()
@@ -76,12 +76,12 @@ class Trainer:
         self.comm = None
         if topo.pp > 1:
             seq = cfg.model.seq_length // topo.cp // (topo.tp if topo.sequence_parallel else 1)
-            self.comm = PipeComm(topo, (t.micro_batch_size, seq, cfg.model.hidden_size), torch.float32, self.device)
+            self.comm = PipeComm(topo, (t.micro_batch_size, seq, cfg.model.hidden_size), self.parameter_dtype(),
+                                 self.device)
         o = cfg.optim
         self.optimizer = self.build_optimizer()
         self.scaler = LossScaler(t.fp16, o.initial_loss_scale, o.loss_scale_window, o.min_loss_scale,
                                  o.loss_scale or 0.0)
-        self.compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
         self.iteration = 0
         self.consumed_samples = 0
         lg = cfg.logging
@@ -125,9 +125,16 @@ class Trainer:
                      self.num_micro, "interleaved 1F1B" if virtual > 1 else "1F1B",
                      100 * bubble_fraction(topo.pp, self.num_micro, virtual), "V " if virtual > 1 else "")
 
+    def parameter_dtype(self) -> torch.dtype:
+        """bf16/fp16 parameters under --bf16/--fp16 (the optimizer keeps fp32 main copies), else fp32."""
+        t = self.cfg.train
+        return torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+
     def build_optimizer(self):
         o = self.cfg.optim
-        return DistributedOptimizer(self.model, o, self.topo, o.zero_stage, self.num_micro, o.ddp_bucket_size)
+        grad_dtype = torch.bfloat16 if self.cfg.train.grad_reduce_in_bf16 else torch.float32
+        return DistributedOptimizer(self.model, o, self.topo, o.zero_stage, self.num_micro, o.ddp_bucket_size,
+                                    grad_dtype)
 
     def optimizer_state_bytes(self) -> int:
         return self.optimizer.state_bytes()
@@ -142,8 +149,9 @@ class Trainer:
 
     def log_memory(self) -> None:
         mem = self.optimizer.memory_bytes()
-        log.info("memory per rank (rank 0): parameters %.1f MB, gradients %.1f MB, optimizer state %.1f MB "
-                 "(ZeRO stage %d over DP %d)", mem["param_bytes"] / 1e6, mem["grad_bytes"] / 1e6,
+        main = f", fp32 main parameters {mem['main_param_bytes'] / 1e6:.1f} MB" if mem["main_param_bytes"] else ""
+        log.info("memory per rank (rank 0): parameters %.1f MB, gradients %.1f MB%s, optimizer state %.1f MB "
+                 "(ZeRO stage %d over DP %d)", mem["param_bytes"] / 1e6, mem["grad_bytes"] / 1e6, main,
                  mem["optimizer_state_bytes"] / 1e6, self.optimizer.zero_stage, self.topo.dp)
 
     def _sum_over_stages(self, *values: int) -> list:
@@ -153,11 +161,6 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, group=self.topo.pp_group)
         return [int(v) for v in t.tolist()]
-
-    def _autocast(self):
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def _micro_batches(self, dataset, consumed: int):
         t = self.cfg.train
@@ -213,7 +216,7 @@ class Trainer:
         def forward(chunk, i, hidden):
             batch = micro_batches[i]
             measure = self.live.during(i) if self.live else contextlib.nullcontext()
-            with self._autocast(), measure:
+            with measure:
                 out = self.model(**self.model_inputs(batch), hidden=hidden, chunk=chunk)
             if not self.model.is_last_chunk(chunk):
                 return out
@@ -343,7 +346,8 @@ class Trainer:
 
     def _save(self) -> None:
         ck = self.cfg.checkpoint
-        written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.checkpoint_state(), self.cfg,
+        written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.checkpoint_state(ck.async_save),
+                                       self.cfg,
                                        self.topo, self.checkpoint_meta(), self.rng_state(), background=ck.async_save)
         if ck.async_save:
             self.pending_save = written
@@ -392,6 +396,7 @@ class Trainer:
                 log.warning("%s holds no optimizer state (saved by the DeepSpeed path or before the first step): "
                             "Adam starts afresh", state["path"])
             self.optimizer.load_full_state(ckpt.load_optimizer_state(self.model, state["optimizer"], self.topo))
+        self.optimizer.load_main_params(ckpt.full_precision_values(self.model, state, self.topo))
         if ck.finetune:
             log.info("fine-tuning from the weights of %s, starting at iteration 0", state["path"])
             return
