@@ -1,4 +1,4 @@
-"""Checkpoint saves of a 125M GPT (bf16 autocast, ZeRO 1) at DP 1, 2 and 4 through the real entry point (gloo,
+"""Checkpoint saves of a 125M GPT (bf16 parameters, ZeRO 1) at DP 1, 2 and 4 through the real entry point (gloo,
 CPU): how long a save blocks the training loop, synchronous and with --async-save, how long the writing itself
 takes, and the bytes each rank writes (every rank writes its own ZeRO slice of the Adam state).
 
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=768)
     a = ap.parse_args()
-    print(f"# bench_checkpoint: GPT {a.layers} layers x {a.hidden}, vocabulary {VOCAB}, bf16 autocast, ZeRO 1; "
+    print(f"# bench_checkpoint: GPT {a.layers} layers x {a.hidden}, vocabulary {VOCAB}, bf16 parameters, ZeRO 1; "
           f"{platform.machine()}, {os.cpu_count()} cores; gloo, one thread per rank")
     print(f"{'DP':>3} {'sync blocks s':>14} {'async blocks s':>15} {'async/sync':>11} {'target':>7} "
           f"{'written s (rank 0)':>19}  MB written per rank")

@@ -39,7 +39,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_low_precision_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, layout):
+def test_low_precision_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, layout, monkeypatch):
     """Per-iteration losses within 1e-2 relative of one process in the same precision over 10 iterations, and
     the saved fp32 main parameters within 2e-2 (bf16 rounding of differently ordered sums, amplified by Adam's
     normalisation on near-zero gradients)."""
@@ -57,6 +57,39 @@ def test_low_precision_layout_matches_one_process(tmp_path, dataset_prefix, bpe_
         assert_close(got_ck["optimizer"][name]["main_param"], state["main_param"], 2e-2, f"{layout} {name}")
         low = ref_ck["model"][name]
         assert low.element_size() == 2 and got_ck["model"][name].dtype == low.dtype
+    if nproc == 8:
+        check_local_reads(tmp_path / "many" / "ck", got_ck, monkeypatch)
+
+
+def check_local_reads(folder, whole, monkeypatch):
+    """What a TP 2 x PP 2 rank reads to resume from a TP 2 x PP 2 x DP 2 ZeRO 1 checkpoint (loading at TP 1 too):
+    only its stage's files are opened, and it gets exactly its part of each whole tensor."""
+    import torch
+
+    from megalm.model.gpt import GPT
+    from megalm.parallel.layers import shard_of
+    from megalm.parallel.state import Topology
+    from megalm.pipeline.layout import stage_chunks
+    from megalm.training import checkpoint as ckpt
+
+    opened = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: opened.append(os.path.basename(f)) or real_load(f, *a, **k))
+    cfg = whole["config"]
+    for tp, tp_rank, pp_rank in [(2, 0, 0), (2, 1, 1), (1, 0, 1)]:
+        topo = Topology(tp=tp, tp_rank=tp_rank, pp=2, pp_rank=pp_rank, sequence_parallel=tp > 1)
+        with torch.device("meta"):
+            model = GPT(cfg.model, whole["meta"]["vocab_size"], topo, stage_chunks(cfg.model.num_layers, 2, pp_rank))
+        opened.clear()
+        mine = ckpt.read_checkpoint(str(folder), ("model", "optimizer"), model, topo)
+        assert opened and all(f"-pp{pp_rank:03d}" in f for f in opened), opened
+        assert mine["local"] and set(mine["model"]) == {n for n, _ in model.named_parameters()}
+        for name, p in model.named_parameters():
+            for part, key in (("model", None), ("optimizer", "main_param"), ("optimizer", "exp_avg")):
+                full = whole[part][name] if key is None else whole[part][name][key]
+                got = mine[part][name] if key is None else mine[part][name][key]
+                # what the whole-tensor path cuts for this rank
+                assert torch.equal(got, shard_of(ckpt._pad(full, p, topo), p, topo)), (tp, tp_rank, pp_rank, name)
 
 
 def test_bf16_tracks_fp32(tmp_path, dataset_prefix, bpe_flags):

@@ -324,46 +324,64 @@ def _verified(path: str, meta: dict, names) -> None:
             raise CheckpointError(f"{fpath}: checksum mismatch, the file is corrupted")
 
 
-def read_checkpoint(path: str, parts=("model", "optimizer")) -> dict:
+def read_checkpoint(path: str, parts=("model", "optimizer"), model=None, topo: Optional[Topology] = None) -> dict:
     """Meta, config and ``parts`` (model, optimizer) of a checkpoint as whole, unpadded tensors keyed by global
     name (the shards assembled, memory-mapped while reading); every file read is checked against its SHA-256
-    first. Random-number state is per rank: ``read_rng``."""
+    first. Random-number state is per rank: ``read_rng``.
+
+    With ``model`` and ``topo`` (a training rank loading): only ``model``'s parameters, each as this rank's part
+    (its TP / EP shard, padding rows zero; ``out["local"]`` is True). Only the files holding them are checksummed
+    and opened, and of those only the pieces overlapping this rank's part are read, so under pipeline
+    parallelism a rank reads its stage's files alone, and a TP rank's shard comes from the saved shards that
+    overlap it."""
     path = resolve(path)
     with open(os.path.join(path, "meta.json")) as fh:
         meta = json.load(fh)
-    wanted = {"config.yaml"} | {f for f in meta["checksums"] for part in parts if f.startswith(f"{part}-")}
-    _verified(path, meta, wanted)
-    out = {"path": path, "meta": meta, "config": load_yaml(os.path.join(path, "config.yaml"))}
+    params = dict(model.named_parameters()) if model is not None else None
+    out = {"path": path, "meta": meta, "local": params is not None}
     vocab = meta.get("vocab_size")
+    wanted = {part: {} for part in parts}  # part -> name -> (entries, sliced)
     for part in parts:
-        files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=True, mmap=True)
-                 for f in wanted if f.startswith(f"{part}-")}
+        for kind, sliced in ((part, False), (f"{part}_slices", True)):
+            for name, entries in meta["shards"].get(kind, {}).items():
+                if params is None or name in params:
+                    wanted[part][name] = (entries, sliced)
+    names = {e[0] for part in parts for entries, _ in wanted[part].values() for e in entries}
+    _verified(path, meta, {"config.yaml"} | names)
+    out["config"] = load_yaml(os.path.join(path, "config.yaml"))
+    files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=True, mmap=True) for f in names}
+    for part in parts:
         out[part] = {}
-        for name, entries in meta["shards"][part].items():
+        for name, (entries, sliced) in wanted[part].items():
+            target = (params[name], topo) if params is not None else None
+            if sliced:
+                first = files[entries[0][0]][name][entries[0][1]]
+                keys = {"": lambda piece: piece} if part == "model" else \
+                    {k: (lambda piece, k=k: piece[k]) for k in ("exp_avg", "exp_avg_sq", "main_param") if k in first}
+                joined = _join_slices(name, entries, files, vocab, keys, target)
+                out[part][name] = joined[""] if part == "model" else dict(joined, step=first["step"].clone())
+                continue
             entries = sorted(entries, key=lambda e: e[2:4] + e[6:8])
             if part == "model":
-                out[part][name] = _join([files[e[0]][name] for e in entries], entries, vocab)
+                out[part][name] = _join([files[e[0]][name] for e in entries], entries, vocab, target)
             else:
                 first = files[entries[0][0]][name]
-                out[part][name] = {k: (_join([files[e[0]][name][k] for e in entries], entries, vocab)
+                out[part][name] = {k: (_join([files[e[0]][name][k] for e in entries], entries, vocab, target)
                                        if v.ndim > 0 else v.clone()) for k, v in first.items()}
-        for name, entries in meta["shards"].get(f"{part}_slices", {}).items():
-            if part == "model":
-                out[part][name] = _join_slices(name, entries, files, vocab, {"": lambda piece: piece})[""]
-            else:
-                first = files[entries[0][0]][name][entries[0][1]]
-                moments = {k: (lambda piece, k=k: piece[k]) for k in ("exp_avg", "exp_avg_sq", "main_param")
-                           if k in first}
-                out[part][name] = dict(_join_slices(name, entries, files, vocab, moments), step=first["step"].clone())
     return out
 
 
-def _join_slices(name: str, entries: list, files: dict, vocab, keys: dict) -> dict:
-    """Whole tensors from ZeRO slices: each entry ``[file, i, start, stop, local_shape, *place]`` is a range of a
-    flattened TP-local tensor whose place in the whole is ``place`` (as in ``_join``); ``keys`` maps each output
-    to how it is read from a stored piece."""
+def _join_slices(name: str, entries: list, files: dict, vocab, keys: dict, target=None) -> dict:
+    """Whole tensors (or ``target``'s part, as in ``_join``) from ZeRO slices: each entry ``[file, i, start, stop,
+    local_shape, *place]`` is a range of a flattened TP-local tensor whose place in the whole is ``place`` (as in
+    ``_join``); ``keys`` maps each output to how it is read from a stored piece. Saved TP-local tensors that do
+    not overlap ``target`` are not read."""
+    want = _box(_place(*target)) if target is not None else None
     locals_ = {}
     for file, i, start, stop, shape, *place in entries:
+        if want is not None and _overlap(want, _box(_entry_box(place)), shape, target[0].shape, vocab,
+                                         place[3]) is None:
+            continue
         piece = files[file][name][i]
         key = json.dumps(place)
         if key not in locals_:
@@ -376,7 +394,7 @@ def _join_slices(name: str, entries: list, files: dict, vocab, keys: dict) -> di
             flat[start:stop] = values
     boxes = list(locals_.values())
     entries = [[None, *place] for place, _, _ in boxes]
-    return {k: _join([flats[k].view(shape) for _, shape, flats in boxes], entries, vocab) for k in keys}
+    return {k: _join([flats[k].view(shape) for _, shape, flats in boxes], entries, vocab, target) for k in keys}
 
 
 def read_rng(path: str, meta: dict, topo: Topology) -> tuple:
@@ -398,14 +416,52 @@ def read_rng(path: str, meta: dict, topo: Topology) -> tuple:
     return torch.load(os.path.join(path, names[0]), map_location="cpu", weights_only=True), same
 
 
-def _join(pieces, entries, vocab_size):
+def _entry_box(entry: list) -> list:
+    """The ``[dim, start, stop]`` splits of an index entry ``[dim, start, stop, padded, (dim, start, stop)...]``."""
+    return [entry[0:3]] + [entry[i:i + 3] for i in range(4, len(entry), 3)]
+
+
+def _box(splits: list) -> dict:
+    return {dim: (start, stop) for dim, start, stop in splits if dim is not None}
+
+
+def _overlap(want: dict, have: dict, have_shape, want_shape, vocab, padded: bool):
+    """Where a stored piece (at ``have``, shaped ``have_shape``) and a wanted part (``want``, ``want_shape``) of one
+    global tensor meet: (source slices, destination slices), or None. Rows past the vocabulary are padding, never
+    copied."""
+    src, dst = [], []
+    for d in range(len(want_shape)):
+        hs, he = have.get(d, (0, have_shape[d]))
+        ws, we = want.get(d, (0, want_shape[d]))
+        lo, hi = max(hs, ws), min(he, we)
+        if padded and d == 0 and vocab:
+            hi = min(hi, vocab)
+        if lo >= hi:
+            return None
+        src.append(slice(lo - hs, hi - hs))
+        dst.append(slice(lo - ws, hi - ws))
+    return tuple(src), tuple(dst)
+
+
+def _join(pieces, entries, vocab_size, target=None):
     """The whole tensor from its pieces: each entry ``[file, dim, start, stop, padded, (dim, start, stop)...]``
-    places its piece in a box of the whole (a second split for experts under expert tensor parallelism)."""
+    places its piece in a box of the whole (a second split for experts under expert tensor parallelism). With
+    ``target`` ``(param, topo)``: only that parameter's part on this rank, in its shape (padding rows zero), read
+    from the pieces that overlap it."""
     padded = entries[0][4]
+    if target is not None:
+        param, topo = target
+        want = _box(_place(param, topo))
+        out = torch.zeros(param.shape, dtype=pieces[0].dtype)
+        for piece, entry in zip(pieces, entries):
+            where = _overlap(want, _box(_entry_box(entry[1:])), piece.shape, param.shape, vocab_size, padded)
+            if where is not None:
+                out[where[1]] = piece[where[0]]
+        return out
     if entries[0][1] is None:
         full = pieces[0].clone()
     else:
-        boxes = [[e[1:4]] + [e[i:i + 3] for i in range(5, len(e), 3)] for e in entries]
+        boxes = [_entry_box(e[1:]) for e in entries]
         shape = list(pieces[0].shape)
         for box in boxes:
             for dim, _, stop in box:
@@ -419,8 +475,15 @@ def _join(pieces, entries, vocab_size):
     return full[:vocab_size] if padded and vocab_size else full
 
 
+def _mine(value, p, topo: Topology, local: bool):
+    """This rank's part of a checkpoint tensor (it already is one when read with ``read_checkpoint(model=...)``)."""
+    return value if local else shard_of(_pad(value, p, topo), p, topo)
+
+
 @torch.no_grad()
-def load_model_state(model, state: dict, topo: Topology, source: str) -> None:
+def load_model_state(model, state: dict, topo: Topology, source: str, local: bool = False) -> None:
+    """Copy the checkpoint's weights into ``model`` (cast to its dtype): ``state`` holds whole tensors, or with
+    ``local`` this rank's parts."""
     names = dict(model.named_parameters())
     missing = sorted(set(names) - set(state))
     # under pipeline parallelism the other stages' parameters are expected
@@ -429,8 +492,7 @@ def load_model_state(model, state: dict, topo: Topology, source: str) -> None:
         raise CheckpointError(f"{source}: parameters do not match the model (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}); is the model config the same?")
     for name, p in names.items():
-        full = _pad(state[name], p, topo)
-        shard = shard_of(full, p, topo)
+        shard = _mine(state[name], p, topo, local)
         if shard.shape != p.shape:
             raise CheckpointError(f"{source}: {name} has shape {tuple(state[name].shape)} in the checkpoint, "
                                   f"which does not fit {tuple(p.shape)} here; is the model config the same?")
@@ -443,15 +505,15 @@ def full_precision_values(model, state: dict, topo: Topology) -> dict:
     optimizer = state.get("optimizer") or {}
     out = {}
     for name, p in model.named_parameters():
-        full = optimizer.get(name, {}).get("main_param", state["model"].get(name))
-        if full is not None:
-            out[p] = shard_of(_pad(full, p, topo), p, topo)
+        value = optimizer.get(name, {}).get("main_param", state["model"].get(name))
+        if value is not None:
+            out[p] = _mine(value, p, topo, state.get("local", False))
     return out
 
 
-def load_optimizer_state(model, state: dict, topo: Topology) -> dict:
-    """{parameter: moments with this TP rank's whole tensors} from the checkpoint's global ones."""
-    return {p: {k: (shard_of(_pad(v, p, topo), p, topo).to(p.device).clone()
-                    if v.ndim > 0 else v.clone())
+def load_optimizer_state(model, state: dict, topo: Topology, local: bool = False) -> dict:
+    """{parameter: moments with this TP rank's whole tensors} from the checkpoint's (whole, or with ``local``
+    this rank's parts)."""
+    return {p: {k: (_mine(v, p, topo, local).to(p.device).clone() if v.ndim > 0 else v.clone())
                 for k, v in state[name].items() if k != "main_param"}
             for name, p in model.named_parameters() if name in state}

@@ -370,8 +370,8 @@ class Trainer:
         self._saved()
 
     def read_and_check(self, path: str, parts) -> dict:
-        """Read a checkpoint and refuse one whose model or tokenizer differs from this run's."""
-        state = ckpt.read_checkpoint(path, parts)
+        """Read this rank's part of a checkpoint, once its model and tokenizer are known to be this run's."""
+        state = ckpt.read_checkpoint(path, ())
         saved, here = state["config"].model.__dict__, self.cfg.model.__dict__
         differ = sorted(k for k in here if k not in _RUNTIME_MODEL_FIELDS and saved.get(k) != here[k])
         if differ:
@@ -380,7 +380,7 @@ class Trainer:
         if state["meta"].get("tokenizer") != self.tokenizer.fingerprint:
             raise ckpt.CheckpointError(f"{state['path']}: saved with tokenizer {state['meta'].get('tokenizer')}, "
                                        f"this run uses {self.tokenizer.fingerprint}")
-        return state
+        return ckpt.read_checkpoint(path, parts, self.model, self.topo) if parts else state
 
     def load(self, path: str) -> None:
         """Weights always; optimizer state, loss scale, RNG and progress unless --finetune (weights only, from
@@ -390,12 +390,13 @@ class Trainer:
         if not (ck.finetune or ck.no_load_optim):
             parts.append("optimizer")
         state = self.read_and_check(path, parts)
-        ckpt.load_model_state(self.model, state["model"], self.topo, state["path"])
+        ckpt.load_model_state(self.model, state["model"], self.topo, state["path"], local=True)
         if "optimizer" in parts:
             if not state["optimizer"]:
                 log.warning("%s holds no optimizer state (saved by the DeepSpeed path or before the first step): "
                             "Adam starts afresh", state["path"])
-            self.optimizer.load_full_state(ckpt.load_optimizer_state(self.model, state["optimizer"], self.topo))
+            self.optimizer.load_full_state(ckpt.load_optimizer_state(self.model, state["optimizer"], self.topo,
+                                                                     local=True))
         self.optimizer.load_main_params(ckpt.full_precision_values(self.model, state, self.topo))
         if ck.finetune:
             log.info("fine-tuning from the weights of %s, starting at iteration 0", state["path"])
