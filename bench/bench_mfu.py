@@ -3,9 +3,12 @@ vocab 50304) in bf16 with fused AdamW, SDPA (flash) attention and optionally tor
 Trainer on random tokens; prints tokens/s, TFLOP/s and MFU against the GPU's dense bf16 peak.
 
     python bench/bench_mfu.py [--iters 30] [--micro-batch-size 4] [--compile] [--attention-backend sdpa|fused]
+    python bench/bench_mfu.py --precision autocast   # bf16 autocast over fp32 parameters, the reference for bf16
     python bench/bench_mfu.py --smoke      # a tiny model on CPU: what the test suite runs
 
-The reference for the ratio is the target itself: MFU 50% (Megatron-LM reports 41-49% on H100 clusters).
+The reference for the ratio is the target itself: MFU 50% (Megatron-LM reports 41-49% on H100 clusters). Run with
+``--precision bf16`` (megalm's --bf16: bf16 parameters, fp32 main parameters) and ``--precision autocast`` (the
+same Trainer with fp32 parameters, each step under torch.autocast) to compare the two; both print peak memory.
 """
 import argparse
 import os
@@ -48,16 +51,19 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--attention-backend", default="sdpa")
     ap.add_argument("--recompute", default=None, choices=("full", "selective"))
+    ap.add_argument("--precision", default=None, choices=("bf16", "autocast", "fp32"),
+                    help="bf16 parameters (the default on GPU), bf16 autocast over fp32 parameters, or fp32 (the "
+                         "default with --smoke)")
     args = ap.parse_args(argv)
+    precision = args.precision or ("fp32" if args.smoke else "bf16")
     if args.smoke:
         shape = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128"]
-        vocab, iters, mbs, gbs, precision = 1024, 4, 2, 4, []
+        vocab, iters, mbs, gbs = 1024, 4, 2, 4
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU: run with --smoke on CPU")
         shape = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "2048"]
-        vocab, iters, mbs, gbs, precision = 50304, args.iters, args.micro_batch_size, args.global_batch_size, \
-            ["--bf16"]
+        vocab, iters, mbs, gbs = 50304, args.iters, args.micro_batch_size, args.global_batch_size
     seq = int(shape[shape.index("--seq-length") + 1])
     with tempfile.TemporaryDirectory() as workdir:
         prefix = random_dataset(workdir, vocab, (iters + 2) * gbs * (seq + 1) + 10 * seq)
@@ -65,16 +71,18 @@ def main(argv=None):
                  str(iters), "--eval-iters", "0", "--split", "100,0,0", "--data-path", prefix, "--tokenizer-type",
                  "NullTokenizer", "--vocab-size", str(vocab - 1), "--make-vocab-size-divisible-by", "128",
                  "--lr", "1e-4", "--attention-backend", args.attention_backend, "--log-interval", "1000",
-                 *precision, *(["--torch-compile"] if args.compile else []),
+                 *(["--bf16"] if precision == "bf16" else []), *(["--torch-compile"] if args.compile else []),
                  *(["--recompute-granularity", args.recompute] if args.recompute else [])]
         cfg = load_config(flags)
         trainer = Trainer(cfg, Topology())
         device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         times = []
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "autocast")
         for i in range(iters):
             start = time.perf_counter()
-            trainer.train_step(trainer._micro_batches(trainer.train_ds, trainer.consumed_samples))
+            with autocast:
+                trainer.train_step(trainer._micro_batches(trainer.train_ds, trainer.consumed_samples))
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -84,7 +92,7 @@ def main(argv=None):
         row = trainer.throughput(gbs * seq, steady)
         params = trainer.model.num_parameters()
         print(f"device: {name}; model {params / 1e9:.3f}B parameters, seq {seq}, micro batch {mbs}, global {gbs}, "
-              f"{'bf16' if precision else 'fp32'}, attention {args.attention_backend}"
+              f"{precision}, attention {args.attention_backend}"
               f"{', compiled' if args.compile else ''}")
         print(f"median step {1000 * steady:.1f} ms | {row['tokens_per_sec']:,.0f} tokens/s | "
               f"{row['tflops_per_device']:.1f} TFLOP/s")

@@ -60,11 +60,11 @@ def run(prefix: str, workdir: str, dp: int, zero: int, iters: int, precision: st
         raise SystemExit(res.stderr[-3000:])
     rows = [json.loads(line) for line in open(metrics)]
     first = rows[0]
+    state = sum(first.get(k, 0) for k in ("param_bytes", "grad_bytes", "main_param_bytes", "optimizer_state_bytes"))
+    params = first["param_bytes"] / (4 if precision == "fp32" else 2)
     return {"param_mb": first["param_bytes"] / 1e6, "grad_mb": first["grad_bytes"] / 1e6,
             "main_mb": first.get("main_param_bytes", 0) / 1e6, "adam_mb": first["optimizer_state_bytes"] / 1e6,
-            "bytes_per_param": (first["param_bytes"] + first["grad_bytes"] + first.get("main_param_bytes", 0)
-                                + first["optimizer_state_bytes"]) / (first["param_bytes"] / (2 if precision != "fp32"
-                                                                                              else 4)), "rss_mb": max(r.get("max_rss_mb", 0) for r in rows),
+            "bytes_per_param": state / params, "rss_mb": max(r.get("max_rss_mb", 0) for r in rows),
             "ms": statistics.median(r["ms_per_iter"] for r in rows[2:])}
 
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check, one command on a CUDA machine with no network: installs megalm against the torch already there
 # (--no-deps --no-build-isolation), builds the CUDA kernels, runs the GPU tests, trains a 1.3B GPT in bf16 through
-# the real entry point (tokens/s and MFU from its metrics), runs bench/bench_mfu.py, and generates text from the
+# the real entry point (tokens/s and MFU from its metrics), runs bench/bench_mfu.py (bf16 parameters, then bf16
+# autocast over fp32 parameters as the reference: MFU and peak memory of each), and generates text from the
 # trained checkpoint. Every step's exit status, time and last lines go to one results file.
 #
 #   bash scripts/gpu_check.sh [RESULTS]          # default: $OUT/gpu_check.txt where $OUT is set, else gpu_check.txt
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh  # tiny sizes on CPU, no install: checks the script (the suite does)
 #   GPU_CHECK_COMPILE=1 ...                      # also bench_mfu.py with torch.compile (minutes of compilation)
 #
-# Exit status: 0 when every step passed. About 5-7 minutes on one H100/H200.
+# Exit status: 0 when every step passed. About 6-8 minutes on one H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:+$OUT/}gpu_check.txt}
@@ -59,7 +60,9 @@ for key in ('tokens_per_sec', 'tflops_per_device', 'mfu', 'ms_per_iter'):
     if key in rows[0]:
         print(key, round(statistics.median(r[key] for r in rows), 4))
 print('loss', rows[0]['loss'], '->', rows[-1]['loss'])"
-step "bench/bench_mfu.py" "$PY" bench/bench_mfu.py "${BENCH[@]}"
+step "bench/bench_mfu.py (bf16 parameters)" "$PY" bench/bench_mfu.py "${BENCH[@]}"
+step "bench/bench_mfu.py --precision autocast (the reference for bf16 parameters)" \
+  "$PY" bench/bench_mfu.py "${BENCH[@]}" --precision autocast
 if [ -n "${GPU_CHECK_COMPILE:-}" ] && [ -z "$SMOKE" ]; then
   step "bench/bench_mfu.py --compile" "$PY" bench/bench_mfu.py "${BENCH[@]}" --compile
 fi

@@ -43,20 +43,8 @@ import torch.distributed as dist
 
 from megalm.config import OptimConfig
 from megalm.optim.optimizer import adamw, decays
+from megalm.optim.snapshot import HostStaging, host_tensor
 from megalm.parallel.state import Topology
-
-
-def host_tensor(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    """``t`` on the host as a compact tensor of its own (so ``torch.save`` writes only its bytes, not the whole
-    buffer it is a view of): a copy when ``copy`` or when it lives on a device, else a zero-copy alias."""
-    t = t.detach()
-    if t.device.type != "cpu" or copy or t.ndim == 0:
-        return t.to("cpu", copy=True)
-    if t.untyped_storage().nbytes() == t.nbytes and t.storage_offset() == 0 and t.is_contiguous():
-        return t
-    flat = t.contiguous().reshape(-1)  # a view for the contiguous pieces this is used for
-    raw = torch.from_numpy(flat.view(torch.uint8).numpy())  # new storage over the same memory
-    return raw.view(t.dtype).view(t.shape)
 
 
 @dataclass
@@ -99,14 +87,15 @@ class DistributedOptimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
         self.param_dtype, self.grad_dtype = params[0].dtype, grad_dtype
-        mixed = sorted({str(p.dtype) for p in params})
-        if len(mixed) > 1:
-            raise TypeError(f"parameters must share one dtype, got {', '.join(mixed)}")
+        dtypes = sorted({str(p.dtype) for p in params})
+        if len(dtypes) > 1:
+            raise TypeError(f"trained parameters must share one dtype, got {', '.join(dtypes)}")
         special = [p for p in params if getattr(p, "sequence_parallel", False) or getattr(p, "shared_embedding", False)]
         experts = [p for p in reversed(params) if getattr(p, "expert", False)]
         regular = [p for p in reversed(params) if all(p is not q for q in special + experts)]
         self.buckets = [self._bucket(group, False, device) for group in self._split(regular, bucket_numel)]
-        self.buckets += [self._bucket(group, False, device, expert=True) for group in self._split(experts, bucket_numel)]
+        self.buckets += [self._bucket(group, False, device, expert=True)
+                         for group in self._split(experts, bucket_numel)]
         if special:
             self.buckets.append(self._bucket(special, True, device))
         self.pieces = [piece for b in self.buckets for piece in self._pieces(b)]
@@ -356,14 +345,14 @@ class DistributedOptimizer:
         return sum(t.numel() * t.element_size() for s in self.adam.state.values() for t in s.values()
                    if torch.is_tensor(t) and t.dim() > 0)
 
-    def checkpoint_state(self, copy: bool = True) -> tuple:
+    def checkpoint_state(self, staging: Optional[HostStaging] = None) -> tuple:
         """What this rank writes of the Adam state, with no collective: ``(whole, slices)``. ``whole`` maps a
         parameter of an unsliced bucket (every data-parallel rank holds it all) to its moments and step (and fp32
         ``main_param`` for low-precision parameters); ``slices`` maps a parameter of a ZeRO-sliced bucket to this
         rank's pieces ``[(start, stop, state)]``, ranges of the flattened (TP-local) parameter, whose state also
-        holds the piece's ``param`` values. Host tensors: copies with ``copy`` (an async save's snapshot), else
-        views of the training state where it lives on the host (a synchronous save allocates nothing). Empty
-        before the first step."""
+        holds the piece's ``param`` values. Host tensors (``snapshot.host_tensor``): copies into ``staging`` (an
+        async save's snapshot), else the training state where it lives (a synchronous save on the CPU allocates
+        nothing). Empty before the first step."""
         whole, slices = {}, {}
         if not any(self.adam.state.get(pc.values) for pc in self.pieces):
             return whole, slices
@@ -376,16 +365,26 @@ class DistributedOptimizer:
             if not st:
                 continue
             b = self._owner[pc.param]
-            state = {k: host_tensor(st[k], copy) for k in ("exp_avg", "exp_avg_sq", "step")}
+            state = {k: host_tensor(st[k], staging) for k in ("exp_avg", "exp_avg_sq", "step")}
             if b.main is not None:
-                state["main_param"] = host_tensor(pc.values, copy)
+                state["main_param"] = host_tensor(pc.values, staging)
             if b.slices > 1:
                 a, z = self._piece_range(pc)
-                state["param"] = host_tensor(b.data[a:z], copy)
+                state["param"] = host_tensor(b.data[a:z], staging)
                 slices.setdefault(pc.param, []).append((pc.start, pc.start + pc.values.numel(), state))
             else:
                 whole[pc.param] = {k: (v.view_as(pc.param) if v.ndim else v) for k, v in state.items()}
         return whole, slices
+
+    def snapshot_bytes(self) -> int:
+        """About what an async save copies from this rank (``checkpoint_state`` and the parameters of unsliced
+        buckets): what ``HostStaging.reserve`` sets aside at start-up."""
+        total = 0
+        for pc in self.pieces:
+            b, n = self._owner[pc.param], pc.values.numel()
+            total += n * (8 + (4 if b.main is not None else 0) + (b.data.element_size() if b.slices > 1 else 0))
+        total += sum(b.data.numel() * b.data.element_size() for b in self.buckets if b.slices == 1)
+        return total + 64 * (4 * len(self.pieces) + len(self._owner))  # alignment
 
     def load_main_params(self, values: dict) -> None:
         """Set the fp32 main parameters (low-precision parameters only) from ``values`` (``{parameter: its

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config, load_yaml, save_yaml
-from megalm.optim.distributed import host_tensor
+from megalm.optim.snapshot import HostStaging, host_tensor
 from megalm.parallel.layers import shard_of
 from megalm.parallel.state import Topology
 
@@ -103,7 +103,7 @@ def _files(root: str) -> list:
     return sorted(out)
 
 
-def local_shards(model, optimizer_state, topo: Topology, copy: bool = True) -> tuple:
+def local_shards(model, optimizer_state, topo: Topology, staging: Optional[HostStaging] = None) -> tuple:
     """This rank's parameters and Adam state as written, and their place in the global tensors:
     ``(model, optimizer, index, slices)`` with ``index[name] = [dim, start, stop, padded_rows, (dim, start,
     stop)...]`` (``dim`` None for a whole tensor; more splits follow for experts split two ways) for what
@@ -111,8 +111,8 @@ def local_shards(model, optimizer_state, topo: Topology, copy: bool = True) -> t
     checkpoint_state``): a parameter in a ZeRO-sliced bucket is written, values and Adam state, by every rank that
     holds a slice of it (fully parallel, nothing gathered): ``slices[name] = [[start, stop, local_shape, *index
     entry]]`` per piece of the flattened TP-local tensor, its values under ``model`` and moments under
-    ``optimizer`` as lists in the same order. ``copy``: host copies of the parameters (an async save's snapshot)
-    rather than aliases of them."""
+    ``optimizer`` as lists in the same order. Parameters are copied into ``staging`` (an async save's snapshot),
+    else written from where they live."""
     whole, pieces = optimizer_state if isinstance(optimizer_state, tuple) else (optimizer_state or {}, {})
     tensors, moments, index, slices = {}, {}, {}, {}
     for name, p in _owned(model):
@@ -127,7 +127,7 @@ def local_shards(model, optimizer_state, topo: Topology, copy: bool = True) -> t
         if not _writes(p, topo):
             continue
         index[name] = place
-        tensors[name] = host_tensor(p, copy)
+        tensors[name] = host_tensor(p, staging)
         if whole.get(p):
             moments[name] = whole[p]  # host copies already (``checkpoint_state``)
     return tensors, moments, index, slices
@@ -148,15 +148,16 @@ def _sha256(path: str) -> str:
 
 def save_checkpoint(root: str, iteration: int, model, optimizer_state, cfg: Config, topo: Topology,
                     meta: dict, rng: dict, write_extra: Optional[Callable[[str], None]] = None,
-                    background: bool = False):
+                    staging: Optional[HostStaging] = None):
     """Every rank calls this. Every rank writes its RNG state; the first data-parallel replica writes each of its
     ranks' shard files (``model-tpXX-ppYYY.pt``, ``optimizer-...``), in global coordinates; ``write_extra(tmp)``,
     called on every rank, adds what else belongs to the iteration (the DeepSpeed engine's state); then rank 0 adds
     config and metadata (the shard index and a SHA-256 per file), renames the directory and moves the pointer.
 
-    With ``background`` (``--async-save``) the caller waits only for the host copy of this rank's share: the files
-    are written and checksummed by a thread, and the returned ``PendingSave`` makes the checkpoint visible
-    (``finish``, a collective) once every rank's thread is done. Otherwise returns the checkpoint's path."""
+    With ``staging`` (``--async-save``; ``optimizer_state`` copied into it too) the caller waits only for the host
+    copy of this rank's share: the files are written and checksummed by a thread, and the returned ``PendingSave``
+    makes the checkpoint visible (``finish``, a collective) once every rank's thread is done. Otherwise returns
+    the checkpoint's path."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     if topo.rank == 0:
@@ -167,7 +168,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_state, cfg: Conf
         dist.barrier()
     if write_extra is not None:
         write_extra(tmp)
-    tensors, moments, index, slices = local_shards(model, optimizer_state, topo, copy=background)
+    tensors, moments, index, slices = local_shards(model, optimizer_state, topo, staging)
+    if staging is not None and staging.pin:
+        torch.cuda.synchronize()  # the device-to-host copies are done before training goes on
     files = {_rng_file(topo.tp_rank, topo.pp_rank, topo.dp_rank, topo.cp_rank): rng}
     model_file, optim_file = _shard_files(topo)
     if tensors:
@@ -180,7 +183,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer_state, cfg: Conf
              "optimizer_slices": {n: [[optim_file, i, *e] for i, e in enumerate(pieces)]
                                   for n, pieces in slices.items()}}
     pending = PendingSave(root, iteration, tmp, cfg, topo, dict(meta, vocab_size=model.vocab_size), index, files)
-    if background:
+    if staging is not None:
         pending.start()
         return pending
     pending.write()

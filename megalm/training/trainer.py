@@ -25,6 +25,7 @@ from megalm.model.gpt import GPT
 from megalm.model.moe import finish_step as finish_moe_step
 from megalm.optim.distributed import DistributedOptimizer
 from megalm.optim.loss_scaler import LossScaler
+from megalm.optim.snapshot import HostStaging
 from megalm.optim.schedule import learning_rate
 from megalm.parallel.context import split_batch
 from megalm.parallel.state import Topology, collective_device
@@ -80,6 +81,10 @@ class Trainer:
                                  self.device)
         o = cfg.optim
         self.optimizer = self.build_optimizer()
+        self.staging = None  # --async-save: host memory for the snapshots, set aside now so saves copy quickly
+        if cfg.checkpoint.async_save:
+            self.staging = HostStaging(pin=self.device.type == "cuda")
+            self.staging.reserve(self.optimizer.snapshot_bytes())
         self.scaler = LossScaler(t.fp16, o.initial_loss_scale, o.loss_scale_window, o.min_loss_scale,
                                  o.loss_scale or 0.0)
         self.iteration = 0
@@ -346,9 +351,11 @@ class Trainer:
 
     def _save(self) -> None:
         ck = self.cfg.checkpoint
-        written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer.checkpoint_state(ck.async_save),
-                                       self.cfg,
-                                       self.topo, self.checkpoint_meta(), self.rng_state(), background=ck.async_save)
+        if self.staging is not None:
+            self.staging.reset()  # the previous save's writer is done: its snapshot memory is reused
+        optimizer_state = self.optimizer.checkpoint_state(self.staging)
+        written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, optimizer_state, self.cfg, self.topo,
+                                       self.checkpoint_meta(), self.rng_state(), staging=self.staging)
         if ck.async_save:
             self.pending_save = written
         else:
