@@ -12,8 +12,9 @@ amounts, the TP tracker is seeded per TP rank), ``config.yaml``, ``meta.json`` (
 shard index and a SHA-256 of every file) and, on the DeepSpeed path, the engine's own state under
 ``deepspeed/``. A save is written to a temporary directory, fsynced and renamed before the pointer moves, so a
 crash mid-save leaves the previous checkpoint and the pointer intact. Tensors load with ``weights_only=True``
-(memory-mapped). Reading assembles whole tensors, so a checkpoint loads under any TP / PP / DP / EP / ZeRO layout
-without a conversion step.
+(memory-mapped). Reading assembles whole tensors, or for a training rank only its own part of each from the saved
+pieces that overlap it, so a checkpoint loads under any TP / PP / DP / EP / ZeRO layout without a conversion step.
+bf16/fp16 runs save their parameters in that dtype and the fp32 main parameters with the Adam state.
 """
 from __future__ import annotations
 
