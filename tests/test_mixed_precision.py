@@ -40,9 +40,10 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_low_precision_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, layout, monkeypatch):
-    """Per-iteration losses within 1e-2 relative of one process in the same precision over 10 iterations, and
-    the saved fp32 main parameters within 2e-2 (bf16 rounding of differently ordered sums, amplified by Adam's
-    normalisation on near-zero gradients)."""
+    """Per-iteration losses within 1e-3 relative of one process in the same precision over 10 iterations (the
+    issue asks 1e-2; measured 2.3e-5 in bf16, 8e-7 in fp16), and the saved fp32 main parameters within 2e-2
+    (measured up to 1.5e-2, on the small residual projections w2 / wo whose 10 Adam steps of lr 3e-3 outweigh
+    their initial values: bf16 rounding of differently ordered sums flips the signs of small gradients)."""
     nproc, flags = LAYOUTS[layout]
     precision = [f for f in flags if f in ("--bf16", "--fp16", "--grad-reduce-in-bf16")]
     base = tiny_train_flags(dataset_prefix, bpe_flags, *LLAMA_DEEP, "--train-iters", "10", "--eval-interval", "100",
@@ -51,7 +52,7 @@ def test_low_precision_layout_matches_one_process(tmp_path, dataset_prefix, bpe_
     got, got_ck = run(tmp_path / "many", nproc, base + flags)
     assert len(ref) == len(got) == 10
     for a, b in zip(ref, got, strict=True):
-        assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-2, (layout, a["iteration"], a["loss"], b["loss"])
+        assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-3, (layout, a["iteration"], a["loss"], b["loss"])
     for name, state in ref_ck["optimizer"].items():
         assert state["main_param"].dtype.is_floating_point and state["main_param"].element_size() == 4
         assert_close(got_ck["optimizer"][name]["main_param"], state["main_param"], 2e-2, f"{layout} {name}")
