@@ -55,6 +55,8 @@ def test_bool_flags_and_disable():
     (["--seq-length", "256", "--max-position-embeddings", "128"], "--max-position-embeddings 128 is smaller"),
     (["--micro-batch-size", "3", "--global-batch-size", "8"], "--global-batch-size 8 is not divisible"),
     (["--bf16", "--fp16"], "mutually exclusive"),
+    (["--fp16", "--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 needs --bf16"),
+    (["--bf16", "--grad-reduce-in-bf16", "--deepspeed"], "--grad-reduce-in-bf16 is for megalm's optimizer"),
     (["--lr", "0.001", "--min-lr", "0.01"], "--min-lr"),
     (["--lr-warmup-iters", "50", "--lr-decay-iters", "10"], "--lr-decay-iters 10 is smaller"),
     (["--split", "a,b"], "--split"),
