@@ -68,7 +68,7 @@ class Bucket:
     grad: Optional[torch.Tensor] = None  # flat gradients (ZeRO 0/1), or the short-lived copy (ZeRO 2)
     shard_grad: Optional[torch.Tensor] = None  # reduced gradients of this rank's slice (ZeRO 1/2)
     ready: int = 0  # hook calls seen since the last launch
-    pending: list = field(default_factory=list)  # (work handle, output to add into shard_grad or None)
+    pending: list = field(default_factory=list)  # (work handle, output to add into shard_grad or None, input)
     expert: bool = False  # reduced over the expert-data-parallel group instead of the data-parallel one
     group: Optional[object] = None  # the group that reduces it (and that ZeRO slices it over)
     size: int = 1  # ranks in that group
@@ -227,14 +227,15 @@ class DistributedOptimizer:
         if b.size == 1:
             return
         if b.slices == 1:
-            b.pending.append((dist.all_reduce(b.grad, group=b.group, async_op=True), None))
+            b.pending.append((dist.all_reduce(b.grad, group=b.group, async_op=True), None, None))
         elif not b.short_lived:  # in place: this rank's reduced slice lands in its own part of the buffer
             lo, hi = self._slice_range(b)
-            b.pending.append((dist.reduce_scatter_tensor(b.grad[lo:hi], b.grad, group=b.group, async_op=True), None))
+            b.pending.append((dist.reduce_scatter_tensor(b.grad[lo:hi], b.grad, group=b.group, async_op=True), None,
+                              None))
         else:
             out = torch.empty(b.shard_grad.shape, dtype=b.grad.dtype, device=b.grad.device)
-            b.pending.append((dist.reduce_scatter_tensor(out, b.grad, group=b.group, async_op=True), out))
-            b.grad = None  # freed once the reduction completes
+            b.pending.append((dist.reduce_scatter_tensor(out, b.grad, group=b.group, async_op=True), out, b.grad))
+            b.grad = None  # freed once the reduction is waited for (held until then, not left to gloo's thread)
 
     def finish_gradients(self) -> None:
         """After the schedule: sum the special gradients over their groups, reduce every bucket not yet reduced,
@@ -254,7 +255,7 @@ class DistributedOptimizer:
         for b in self.buckets:
             if b.ready:  # some parameter got no gradient this step
                 raise RuntimeError("a parameter received no gradient in this step; every parameter must be used")
-            for work, out in b.pending:
+            for work, out, _ in b.pending:
                 if work is not None:
                     work.wait()
                 if out is not None:
