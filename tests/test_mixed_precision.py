@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, pretrain_run, tiny_train_flags, torchrun
 from parity import assert_close
 from megalm.pretrain import main
+from megalm.tools.plot import read_metrics
 from megalm.training.checkpoint import read_checkpoint
 
 LLAMA_DEEP = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
@@ -19,8 +20,8 @@ LLAMA_DEEP = ["--position-embedding-type", "rope", "--normalization", "RMSNorm",
 
 
 def metrics(path):
-    with open(path) as fh:
-        return [r for r in map(json.loads, fh) if "loss" in r]
+    """The training rows of a --metrics-file (megalm's own reader)."""
+    return [r for r in read_metrics(str(path)) if "loss" in r]
 
 
 def run(tmp, nproc, argv):

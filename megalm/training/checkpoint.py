@@ -517,7 +517,7 @@ def full_precision_values(model, state: dict, topo: Topology) -> dict:
 
 def load_optimizer_state(model, state: dict, topo: Topology, local: bool = False) -> dict:
     """{parameter: moments with this TP rank's whole tensors} from the checkpoint's (whole, or with ``local``
-    this rank's parts)."""
-    return {p: {k: (_mine(v, p, topo, local).to(p.device).clone() if v.ndim > 0 else v.clone())
+    this rank's parts); ``DistributedOptimizer.load_full_state`` copies out the pieces it keeps."""
+    return {p: {k: (_mine(v, p, topo, local).to(p.device) if v.ndim > 0 else v.clone())
                 for k, v in state[name].items() if k != "main_param"}
             for name, p in model.named_parameters() if name in state}
