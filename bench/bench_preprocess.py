@@ -1,12 +1,14 @@
 """Preprocessing throughput: megalm-preprocess against a Megatron-style reference, in one run, same input, same
 tokenizer files, same worker count; checks the outputs are byte-identical and prints docs/s of both and the ratio
 (target >= 5x). With --memory it also runs megalm-preprocess on a 10x larger corpus and compares peak RSS of the
-main process (target <= 1.2x).
+main process (target <= 1.2x), and runs both tools in child processes on --small-docs one-sentence documents to
+compare their main processes' peak RSS (the reference holds torch, as Megatron-LM's tool does; megalm-preprocess
+imports none).
 
 The reference is how Megatron's tools/preprocess_data.py works: multiprocessing.Pool.imap over lines in chunks of
 32, one tokenizer call per document, megatron-core's IndexedDatasetBuilder.
 
-python bench/bench_preprocess.py [--copies 16] [--workers 2] [--memory]
+python bench/bench_preprocess.py [--copies 16] [--workers 2] [--memory [--small-docs 200000]]
 """
 import argparse
 import json
@@ -66,22 +68,44 @@ def reference(corpus, prefix, vocab, merges, workers, imports):
     builder.finalize(prefix + ".idx")
 
 
-def ours(corpus, prefix, vocab, merges, workers):
-    """megalm-preprocess in a child process; returns (seconds, peak RSS of its main process in MB)."""
-    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across exec, and this
-    # parent holds torch
-    code = ("import sys; from megalm.tools.preprocess_data import main; rc = main(sys.argv[1:]); "
-            "print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]); "
-            "sys.exit(rc)")
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across exec, and this parent
+# holds torch
+PEAK = "print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+
+
+def _child(code, *args):
+    """Run ``code`` in a fresh interpreter; returns (seconds, peak RSS of that process in MB)."""
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", code, "--input", corpus, "--output-prefix", prefix, "--append-eod",
-                          "--workers", str(workers), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
-                          "--merge-file", merges], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if res.returncode:
         raise SystemExit(res.stderr)
-    rss = int(res.stdout.split("PEAK_RSS_KB")[1].split()[0]) / 1024
-    return seconds, rss
+    return seconds, int(res.stdout.split("PEAK_RSS_KB")[1].split()[0]) / 1024
+
+
+def ours(corpus, prefix, vocab, merges, workers):
+    """megalm-preprocess in a child process; returns (seconds, peak RSS of its main process in MB)."""
+    code = f"import sys; from megalm.tools.preprocess_data import main; rc = main(sys.argv[1:]); {PEAK}; sys.exit(rc)"
+    return _child(code, "--input", corpus, "--output-prefix", prefix, "--append-eod", "--workers", str(workers),
+                  "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges)
+
+
+def reference_child(corpus, prefix, vocab, merges, workers):
+    """The reference in a child process, its imports (torch, megatron-core) included, as a user runs it."""
+    code = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'bench')!r}); import bench_preprocess as b; "
+            f"b.reference(*sys.argv[1:5], int(sys.argv[5]), b.reference_imports()); {PEAK}")
+    return _child(code, corpus, prefix, vocab, merges, str(workers))
+
+
+def small_docs(src, dst, count):
+    """``count`` one-sentence documents cut from the corpus (cycled)."""
+    sentences = []
+    with open(src) as fh:
+        for line in fh:
+            sentences += [s.strip() + "." for s in json.loads(line)["text"].split(".") if len(s.strip()) > 20]
+    with open(dst, "w") as out:
+        for i in range(count):
+            out.write(json.dumps({"text": sentences[i % len(sentences)]}) + "\n")
 
 
 def repeat_file(src, dst, copies):
@@ -96,7 +120,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--copies", type=int, default=16, help="the built-in corpus repeated this many times")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--memory", action="store_true", help="also compare peak RSS on a 10x larger corpus")
+    p.add_argument("--memory", action="store_true", help="also compare peak RSS on a 10x larger corpus, and against "
+                   "the reference on --small-docs documents")
+    p.add_argument("--small-docs", type=int, default=200_000)
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="megalm-bench-pre-")
     base = os.path.join(work, "base.jsonl")
@@ -128,6 +154,17 @@ def main():
         big_s, big_rss = ours(big, os.path.join(work, "big"), vocab, merges, args.workers)
         print(f"peak RSS of the main process: {rss:.0f} MB at {mb:.0f} MB, {big_rss:.0f} MB at {10 * mb:.0f} MB "
               f"({big_rss / rss:.2f}x, target <= 1.2x); 10x corpus took {big_s:.1f} s")
+        small = os.path.join(work, "small.jsonl")
+        small_docs(base, small, args.small_docs)
+        ref_s, ref_rss = reference_child(small, os.path.join(work, "small_ref"), vocab, merges, args.workers)
+        our_s, our_rss = ours(small, os.path.join(work, "small_ours"), vocab, merges, args.workers)
+        for ext in (".bin", ".idx"):
+            with open(os.path.join(work, "small_ref" + ext), "rb") as a, \
+                    open(os.path.join(work, "small_ours_text_document" + ext), "rb") as b:
+                assert a.read() == b.read(), f"small-document outputs differ ({ext})"
+        print(f"{args.small_docs} one-sentence documents ({os.path.getsize(small) / 1e6:.1f} MB), outputs "
+              f"byte-identical: peak RSS of the main process: reference {ref_rss:.0f} MB ({ref_s:.1f} s), "
+              f"megalm-preprocess {our_rss:.0f} MB ({our_s:.1f} s): {our_rss / ref_rss:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Score an exported model with lm-eval (`pip install "lm-eval[hf]"`) on a local task, offline.
 
-    python -m megalm.tools.hf ... (megalm-export-hf --load CKPT --output HF_DIR)
+    python -m megalm.interop.hf ... (megalm-export-hf --load CKPT --output HF_DIR)
     python scripts/lm_eval_local.py --model HF_DIR --data docs.jsonl --output results/
 
 ``--data`` is JSON lines with a "text" field (for example from megalm-build-corpus). The script writes an lm-eval

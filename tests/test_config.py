@@ -115,3 +115,23 @@ def test_round_trip_through_dict():
     cfg = load_config(["--num-layers", "5", *NULL])
     again = Config.from_dict(cfg.to_dict())
     assert again == cfg
+
+
+def test_help_and_refusals_are_pinned(tmp_path):
+    """Every command's --help and the message of every refused input equal tests/data/config_golden.json, written
+    by tests/config_golden.py from the code before the config package was split by section."""
+    import json
+
+    from config_golden import GOLDEN, surface
+
+    with open(GOLDEN) as fh:
+        pinned = json.load(fh)
+    now = surface(str(tmp_path))
+    assert now["help"].keys() == pinned["help"].keys()
+    for command, text in pinned["help"].items():
+        assert now["help"][command] == text, command
+    assert [case[:2] for case in now["refused"]] == [case[:2] for case in pinned["refused"]]
+    for (argv, world_size, message), (_, _, expected) in zip(now["refused"], pinned["refused"]):
+        assert message == expected, (argv, world_size)
+    assert all(expected != "accepted" for _, _, expected in pinned["refused"])
+    assert now["yaml"] == pinned["yaml"]

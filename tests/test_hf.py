@@ -6,7 +6,7 @@ import torch
 from conftest import require, tiny_train_flags, torchrun
 from megalm.generate import generate, load_for_inference
 from megalm.parallel.state import Topology
-from megalm.tools.hf import export_main, import_main
+from megalm.interop.hf import export_main, import_main
 
 transformers = require("transformers")
 from safetensors.torch import load_file  # noqa: E402

@@ -5,7 +5,7 @@ import subprocess
 
 from conftest import PYTHON, ROOT, require, tiny_train_flags
 from megalm.pretrain import main
-from megalm.tools.hf import export_main
+from megalm.interop.hf import export_main
 
 
 def test_lm_eval_on_exported_model(tmp_path, dataset_prefix, bpe_flags, corpus):

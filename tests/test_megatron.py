@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, require, torchrun
 from megalm.generate import load_for_inference
 from megalm.parallel.state import Topology
-from megalm.tools.megatron import import_main
+from megalm.interop.megatron import import_main
 
 require("megatron.core")
 
@@ -164,7 +164,7 @@ def test_export_loads_in_megatron_core(tmp_path, tokens, bpe_dir, bpe_flags, dat
     """A model trained in megalm at TP 2 x PP 2 (the Llama flavour), exported to torch_dist: megatron-core's
     dist_checkpointing.load puts it into its GPTModel at TP 2, whose forward gives megalm's logits; the GPT-2
     flavour the same way after a round trip from megatron-core (imported at TP 1, exported, loaded at TP 2)."""
-    from megalm.tools.megatron import export_main
+    from megalm.interop.megatron import export_main
 
     flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
              "--ffn-hidden-size", "64", "--seq-length", "32", "--max-position-embeddings", "64",
@@ -196,8 +196,8 @@ def test_megatron_names_both_ways(spec):
     the identity (also with biases, QK norms and grouped queries); each spec's norm names are the ones expected."""
     from megalm.config import Config, finalize
     from megalm.model.gpt import GPT
-    from megalm.tools.megatron import canonical_names, to_megalm, to_megatron
-    from megalm.tools.megatron_format import unstack_layers
+    from megalm.interop.megatron import canonical_names, to_megalm, to_megatron
+    from megalm.interop.megatron_format import unstack_layers
 
     cfg = Config()
     cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 99

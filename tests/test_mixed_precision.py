@@ -145,7 +145,7 @@ def test_bf16_state_bytes_and_exact_resume(tmp_path, dataset_prefix, bpe_flags):
 
     from megalm.generate import load_for_inference
     from megalm.parallel.state import Topology
-    from megalm.tools.hf import export_hf
+    from megalm.interop.hf import export_hf
 
     folder = str(tmp_path / "bf16" / "iter_0000006")
     saved = read_checkpoint(folder, parts=("model",))["model"]

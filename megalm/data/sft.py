@@ -15,7 +15,7 @@ from typing import List, Tuple
 import numpy as np
 
 from megalm.data.gpt_dataset import DatasetError
-from megalm.tools.jsonl import JsonlError, check_text, has_surrogate_escape, iter_lines, parse_object
+from megalm.data.jsonl import JsonlError, check_text, has_surrogate_escape, iter_lines, parse_object
 
 
 def render(example: dict, where: str) -> List[Tuple[str, bool]]:

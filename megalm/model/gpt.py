@@ -20,7 +20,8 @@ from megalm.config import ModelConfig
 from megalm.data.tokenizers import padded_vocab_size
 from megalm.model.moe import MoEStats
 from megalm.model.recompute import recomputed
-from megalm.model.transformer import Block, KVCache, Norm, hidden_dropout, rope_tables
+from megalm.model.rope import rope_tables
+from megalm.model.transformer import Block, KVCache, Norm, hidden_dropout
 from megalm.parallel.context import attention_mask
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, enter_tp_region, full_shape,

@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
-from megalm.config_attention import rope_inverse_frequencies
 from megalm.kernels.fused_softmax import fused_softmax
 from megalm.model.recompute import recomputed
+from megalm.model.rope import apply_rope
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 from megalm.parallel.context import context_attention
 from megalm.parallel.random import RNGTracker
@@ -40,24 +40,6 @@ class Norm(nn.Module):
         if self.kind == "LayerNorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-
-
-def rope_tables(cfg: ModelConfig, positions: torch.Tensor):
-    """cos and sin in the half-split layout (the one Hugging Face Llama uses): ``[seq, head_dim]`` for positions
-    ``[seq]``, or ``[b, 1, seq, head_dim]`` for per-sample positions ``[b, seq]``."""
-    inv_freq = rope_inverse_frequencies(cfg, cfg.head_dim, positions.device)
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    if emb.dim() == 3:
-        emb = emb.unsqueeze(1)  # broadcast over heads
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate ``x`` ``[b, heads, s, d]`` by position."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class KVCache:

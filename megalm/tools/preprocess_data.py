@@ -20,7 +20,7 @@ import numpy as np
 from megalm.config import ConfigError, DataConfig, validate_tokenizer
 from megalm.data.indexed import IndexedDataset, IndexedDatasetWriter, exists, merge_datasets, optimal_dtype
 from megalm.data.tokenizers import TokenizerError, build_tokenizer
-from megalm.tools.jsonl import JsonlError, expand_inputs, iter_lines, parse_document
+from megalm.data.jsonl import JsonlError, expand_inputs, iter_lines, parse_document
 
 # a sentence ends at . ! or ? (and any closing quotes or brackets), before whitespace and a capital, digit or quote
 _SENTENCE_END = re.compile(r"([.!?][\"')\]]*)(\s+)(?=[A-Z0-9\"'(\[])")

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Iterator, List
 
-from megalm.tools.jsonl import iter_documents
+from megalm.data.jsonl import iter_documents
 
 EOD = "<|endoftext|>"
 

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from megalm.config import Config, ModelConfig, finalize
-from megalm.tools.megatron_format import MegatronFormatError, read_checkpoint_files
+from megalm.interop.megatron_format import MegatronFormatError, read_checkpoint_files
 
 log = logging.getLogger("megalm")
 

@@ -1,4 +1,5 @@
-"""Mixture-of-experts options of the model config (Megatron's flag names), and their validation.
+"""Mixture-of-experts options of the model section (Megatron's flag names) and the rules among them; how experts
+are laid out over ranks is checked in ``layout.py``.
 
 ``ModelConfig`` inherits these fields, so they live in the ``model`` section of YAML files and checkpoints.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megalm.config_fields import ConfigError, opt
+from megalm.config.fields import ConfigError, opt
 
 
 @dataclass
@@ -65,39 +66,19 @@ def parse_layer_freq(text: str, num_layers: int) -> List[bool]:
     return [i == "1" for i in items]
 
 
-def validate_moe(m, p, world_size: Optional[int]) -> None:
-    """MoE rules, checked before any work; ``m`` the model config, ``p`` the parallel config."""
-    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+def validate_moe(m) -> None:
+    """MoE rules of the model alone, checked before any work; fills --moe-ffn-hidden-size's default."""
     if not m.num_experts:
-        if ep != 1 or etp != 1:
-            raise ConfigError("--expert-model-parallel-size / --expert-tensor-parallel-size need --num-experts")
         return
     if m.moe_ffn_hidden_size is None:
         m.moe_ffn_hidden_size = m.ffn_hidden_size
     m.moe_layers()  # parses --moe-layer-freq
-    if m.num_experts < 1 or ep < 1 or etp < 1:
+    if m.num_experts < 1:
         raise ConfigError("--num-experts, --expert-model-parallel-size and --expert-tensor-parallel-size must be "
                           "at least 1")
     if not 1 <= m.moe_router_topk <= m.num_experts:
         raise ConfigError(f"--moe-router-topk {m.moe_router_topk} must be between 1 and --num-experts "
                           f"{m.num_experts}")
-    if m.num_experts % ep:
-        raise ConfigError(f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}")
-    if m.moe_ffn_hidden_size % etp:
-        raise ConfigError(f"--moe-ffn-hidden-size {m.moe_ffn_hidden_size} is not divisible by "
-                          f"--expert-tensor-parallel-size {etp}")
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world_size is not None:
-        attention_ranks = world_size // (tp * pp) * tp if world_size % (tp * pp) == 0 else None
-        if attention_ranks is not None and attention_ranks % (ep * etp):
-            raise ConfigError(f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not "
-                              f"divide the {attention_ranks} ranks of a pipeline stage (TP {tp} x CP x DP "
-                              f"{attention_ranks // tp})")
-    if tp > 1 and not p.sequence_parallel:
-        raise ConfigError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (as in Megatron: "
-                          "each TP rank routes its own sequence shard)")
-    if p.deepspeed:
-        raise ConfigError("--num-experts with --deepspeed is not supported: use megalm's own path (EP, ZeRO 1/2)")
     groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
     if (groups is None) != (group_topk is None):
         raise ConfigError("--moe-router-num-groups and --moe-router-group-topk go together")
@@ -118,7 +99,3 @@ def validate_moe(m, p, world_size: Optional[int]) -> None:
                        (m.moe_shared_expert_intermediate_size, "--moe-shared-expert-intermediate-size")):
         if size is not None and size < 1:
             raise ConfigError(f"{flag} must be at least 1, got {size}")
-    shared = m.moe_shared_expert_intermediate_size
-    if shared is not None and shared % tp:
-        raise ConfigError(f"--moe-shared-expert-intermediate-size {shared} is not divisible by "
-                          f"--tensor-model-parallel-size {tp}")

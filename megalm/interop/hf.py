@@ -1,0 +1,180 @@
+"""Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT-2, Llama (with Llama 3.1's RoPE
+scaling), Mistral, Qwen2/2.5, Qwen3, Mixtral or Qwen3-MoE: safetensors weights, config.json, the run's tokenizer
+files) from a checkpoint of any layout; ``megalm-import-hf`` turns such a directory into a megalm checkpoint that
+loads under any layout. Each family's config mapping and tensor names are a class in ``hf_families.py``; this
+module moves files. transformers itself is not needed here, only to load the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+
+import torch
+
+from megalm.config import Config, ModelConfig
+from megalm.interop.hf_families import ConversionError, family_of, family_of_config
+from megalm.training.checkpoint import CheckpointError, read_checkpoint
+
+log = logging.getLogger("megalm")
+
+
+def flavour(m: ModelConfig) -> str:
+    """The transformers ``model_type`` of a megalm model, or a ConversionError naming what no family has."""
+    return family_of(m).model_type
+
+
+def hf_config(m: ModelConfig, vocab: int, eod: int, dtype: str = "float32") -> dict:
+    return family_of(m).hf_config(m, vocab, eod, dtype)
+
+
+def to_hf(m: ModelConfig, state: dict) -> dict:
+    """transformers state dict from megalm's full-tensor state."""
+    out = {}
+    for rename in family_of(m).renames(m):
+        rename.export(state, out)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf(m: ModelConfig, hf: dict) -> dict:
+    """megalm's full-tensor state from a transformers state dict (inverse of ``to_hf``)."""
+    out = {}
+    for rename in family_of(m).renames(m):
+        rename.load(hf, out)
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """megalm's model config from a transformers config.json; every key that would change the computation and
+    that megalm does not implement stops the import, named."""
+    return family_of_config(hf).model_config(hf)
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model")
+
+
+def _tokenizer_files(cfg: Config) -> list:
+    d = cfg.data
+    paths = [d.vocab_file, d.merge_file, d.tokenizer_model]
+    dirs = {os.path.dirname(p) for p in paths if p and os.path.isfile(p)} | {p for p in paths if p and os.path.isdir(p)}
+    found = [p for p in paths if p and os.path.isfile(p)]
+    for folder in dirs:  # the tokenizer.json megalm-train-tokenizer writes beside vocab.json/merges.txt
+        found += [os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
+    return sorted(set(found))
+
+
+def export_hf(load: str, output: str) -> str:
+    from safetensors.torch import save_file
+
+    from megalm.data.tokenizers import build_tokenizer
+
+    state = read_checkpoint(load, parts=("model",))
+    cfg = state["config"]
+    tok = build_tokenizer(cfg.data)
+    weights = to_hf(cfg.model, state["model"])  # in the checkpoint's dtype: bf16 from a --bf16 run
+    dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    os.makedirs(output, exist_ok=True)
+    save_file(weights, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(output, "config.json"), "w") as fh:
+        json.dump(hf_config(cfg.model, tok.vocab_size, tok.eod, dtype), fh, indent=1)
+    for path in _tokenizer_files(cfg):
+        shutil.copy(path, os.path.join(output, os.path.basename(path)))
+    eos = tok.detokenize([tok.eod]) if cfg.data.tokenizer_type != "NullTokenizer" else None
+    with open(os.path.join(output, "tokenizer_config.json"), "w") as fh:
+        json.dump({"model_max_length": cfg.model.max_position_embeddings, "eos_token": eos, "bos_token": eos,
+                   "unk_token": eos, "add_prefix_space": False}, fh, indent=1)
+    log.info("exported %s (%s flavour) to %s", state["path"], flavour(cfg.model), output)
+    return output
+
+
+def _read_hf_weights(folder: str) -> dict:
+    st = os.path.join(folder, "model.safetensors")
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    binary = os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise ConversionError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded checkpoints: merge first)")
+
+
+def import_hf(folder: str, save: str) -> str:
+    from megalm.data.tokenizers import build_tokenizer
+    from megalm.model.gpt import GPT
+    from megalm.parallel.state import Topology
+    from megalm.training.checkpoint import load_model_state, save_checkpoint
+
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise ConversionError(f"{folder}: no config.json")
+    with open(config_path) as fh:
+        hf = json.load(fh)
+    cfg = Config()
+    cfg.model = model_config_from_hf(hf)
+    tok_dir = os.path.join(save, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(folder, f)):
+            shutil.copy(os.path.join(folder, f), os.path.join(tok_dir, f))
+    d = cfg.data
+    if all(os.path.exists(os.path.join(tok_dir, f)) for f in ("vocab.json", "merges.txt")):
+        d.tokenizer_type, d.vocab_file, d.merge_file = ("GPT2BPETokenizer", os.path.join(tok_dir, "vocab.json"),
+                                                        os.path.join(tok_dir, "merges.txt"))
+    elif os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        d.tokenizer_type, d.tokenizer_model = "HuggingFaceTokenizer", os.path.join(tok_dir, "tokenizer.json")
+    elif os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
+        d.tokenizer_type, d.tokenizer_model = "SentencePieceTokenizer", os.path.join(tok_dir, "tokenizer.model")
+    else:
+        raise ConversionError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    tok = build_tokenizer(d)
+    state = from_hf(cfg.model, _read_hf_weights(folder))
+    for name in ("embedding.weight", "output.weight"):
+        if name in state:
+            rows = state[name].shape[0]
+            if rows < tok.vocab_size:
+                raise ConversionError(f"{folder}: {rows} embedding rows for a tokenizer of {tok.vocab_size}")
+            state[name] = state[name][: tok.vocab_size]  # rows past the tokenizer are padding
+    model = GPT(cfg.model, tok.vocab_size, Topology())
+    load_model_state(model, state, Topology(), folder)
+    meta = {"consumed_samples": 0, "tokenizer": tok.fingerprint, "imported_from": os.path.abspath(folder)}
+    path = save_checkpoint(save, 0, model, {}, cfg, Topology(), meta, {})
+    log.info("imported %s (%s) into %s", folder, hf.get("model_type"), path)
+    return path
+
+
+def _cli(argv, prog: str, description: str, flags: list, action, errors: tuple) -> int:
+    """One command: ``flags`` are (name, help) pairs, all required; ``action`` gets their values in order."""
+    from megalm.training.logging import setup_logging
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    for name, help_text in flags:
+        p.add_argument(name, required=True, help=help_text)
+    args = vars(p.parse_args(argv))
+    setup_logging(0)
+    try:
+        action(*(args[name.lstrip("-").replace("-", "_")] for name, _ in flags))
+    except errors as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export_main(argv=None) -> int:
+    return _cli(argv, "megalm-export-hf", "megalm checkpoint -> transformers directory",
+                [("--load", "checkpoint (a --save root or an iter_* directory), any layout"),
+                 ("--output", "directory to write")], export_hf, (CheckpointError, ConversionError, FileNotFoundError))
+
+
+def import_main(argv=None) -> int:
+    return _cli(argv, "megalm-import-hf", "transformers directory -> megalm checkpoint",
+                [("--input", "local directory with config.json and model.safetensors"),
+                 ("--save", "checkpoint directory to write (iteration 0)")], import_hf,
+                (CheckpointError, ConversionError, FileNotFoundError, KeyError))
+
+
+if __name__ == "__main__":
+    sys.exit(export_main())
