@@ -1,5 +1,6 @@
 """The fused softmax kernel against the torch reference on odd shapes, forward and backward; the gate."""
 import logging
+import os
 import shutil
 import subprocess
 
@@ -80,14 +81,29 @@ def test_gate_falls_back_and_says_why(caplog):
         extension().fused_softmax_forward_cpu(torch.randn(1, 1, 3, 5), None, 1.0, 2)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def _nvcc():
+    """nvcc from PATH, CUDA_HOME or /usr/local/cuda; where there is none, the test skips, except under CI
+    (``CI=true``: scripts/install.sh's machine has CUDA 13.0), where that is a failure."""
+    found = shutil.which("nvcc") or next((p for p in (os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin",
+                                                                   "nvcc"), "/usr/local/cuda/bin/nvcc")
+                                          if os.path.isfile(p)), None)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no nvcc (PATH, CUDA_HOME, /usr/local/cuda): the CUDA sources are not compile-checked")
+        pytest.skip("no nvcc")
+    return found
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_sources_compile(tmp_path, arch):
     import glob
 
-    sources = glob.glob("csrc/**/*.cu", recursive=True)
+    from conftest import ROOT
+
+    nvcc = _nvcc()
+    sources = glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
     assert sources
     for src in sources:
-        res = subprocess.run(["nvcc", "-c", src, "-o", str(tmp_path / "k.o"), f"-arch={arch}", "-std=c++17", "-O3",
+        res = subprocess.run([nvcc, "-c", src, "-o", str(tmp_path / "k.o"), f"-arch={arch}", "-std=c++17", "-O3",
                               "-Xcompiler", "-Wall"], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr

@@ -29,31 +29,36 @@ def run(tmp, nproc, argv):
     return [r for r in rows if "loss" in r], read_checkpoint(str(tmp / "ck"))
 
 
-# name: (processes, precision and layout flags)
+LOSS_TOLERANCE = 1e-4  # relative, every iteration; measured 2.3e-5 (bf16), 7.7e-7 (fp16)
+# name: (processes, precision and layout flags, relative grad-norm tolerance: about 3x the largest measured
+# difference over the 10 iterations, which grows as the runs go: 1.8e-2, 1.6e-3 and 1.2e-1 at iteration 10, where
+# summing bf16 gradients in another order moves the norm of a step whose losses still agree to 2e-5)
 LAYOUTS = {
     "tp2-pp2-dp2-zero1-bf16": (8, ["--bf16", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-                                   "--pipeline-model-parallel-size", "2", "--zero-stage", "1"]),
-    "dp2-zero2-fp16": (2, ["--fp16", "--zero-stage", "2", "--ddp-bucket-size", "5000"]),
+                                   "--pipeline-model-parallel-size", "2", "--zero-stage", "1"], 5e-2),
+    "dp2-zero2-fp16": (2, ["--fp16", "--zero-stage", "2", "--ddp-bucket-size", "5000"], 5e-3),
     "tp2-dp2-bf16-grad-reduce-in-bf16": (4, ["--bf16", "--grad-reduce-in-bf16", "--tensor-model-parallel-size",
-                                             "2", "--zero-stage", "1"]),
+                                             "2", "--zero-stage", "1"], 3e-1),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_low_precision_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags, layout, monkeypatch):
-    """Per-iteration losses within 1e-3 relative of one process in the same precision over 10 iterations (the
-    issue asks 1e-2; measured 2.3e-5 in bf16, 8e-7 in fp16), and the saved fp32 main parameters within 2e-2
+    """Per-iteration losses within 1e-4 relative of one process in the same precision over 10 iterations (the
+    issue asks 1e-2; measured 2.3e-5 in bf16, 8e-7 in fp16), grad norms within the layout's tolerance (about 3x
+    what was measured), and the saved fp32 main parameters within 2e-2
     (measured up to 1.5e-2, on the small residual projections w2 / wo whose 10 Adam steps of lr 3e-3 outweigh
     their initial values: bf16 rounding of differently ordered sums flips the signs of small gradients)."""
-    nproc, flags = LAYOUTS[layout]
+    nproc, flags, grad_norm_tolerance = LAYOUTS[layout]
     precision = [f for f in flags if f in ("--bf16", "--fp16", "--grad-reduce-in-bf16")]
     base = tiny_train_flags(dataset_prefix, bpe_flags, *LLAMA_DEEP, "--train-iters", "10", "--eval-interval", "100",
                             "--lr", "3e-3")
     ref, ref_ck = run(tmp_path / "one", 1, base + precision)
     got, got_ck = run(tmp_path / "many", nproc, base + flags)
     assert len(ref) == len(got) == 10
-    for a, b in zip(ref, got, strict=True):
-        assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-3, (layout, a["iteration"], a["loss"], b["loss"])
+    for key, tol in (("loss", LOSS_TOLERANCE), ("grad_norm", grad_norm_tolerance)):
+        worst = max(abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(ref, got, strict=True))
+        assert worst < tol, (layout, key, worst)
     for name, state in ref_ck["optimizer"].items():
         assert state["main_param"].dtype.is_floating_point and state["main_param"].element_size() == 4
         assert_close(got_ck["optimizer"][name]["main_param"], state["main_param"], 2e-2, f"{layout} {name}")

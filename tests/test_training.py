@@ -229,7 +229,8 @@ def test_resume_under_other_layouts(tmp_path, dataset_prefix, bpe_flags):
 def test_every_rank_writes_its_zero_slice(tmp_path, dataset_prefix, bpe_flags):
     """DP 4 with ZeRO 1: each rank writes its own slice of the parameters and of the Adam state (nothing gathered
     to one rank), a quarter each give or take a bucket's padding; the index says where each slice lies; the
-    checkpoint resumes exactly at DP 4 and loads at DP 1."""
+    checkpoint resumes exactly at DP 4, and one process continues it with the DP 4 run's iteration-3 loss and grad
+    norm."""
     from conftest import torchrun
     from megalm.training.checkpoint import read_checkpoint
 
@@ -253,8 +254,13 @@ def test_every_rank_writes_its_zero_slice(tmp_path, dataset_prefix, bpe_flags):
     full, _ = read_metrics(tmp_path / "full.jsonl")
     resumed, _ = read_metrics(tmp_path / "resumed.jsonl")
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full[2:]]
+    # one process continues the DP 4 run: its iteration 3 is the DP 4 run's, up to the order of the sums
     assert main(tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "3", "--global-batch-size", "8",
-                                 "--load", folder)) == 0
+                                 "--load", folder, "--metrics-file", tmp_path / "one.jsonl")) == 0
+    one, _ = read_metrics(tmp_path / "one.jsonl")
+    assert [r["iteration"] for r in one] == [3]
+    assert abs(one[0]["loss"] - full[2]["loss"]) <= 1e-5 * full[2]["loss"]
+    assert abs(one[0]["grad_norm"] - full[2]["grad_norm"]) <= 1e-4 * full[2]["grad_norm"]
 
 
 def test_finetune_no_load_optim_and_keep_last_n(tmp_path, dataset_prefix, bpe_flags):

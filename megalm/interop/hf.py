@@ -102,36 +102,65 @@ def _read_hf_weights(folder: str) -> dict:
     raise ConversionError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded checkpoints: merge first)")
 
 
+def _tokenizer_flags(d, folder: str) -> None:
+    """Point the data config at the tokenizer files in ``folder`` (GPT-2 BPE, tokenizer.json or SentencePiece)."""
+    def there(name):
+        return os.path.join(folder, name)
+
+    if all(os.path.exists(there(f)) for f in ("vocab.json", "merges.txt")):
+        d.tokenizer_type, d.vocab_file, d.merge_file = "GPT2BPETokenizer", there("vocab.json"), there("merges.txt")
+    elif os.path.exists(there("tokenizer.json")):
+        d.tokenizer_type, d.tokenizer_model = "HuggingFaceTokenizer", there("tokenizer.json")
+    elif os.path.exists(there("tokenizer.model")):
+        d.tokenizer_type, d.tokenizer_model = "SentencePieceTokenizer", there("tokenizer.model")
+    else:
+        raise ConversionError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
+def read_hf_config(folder: str) -> dict:
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise ConversionError(f"{folder}: no config.json")
+    try:
+        with open(config_path) as fh:
+            hf = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{config_path}: expected a JSON object, found {type(hf).__name__}")
+    return hf
+
+
 def import_hf(folder: str, save: str) -> str:
+    """Everything is read and checked (config, tokenizer, every tensor) before anything is written."""
+    from megalm.config import ConfigError
+    from megalm.config.model import fill_model_defaults, validate_model
     from megalm.data.tokenizers import build_tokenizer
     from megalm.model.gpt import GPT
     from megalm.parallel.state import Topology
     from megalm.training.checkpoint import load_model_state, save_checkpoint
 
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
-        raise ConversionError(f"{folder}: no config.json")
-    with open(config_path) as fh:
-        hf = json.load(fh)
+    hf = read_hf_config(folder)
     cfg = Config()
-    cfg.model = model_config_from_hf(hf)
-    tok_dir = os.path.join(save, "tokenizer")
-    os.makedirs(tok_dir, exist_ok=True)
-    for f in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(folder, f)):
-            shutil.copy(os.path.join(folder, f), os.path.join(tok_dir, f))
-    d = cfg.data
-    if all(os.path.exists(os.path.join(tok_dir, f)) for f in ("vocab.json", "merges.txt")):
-        d.tokenizer_type, d.vocab_file, d.merge_file = ("GPT2BPETokenizer", os.path.join(tok_dir, "vocab.json"),
-                                                        os.path.join(tok_dir, "merges.txt"))
-    elif os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        d.tokenizer_type, d.tokenizer_model = "HuggingFaceTokenizer", os.path.join(tok_dir, "tokenizer.json")
-    elif os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
-        d.tokenizer_type, d.tokenizer_model = "SentencePieceTokenizer", os.path.join(tok_dir, "tokenizer.model")
-    else:
-        raise ConversionError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    tok = build_tokenizer(d)
-    state = from_hf(cfg.model, _read_hf_weights(folder))
+    try:
+        cfg.model = model_config_from_hf(hf)
+        fill_model_defaults(cfg.model)
+        validate_model(cfg.model)
+    except ConversionError:
+        raise
+    except KeyError as exc:
+        raise ConversionError(f"{folder}/config.json: lacks {exc.args[0]!r}") from None
+    except ConfigError as exc:  # a shape megalm's own rules refuse
+        raise ConversionError(f"{folder}/config.json: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{folder}/config.json: a value of the wrong type ({exc})") from None
+    _tokenizer_flags(cfg.data, folder)
+    tok = build_tokenizer(cfg.data)
+    weights = _read_hf_weights(folder)
+    try:
+        state = from_hf(cfg.model, weights)
+    except KeyError as exc:
+        raise ConversionError(f"{folder}: the weights lack {exc.args[0]}, which config.json's model has") from None
     for name in ("embedding.weight", "output.weight"):
         if name in state:
             rows = state[name].shape[0]
@@ -140,6 +169,13 @@ def import_hf(folder: str, save: str) -> str:
             state[name] = state[name][: tok.vocab_size]  # rows past the tokenizer are padding
     model = GPT(cfg.model, tok.vocab_size, Topology())
     load_model_state(model, state, Topology(), folder)
+    tok_dir = os.path.join(save, "tokenizer")  # checked: now the copies the checkpoint's config names
+    os.makedirs(tok_dir, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(folder, f)):
+            shutil.copy(os.path.join(folder, f), os.path.join(tok_dir, f))
+    _tokenizer_flags(cfg.data, tok_dir)
+    tok = build_tokenizer(cfg.data)
     meta = {"consumed_samples": 0, "tokenizer": tok.fingerprint, "imported_from": os.path.abspath(folder)}
     path = save_checkpoint(save, 0, model, {}, cfg, Topology(), meta, {})
     log.info("imported %s (%s) into %s", folder, hf.get("model_type"), path)

@@ -21,32 +21,10 @@ import sys
 import torch
 
 from megalm.config import Config, ModelConfig, finalize
-from megalm.interop.megatron_format import MegatronFormatError, read_checkpoint_files
+from megalm.interop.megatron_format import MegatronFormatError, local_spec_name, read_checkpoint_files
 
 log = logging.getLogger("megalm")
 
-# other spellings -> megatron-core's per-layer local-spec names (applied to the part after the layer prefix)
-LAYER_RENAMES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",  # TE spec
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-    "self_attention.query_key_value.weight": "self_attention.linear_qkv.weight",  # language_model.encoder
-    "self_attention.query_key_value.bias": "self_attention.linear_qkv.bias",
-    "self_attention.dense.weight": "self_attention.linear_proj.weight",
-    "self_attention.dense.bias": "self_attention.linear_proj.bias",
-    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
-    "post_attention_layernorm.bias": "pre_mlp_layernorm.bias",
-    "mlp.dense_h_to_4h.weight": "mlp.linear_fc1.weight", "mlp.dense_h_to_4h.bias": "mlp.linear_fc1.bias",
-    "mlp.dense_4h_to_h.weight": "mlp.linear_fc2.weight", "mlp.dense_4h_to_h.bias": "mlp.linear_fc2.bias",
-}
-OTHER_RENAMES = {
-    "language_model.embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
-    "language_model.embedding.position_embeddings.weight": "embedding.position_embeddings.weight",
-    "language_model.encoder.final_layernorm.weight": "decoder.final_layernorm.weight",
-    "language_model.encoder.final_layernorm.bias": "decoder.final_layernorm.bias",
-    "language_model.output_layer.weight": "output_layer.weight",
-}
 # megatron-core local-spec name (after decoder.layers.N.) -> megalm name (after layers.N.)
 LAYER_NAMES = {
     "input_layernorm.weight": "attention_norm.weight", "input_layernorm.bias": "attention_norm.bias",
@@ -69,15 +47,15 @@ def canonical_names(state: dict, source: str) -> dict:
     """Every tensor under megatron-core's per-layer local-spec name; a name megalm does not know stops."""
     out = {}
     for name, tensor in state.items():
-        name = OTHER_RENAMES.get(name, name)
-        m = re.fullmatch(r"(?:decoder|language_model\.encoder)\.layers\.(\d+)\.(.+)", name)
+        spec = local_spec_name(name)
+        m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", spec)
         if m:
-            rest = LAYER_RENAMES.get(m.group(2), m.group(2))
+            rest = m.group(2)
             if rest not in LAYER_NAMES and not rest.startswith(("self_attention.linear_qkv.", "mlp.linear_fc1.")):
                 raise MegatronFormatError(f"{source}: tensor {name} is not part of the GPT layers megalm imports")
-            out[f"decoder.layers.{m.group(1)}.{rest}"] = tensor
-        elif name in OTHER_NAMES:
-            out[name] = tensor
+            out[spec] = tensor
+        elif spec in OTHER_NAMES:
+            out[spec] = tensor
         else:
             raise MegatronFormatError(f"{source}: tensor {name} is not part of the GPT models megalm imports")
     return out
@@ -105,6 +83,13 @@ def model_config_from_args(args, source: str) -> ModelConfig:
         if value != ours and not (ours is False and value is None):
             raise MegatronFormatError(f"{source}: args.{name}={value!r} is not implemented by megalm "
                                       f"(it supports {ours!r})")
+    shape = [name for name in ("num_layers", "hidden_size", "num_attention_heads")
+             if not isinstance(_arg(args, name), int) or _arg(args, name) < 1]
+    if _arg(args, "group_query_attention") and not isinstance(_arg(args, "num_query_groups"), int):
+        shape.append("num_query_groups (with group_query_attention)")
+    if shape:
+        raise MegatronFormatError(f"{source}: args lack the model's shape: {', '.join(shape)} (a positive integer "
+                                  f"each)")
     m = ModelConfig()
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length",
                  "max_position_embeddings", "swiglu", "untie_embeddings_and_output_weights", "add_bias_linear",

@@ -21,8 +21,10 @@ DCP's own metadata classes, ``torch.Size`` and dtypes: anything else stops the r
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -76,15 +78,21 @@ DCP_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.check
 
 
 class _MetadataUnpickler(pickle.Unpickler):
+    """Exact names only: pickle protocol 4 resolves a dotted name attribute by attribute, so
+    ``torch.distributed.checkpoint.metadata`` + ``os.system`` would reach ``os.system`` through the module's own
+    ``import os``; a name is admitted only as a class defined in the DCP module named."""
+
     def find_class(self, module, name):
-        if module in DCP_MODULES and not name.startswith("__"):
-            return super().find_class(module, name)
+        if module in DCP_MODULES and "." not in name and not name.startswith("__"):
+            found = getattr(importlib.import_module(module), name, None)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
         if (module, name) == ("torch.serialization", "_get_layout"):
             return super().find_class(module, name)
-        if (module, name) == ("collections", "OrderedDict"):
-            return super().find_class(module, name)
+        if (module, name) in (("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):
+            return super().find_class(module, name)  # torch's own saves record the checkpoint's path
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
     def persistent_load(self, pid):
@@ -106,6 +114,8 @@ def iteration_folder(load: str) -> str:
     pointer = os.path.join(load, "latest_checkpointed_iteration.txt")
     if os.path.exists(pointer):
         text = open(pointer).read().strip()
+        if text != "release" and not text.isdigit():
+            raise MegatronFormatError(f"{pointer}: expected an iteration number or 'release', found {text[:40]!r}")
         name = "release" if text == "release" else f"iter_{int(text):07d}"
         load = os.path.join(load, name)
     if not os.path.isdir(load):
@@ -147,6 +157,11 @@ def read_torch_dist(folder: str) -> tuple:
         if not hasattr(md, "chunks") or "_extra_state" in name or name.startswith(("optimizer", "rng_state")):
             continue
         tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        covered = sum(math.prod(chunk.sizes) for chunk in md.chunks)
+        if covered != tensor.numel():
+            raise MegatronFormatError(f"{folder}/.metadata: the chunks of {name} cover {covered} of its "
+                                      f"{tensor.numel()} values (shape {tuple(md.size)}): the checkpoint is "
+                                      f"incomplete")
         for chunk in md.chunks:
             info = chunks.get((name, tuple(chunk.offsets)))
             if info is None:
@@ -173,6 +188,38 @@ def unstack_layers(state: dict) -> dict:
 
 # how each tensor is split over TP ranks in the legacy per-rank files: concatenated along dim 0 or 1, or the same
 # on every rank (norms, row-parallel biases, position embeddings)
+# other spellings -> megatron-core's per-layer local-spec names (applied to the part after the layer prefix)
+LAYER_RENAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",  # TE spec
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+    "self_attention.query_key_value.weight": "self_attention.linear_qkv.weight",  # language_model.encoder
+    "self_attention.query_key_value.bias": "self_attention.linear_qkv.bias",
+    "self_attention.dense.weight": "self_attention.linear_proj.weight",
+    "self_attention.dense.bias": "self_attention.linear_proj.bias",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "post_attention_layernorm.bias": "pre_mlp_layernorm.bias",
+    "mlp.dense_h_to_4h.weight": "mlp.linear_fc1.weight", "mlp.dense_h_to_4h.bias": "mlp.linear_fc1.bias",
+    "mlp.dense_4h_to_h.weight": "mlp.linear_fc2.weight", "mlp.dense_4h_to_h.bias": "mlp.linear_fc2.bias",
+}
+OTHER_RENAMES = {
+    "language_model.embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+    "language_model.embedding.position_embeddings.weight": "embedding.position_embeddings.weight",
+    "language_model.encoder.final_layernorm.weight": "decoder.final_layernorm.weight",
+    "language_model.encoder.final_layernorm.bias": "decoder.final_layernorm.bias",
+    "language_model.output_layer.weight": "output_layer.weight",
+}
+
+
+def local_spec_name(name: str) -> str:
+    """megatron-core's per-layer local-spec spelling of a tensor name (TE-spec norms, ``language_model.encoder``)."""
+    name = OTHER_RENAMES.get(name, name)
+    m = re.fullmatch(r"(?:decoder|language_model\.encoder)\.layers\.(\d+)\.(.+)", name)
+    return f"decoder.layers.{m.group(1)}.{LAYER_RENAMES.get(m.group(2), m.group(2))}" if m else name
+
+
+# how TP shards of a local-spec name join: along dim 0 (column parallel), dim 1 (row parallel), else replicated
 TP_DIM0 = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight",
            "mlp.linear_fc1.bias", "word_embeddings.weight", "output_layer.weight")
 TP_DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
@@ -222,19 +269,22 @@ def read_legacy(folder: str) -> tuple:
 
 
 def _join_tp(shards: list, swiglu: bool, where: str) -> dict:
+    """One stage's tensors from its TP shards, the split decided by each name's local-spec spelling (so that
+    ``language_model.encoder`` names join like ``decoder`` ones)."""
     out = {}
     for name in shards[0]:
         parts = [s.get(name) for s in shards]
         if any(p is None for p in parts):
             raise MegatronFormatError(f"{where}: {name} is missing on some TP ranks")
+        spec = local_spec_name(name)
         if len(parts) == 1:
             out[name] = parts[0]
-        elif swiglu and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
+        elif swiglu and spec.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
             halves = [p.chunk(2, dim=0) for p in parts]
             out[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-        elif name.endswith(TP_DIM0):
+        elif spec.endswith(TP_DIM0):
             out[name] = torch.cat(parts, 0)
-        elif name.endswith(TP_DIM1):
+        elif spec.endswith(TP_DIM1):
             out[name] = torch.cat(parts, 1)
         else:
             out[name] = parts[0]

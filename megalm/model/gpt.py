@@ -27,7 +27,7 @@ from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalm.parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding, enter_tp_region, full_shape,
                                     init_shard_, param_generator)
 from megalm.parallel.mappings import gather_from_tp, scatter_to_sequence_parallel
-from megalm.parallel.random import RNGTracker
+from megalm.parallel.random import RNGTracker, rank_seed
 from megalm.parallel.state import Topology
 
 
@@ -80,7 +80,7 @@ class GPT(nn.Module):
         A model built on the meta device gets its parameters here, one at a time, on ``device`` in ``dtype``
         (state that is not trained, the MoE expert bias, stays fp32): no copy of the stage is ever made, and the
         only temporary is the whole tensor a shard is cut from, drawn in fp32 on ``device``."""
-        self.rng_tracker.seed(seed, self.topo.tp_rank)
+        self.rng_tracker.seed(rank_seed(seed, self.topo), self.topo.tp_rank)
         std = self.cfg.init_method_std
         for module in self.modules():
             for leaf, p in list(module._parameters.items()):
@@ -131,7 +131,7 @@ class GPT(nn.Module):
         blocks = [self.layers[str(i)] for i in self.chunks[chunk]]
         mask = None
         if self.topo.cp > 1 and kv_cache is None:  # this rank's chunks of the sequence against all of it
-            mask = {kind: attention_mask(kind, tokens.shape[1], self.topo, document_ids)
+            mask = {kind: attention_mask(kind, tokens.shape[1], self.topo, document_ids, x.device)
                     for kind in dict.fromkeys(self.topo.cp_comm_types)}  # one per kind the layers use
         elif document_ids is not None:  # causal within each packed document
             same = document_ids[:, :, None] == document_ids[:, None, :]

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.parallel.experts import dispatch_allgather, dispatch_alltoall, dispatch_local
-from megalm.parallel.mappings import gather_dim0, reduce_from_tp, reduce_scatter_dim0
+from megalm.parallel.context import local_indices
+from megalm.parallel.mappings import gather_dim0, gather_values_dim0, reduce_from_tp, reduce_scatter_dim0
 from megalm.parallel.state import Topology
 
 
@@ -210,7 +211,7 @@ class MoELayer(nn.Module):
         experts, probs, aux, z, counts = self.router(flat, b)
         dropped, compute = 0.0, self.experts
         if self.cfg.moe_expert_capacity_factor is not None:
-            experts, dropped, capacity = self._drop_over_capacity(experts, probs)
+            experts, dropped, capacity = self._drop_over_capacity(experts, probs, b)
             if self.cfg.moe_pad_expert_input_to_capacity:
                 compute = _PaddedToCapacity(self.experts, capacity * self.topo.ep * self.topo.etp)
         c, topo = self.cfg, self.topo
@@ -236,28 +237,57 @@ class MoELayer(nn.Module):
                         y = _AttachAux.apply(y, loss, self.stats)
         return y
 
-    def _drop_over_capacity(self, experts: torch.Tensor, probs: torch.Tensor):
-        """Each expert keeps at most ``capacity = ceil(factor x T x k / E)`` of this rank's (token, choice) pairs:
-        those with the highest probabilities (``probs`` policy) or the earliest tokens (``position``). A dropped
-        pair's expert becomes ``E`` (the dispatchers send it nowhere; the token keeps its other choices and the
-        residual). Returns the new experts, the share dropped and the capacity."""
-        c = self.cfg
-        T, k = experts.shape
-        capacity = int(-(-c.moe_expert_capacity_factor * T * k // c.num_experts))
-        flat_e, flat_p = experts.reshape(-1), probs.detach().reshape(-1)
-        if c.moe_token_drop_policy == "probs":
-            rank_key = -flat_p
+    def _drop_over_capacity(self, experts: torch.Tensor, probs: torch.Tensor, b: int = 1):
+        """Each expert keeps at most ``capacity = ceil(factor x T x k / E)`` of a micro-batch's ``T`` tokens'
+        (token, choice) pairs: those with the highest probabilities (``probs`` policy) or the earliest tokens
+        (``position``). A dropped pair's expert becomes ``E`` (the dispatchers send it nowhere; the token keeps its
+        other choices and the residual). When CP, or TP under sequence parallelism, splits the micro-batch's
+        tokens (``b`` samples here), the ranks that share it decide together, on all its tokens in one process's
+        order, so that the same pairs are dropped as in one process. Returns the new experts, the share of the
+        micro-batch's pairs dropped and the capacity."""
+        group, n = self.topo.token_split
+        if n == 1:
+            keep, capacity = _keep_within_capacity(self.cfg, experts, probs.detach())
+            dropped = (~keep).sum() / keep.numel()
         else:
-            rank_key = torch.arange(flat_e.numel(), device=flat_e.device, dtype=flat_p.dtype)
-        order = torch.argsort(rank_key, stable=True)
-        order = order[torch.argsort(flat_e[order], stable=True)]  # by expert, best first within each
-        counts = torch.bincount(flat_e, minlength=c.num_experts)
-        starts = torch.cumsum(counts, 0) - counts
-        place = torch.empty_like(order)
-        place[order] = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
-        keep = (place < capacity).view(T, k)
-        dropped = (~keep).sum() / keep.numel()
-        return experts.masked_fill(~keep, c.num_experts), dropped, capacity
+            positions = self._token_positions(b, experts.shape[0] // b, experts.device)
+            every = [gather_values_dim0(t.contiguous(), group) for t in (experts, probs.detach(), positions)]
+            order = torch.argsort(every[2])  # one process's order of the micro-batch's tokens
+            kept, capacity = _keep_within_capacity(self.cfg, every[0][order], every[1][order])
+            everyone = torch.empty_like(kept)
+            everyone[order] = kept
+            dropped = (~everyone).sum() / everyone.numel()
+            mine = dist.get_rank(group) * experts.shape[0]
+            keep = everyone[mine:mine + experts.shape[0]]
+        return experts.masked_fill(~keep, self.cfg.num_experts), dropped, capacity
+
+    def _token_positions(self, b: int, s_local: int, device) -> torch.Tensor:
+        """Where this rank's ``b x s_local`` tokens sit in the micro-batch as one process flattens it
+        (sample-major, then sequence position)."""
+        topo = self.topo
+        sp = topo.tp if topo.sequence_parallel else 1
+        seq = s_local * sp * topo.cp
+        pos = local_indices(seq, topo.cp, topo.cp_rank, device) if topo.cp > 1 else torch.arange(seq, device=device)
+        pos = pos.view(sp, -1)[topo.tp_rank if sp > 1 else 0]  # this TP rank's sequence shard
+        return (torch.arange(b, device=device)[:, None] * seq + pos[None, :]).reshape(-1)
+
+
+def _keep_within_capacity(c, experts: torch.Tensor, probs: torch.Tensor):
+    """Which (token, choice) pairs of ``experts`` ``[T, k]`` their experts keep, and the capacity."""
+    T, k = experts.shape
+    capacity = int(-(-c.moe_expert_capacity_factor * T * k // c.num_experts))
+    flat_e, flat_p = experts.reshape(-1), probs.reshape(-1)
+    if c.moe_token_drop_policy == "probs":
+        rank_key = -flat_p
+    else:
+        rank_key = torch.arange(flat_e.numel(), device=flat_e.device, dtype=flat_p.dtype)
+    order = torch.argsort(rank_key, stable=True)
+    order = order[torch.argsort(flat_e[order], stable=True)]  # by expert, best first within each
+    counts = torch.bincount(flat_e, minlength=c.num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    place = torch.empty_like(order)
+    place[order] = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
+    return (place < capacity).view(T, k), capacity
 
 
 class _PaddedToCapacity(nn.Module):

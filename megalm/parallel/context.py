@@ -124,13 +124,14 @@ def context_attention(comm_type: str, q, k, v, topo, mask, attend):
     return attend(q, k, v, mask)
 
 
-def attention_mask(comm_type: str, seq_local: int, topo, document_ids=None):
+def attention_mask(comm_type: str, seq_local: int, topo, document_ids=None, device=None):
     """What this rank's attention needs to mask under context parallelism: for ``allgather`` a boolean (True: may
     attend) ``[b or 1, 1, s_local, s]`` from the local queries' true positions to all keys in order; for ``a2a``
     None (plain causal over the whole sequence) or, with packed documents, ``[b, 1, s, s]``; for ``p2p`` None or,
-    with packed documents, every rank's document ids (the ring builds each block's mask)."""
+    with packed documents, every rank's document ids (the ring builds each block's mask). Built on ``device``, the
+    activations' (SDPA refuses a CPU mask with CUDA queries)."""
     cp, seq = topo.cp, seq_local * topo.cp
-    device = document_ids.device if document_ids is not None else None
+    device = document_ids.device if document_ids is not None else device
     order = natural_order(seq, cp, device)
     docs = None
     if document_ids is not None:  # every rank's document ids, rank-major

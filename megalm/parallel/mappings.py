@@ -132,6 +132,11 @@ def _reduce_scatter_dim0(x, group):
     return out
 
 
+def gather_values_dim0(x, group):
+    """Every rank's part stacked along dim 0, outside autograd (indices, detached scores)."""
+    return _gather_dim0(x, group)
+
+
 def gather_dim0(x, group):
     """Every rank's part stacked along dim 0; the backward reduce-scatters (sums) the gradient."""
     return _pair(x, group, _gather_dim0, _reduce_scatter_dim0)

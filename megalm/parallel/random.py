@@ -2,7 +2,9 @@
 
 Dropout on replicated activations uses the default generator, seeded alike on every TP rank so the masks agree.
 Dropout on activations that differ per TP rank (attention probabilities of this rank's heads, sequence shards
-under sequence parallelism) runs inside ``tracker.fork()``, which swaps in a generator seeded per TP rank.
+under sequence parallelism) runs inside ``tracker.fork()``, which swaps in a generator seeded per TP rank. Both
+seeds are offset per pipeline stage and per context-parallel rank (``rank_seed``): other stages run other layers
+and other CP ranks hold other tokens of the sequence, so their masks must not repeat (Megatron offsets by stage).
 """
 from __future__ import annotations
 
@@ -11,6 +13,13 @@ import contextlib
 import torch
 
 TP_SEED_OFFSET = 2718
+PP_SEED_STRIDE = 100  # Megatron's offset per pipeline stage
+CP_SEED_STRIDE = 1_000_003  # per context-parallel rank: past any stage count
+
+
+def rank_seed(seed: int, topo) -> int:
+    """The dropout seed of this rank's pipeline stage and CP rank (the same on the TP and DP ranks of both)."""
+    return seed + PP_SEED_STRIDE * topo.pp_rank + CP_SEED_STRIDE * topo.cp_rank
 
 
 class RNGTracker:

@@ -199,6 +199,19 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def host_all_reduce(values: list, op=dist.ReduceOp.SUM, group=None) -> list:
+    """Small host-side values (a flag, a count) reduced over ``group`` (default: every rank) as Python floats,
+    through a tensor on the device the backend takes (``collective_device``)."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op, group=group)
+    return _to_host(t)
+
+
+def _to_host(t: torch.Tensor) -> list:
+    return t.tolist()
+
+
 def destroy_distributed(barrier: bool = True) -> None:
     """Always called before exit: without it gloo sometimes aborts at shutdown. ``barrier=False`` on an error
     path, where the other ranks may never arrive."""

@@ -21,17 +21,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 
-from megalm.config import Config, load_yaml, save_yaml
+from megalm.config import Config, ConfigError, load_yaml, save_yaml
 from megalm.optim.snapshot import HostStaging, host_tensor
 from megalm.parallel.layers import shard_of
-from megalm.parallel.state import Topology
+from megalm.parallel.state import Topology, host_all_reduce
 
 log = logging.getLogger("megalm")
 
@@ -224,18 +226,13 @@ class PendingSave:
 
     def done_everywhere(self) -> bool:
         """Whether every rank's files are written (a collective: all ranks ask at the same point)."""
-        done = torch.tensor([0.0 if self.thread is not None and self.thread.is_alive() else 1.0])
-        if dist.is_initialized():
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        return bool(done.item())
+        busy = self.thread is not None and self.thread.is_alive()
+        return bool(host_all_reduce([0.0 if busy else 1.0], op=dist.ReduceOp.MIN)[0])
 
     def finish(self) -> str:
         if self.thread is not None:
             self.thread.join()
-        failed = torch.tensor([1.0 if self.error else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item():
+        if host_all_reduce([1.0 if self.error else 0.0], op=dist.ReduceOp.MAX)[0]:
             raise CheckpointError(f"{self.tmp}: writing the checkpoint failed"
                                   + (f" on this rank: {self.error}" if self.error else " on another rank")
                                   + "; the previous checkpoint is intact")
@@ -296,8 +293,12 @@ class PendingSave:
 def prune(root: str, keep: int) -> None:
     """Delete all but the newest ``keep`` iteration directories (never the one the pointer names)."""
     iters = sorted(d for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
-    pointer = os.path.join(root, LATEST)
-    current = iteration_dir(root, int(open(pointer).read().strip())) if os.path.exists(pointer) else None
+    try:
+        current = pointed_iteration(root)
+    except CheckpointError as exc:  # which checkpoint is current is unknown: delete nothing
+        log.warning("%s; no old checkpoint removed", exc)
+        return
+    current = iteration_dir(root, current) if current is not None else None
     for d in iters[:-keep]:
         path = os.path.join(root, d)
         if path != current:
@@ -305,18 +306,41 @@ def prune(root: str, keep: int) -> None:
             log.info("removed old checkpoint %s (--keep-last-n %d)", path, keep)
 
 
+def pointed_iteration(root: str) -> Optional[int]:
+    """The iteration ``root``'s pointer names, None without a pointer; a pointer that is not a number stops."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as fh:
+        text = fh.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{pointer}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
 def resolve(path: str) -> str:
     """``path`` may be a save root (follow its pointer) or an ``iter_*`` directory itself."""
-    pointer = os.path.join(path, LATEST)
-    if os.path.exists(pointer):
-        with open(pointer) as fh:
-            text = fh.read().strip()
-        if not text.isdigit():
-            raise CheckpointError(f"{pointer}: expected an iteration number, found {text[:40]!r}")
-        path = iteration_dir(path, int(text))
+    iteration = pointed_iteration(path)
+    if iteration is not None:
+        path = iteration_dir(path, iteration)
     if not os.path.exists(os.path.join(path, "meta.json")):
         raise CheckpointError(f"{path}: not a megalm checkpoint (no meta.json, and no {LATEST} pointing to one)")
     return path
+
+
+def _read_meta(path: str) -> dict:
+    """``meta.json``, checked for what a load needs before anything else is read."""
+    where = os.path.join(path, "meta.json")
+    try:
+        with open(where) as fh:
+            meta = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: unreadable ({exc}); the checkpoint is damaged") from None
+    shapes = {"checksums": dict, "shards": dict, "iteration": int}
+    missing = [k for k, kind in shapes.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if missing:
+        raise CheckpointError(f"{where}: lacks {', '.join(missing)}; the checkpoint is damaged")
+    return meta
 
 
 def _verified(path: str, meta: dict, names) -> None:
@@ -324,6 +348,8 @@ def _verified(path: str, meta: dict, names) -> None:
         fpath = os.path.join(path, fname)
         if not os.path.exists(fpath):
             raise CheckpointError(f"{fpath}: missing from the checkpoint")
+        if fname not in meta["checksums"]:
+            raise CheckpointError(f"{fpath}: meta.json records no checksum for it, so it cannot be verified")
         if _sha256(fpath) != meta["checksums"][fname]:
             raise CheckpointError(f"{fpath}: checksum mismatch, the file is corrupted")
 
@@ -339,8 +365,7 @@ def read_checkpoint(path: str, parts=("model", "optimizer"), model=None, topo: O
     parallelism a rank reads its stage's files alone, and a TP rank's shard comes from the saved shards that
     overlap it."""
     path = resolve(path)
-    with open(os.path.join(path, "meta.json")) as fh:
-        meta = json.load(fh)
+    meta = _read_meta(path)
     params = dict(model.named_parameters()) if model is not None else None
     out = {"path": path, "meta": meta, "local": params is not None}
     vocab = meta.get("vocab_size")
@@ -352,27 +377,38 @@ def read_checkpoint(path: str, parts=("model", "optimizer"), model=None, topo: O
                     wanted[part][name] = (entries, sliced)
     names = {e[0] for part in parts for entries, _ in wanted[part].values() for e in entries}
     _verified(path, meta, {"config.yaml"} | names)
-    out["config"] = load_yaml(os.path.join(path, "config.yaml"))
+    try:
+        out["config"] = load_yaml(os.path.join(path, "config.yaml"))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{os.path.join(path, 'config.yaml')}: not a megalm config ({exc})") from None
     files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=True, mmap=True) for f in names}
     for part in parts:
         out[part] = {}
         for name, (entries, sliced) in wanted[part].items():
-            target = (params[name], topo) if params is not None else None
-            if sliced:
-                first = files[entries[0][0]][name][entries[0][1]]
-                keys = {"": lambda piece: piece} if part == "model" else \
-                    {k: (lambda piece, k=k: piece[k]) for k in ("exp_avg", "exp_avg_sq", "main_param") if k in first}
-                joined = _join_slices(name, entries, files, vocab, keys, target)
-                out[part][name] = joined[""] if part == "model" else dict(joined, step=first["step"].clone())
-                continue
-            entries = sorted(entries, key=lambda e: e[2:4] + e[6:8])
-            if part == "model":
-                out[part][name] = _join([files[e[0]][name] for e in entries], entries, vocab, target)
-            else:
-                first = files[entries[0][0]][name]
-                out[part][name] = {k: (_join([files[e[0]][name][k] for e in entries], entries, vocab, target)
-                                       if v.ndim > 0 else v.clone()) for k, v in first.items()}
+            try:
+                _read_tensor(out, part, name, entries, sliced, files, vocab,
+                             (params[name], topo) if params is not None else None)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path}: {part} tensor {name}: {exc}") from None
     return out
+
+
+def _read_tensor(out: dict, part: str, name: str, entries: list, sliced: bool, files: dict, vocab, target) -> None:
+    """One tensor of ``part`` (whole, or ``target``'s part) into ``out[part][name]``, from its index entries."""
+    if sliced:
+        first = files[entries[0][0]][name][entries[0][1]]
+        keys = {"": lambda piece: piece} if part == "model" else \
+            {k: (lambda piece, k=k: piece[k]) for k in ("exp_avg", "exp_avg_sq", "main_param") if k in first}
+        joined = _join_slices(name, entries, files, vocab, keys, target)
+        out[part][name] = joined[""] if part == "model" else dict(joined, step=first["step"].clone())
+        return
+    entries = sorted(entries, key=lambda e: e[2:4] + e[6:8])
+    if part == "model":
+        out[part][name] = _join([files[e[0]][name] for e in entries], entries, vocab, target)
+    else:
+        first = files[entries[0][0]][name]
+        out[part][name] = {k: (_join([files[e[0]][name][k] for e in entries], entries, vocab, target)
+                               if v.ndim > 0 else v.clone()) for k, v in first.items()}
 
 
 def _join_slices(name: str, entries: list, files: dict, vocab, keys: dict, target=None) -> dict:
@@ -381,7 +417,7 @@ def _join_slices(name: str, entries: list, files: dict, vocab, keys: dict, targe
     ``_join``); ``keys`` maps each output to how it is read from a stored piece. Saved TP-local tensors that do
     not overlap ``target`` are not read."""
     want = _box(_place(*target)) if target is not None else None
-    locals_ = {}
+    locals_, covered = {}, {}
     for file, i, start, stop, shape, *place in entries:
         if want is not None and _overlap(want, _box(_entry_box(place)), shape, target[0].shape, vocab,
                                          place[3]) is None:
@@ -396,6 +432,9 @@ def _join_slices(name: str, entries: list, files: dict, vocab, keys: dict, targe
             if flat is None:
                 flat = locals_[key][2][k] = values.new_zeros(int(torch.Size(shape).numel()))
             flat[start:stop] = values
+        covered[key] = covered.get(key, 0) + (stop - start)
+    for key, (_, shape, _) in locals_.items():
+        _covers(covered[key], int(torch.Size(shape).numel()), tuple(shape))
     boxes = list(locals_.values())
     entries = [[None, *place] for place, _, _ in boxes]
     return {k: _join([flats[k].view(shape) for _, shape, flats in boxes], entries, vocab, target) for k in keys}
@@ -457,10 +496,16 @@ def _join(pieces, entries, vocab_size, target=None):
         param, topo = target
         want = _box(_place(param, topo))
         out = torch.zeros(param.shape, dtype=pieces[0].dtype)
+        covered = 0
         for piece, entry in zip(pieces, entries):
             where = _overlap(want, _box(_entry_box(entry[1:])), piece.shape, param.shape, vocab_size, padded)
             if where is not None:
                 out[where[1]] = piece[where[0]]
+                covered += math.prod(s.stop - s.start for s in where[1])
+        rows = param.shape[0] if param.dim() else 1
+        if padded and vocab_size and param.dim():  # rows past the vocabulary are padding: nobody saved them
+            rows = max(0, min(want.get(0, (0, rows))[1], vocab_size) - want.get(0, (0, rows))[0])
+        _covers(covered, rows * math.prod(param.shape[1:]), tuple(param.shape))
         return out
     if entries[0][1] is None:
         full = pieces[0].clone()
@@ -476,7 +521,16 @@ def _join(pieces, entries, vocab_size, target=None):
             for dim, start, stop in box:
                 where[dim] = slice(start, stop)
             full[tuple(where)] = piece
+        _covers(sum(piece.numel() for piece in pieces), full.numel(), tuple(shape))
     return full[:vocab_size] if padded and vocab_size else full
+
+
+def _covers(covered: int, total: int, shape: tuple) -> None:
+    """Saved pieces are disjoint boxes: unless their sizes add up to the tensor's, part of it would load as zeros
+    or as whatever memory held."""
+    if covered != total:
+        raise CheckpointError(f"the saved pieces cover {covered} of its {total} values (shape {shape}): a shard "
+                              f"file or an index entry is missing")
 
 
 def _mine(value, p, topo: Topology, local: bool):

@@ -15,10 +15,9 @@ import signal
 import time
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
-from megalm.parallel.state import collective_device
+from megalm.parallel.state import host_all_reduce
 
 log = logging.getLogger("megalm")
 
@@ -73,10 +72,7 @@ class StopConditions:
             codes[1] = 1.0
         if self.exit_interval and iteration % self.exit_interval == 0:
             codes[2] = 1.0
-        if dist.is_initialized():
-            t = torch.tensor(codes, dtype=torch.float64, device=collective_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            codes = t.tolist()
+        codes = host_all_reduce(codes, op=dist.ReduceOp.MAX)
         if codes[0]:
             return f"signal {signal.Signals(int(codes[0])).name}"
         if codes[1]:

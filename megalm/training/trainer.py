@@ -28,7 +28,8 @@ from megalm.optim.loss_scaler import LossScaler
 from megalm.optim.snapshot import HostStaging
 from megalm.optim.schedule import learning_rate
 from megalm.parallel.context import split_batch
-from megalm.parallel.state import Topology, collective_device
+from megalm.parallel.random import rank_seed
+from megalm.parallel.state import Topology, host_all_reduce
 from megalm.pipeline.layout import stage_chunks
 from megalm.pipeline.p2p import PipeComm
 from megalm.pipeline.schedules import LiveActivations, bubble_fraction, run_schedule
@@ -58,7 +59,7 @@ class Trainer:
     def __init__(self, cfg: Config, topo: Topology):
         self.cfg, self.topo = cfg, topo
         t = cfg.train
-        torch.manual_seed(t.seed)
+        torch.manual_seed(rank_seed(t.seed, topo))  # dropout on replicated activations
         self.device = pick_device()
         self.tokenizer = build_tokenizer(cfg.data)
         p = cfg.parallel
@@ -163,9 +164,7 @@ class Trainer:
         """Per-stage counts summed over the pipeline (identical across TP and DP already)."""
         if self.topo.pp == 1:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=collective_device())
-        dist.all_reduce(t, group=self.topo.pp_group)
-        return [int(v) for v in t.tolist()]
+        return [int(v) for v in host_all_reduce(list(values), group=self.topo.pp_group)]
 
     def _micro_batches(self, dataset, consumed: int):
         t = self.cfg.train
@@ -430,7 +429,8 @@ class Trainer:
         if "tracker" in rng and saved_tp == self.topo.tp:
             self.model.rng_tracker.load_state_dict(rng["tracker"])
         else:
-            self.model.rng_tracker.seed(self.cfg.train.seed + self.iteration, self.topo.tp_rank)
+            seed = rank_seed(self.cfg.train.seed + self.iteration, self.topo)
+            self.model.rng_tracker.seed(seed, self.topo.tp_rank)
         if self.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
         if not same_layout and self.topo.rank == 0:
