@@ -72,6 +72,8 @@ REFUSED = [
     (["--use-rope-scaling"], None),
     (["--position-embedding-type", "rope", "--use-rope-scaling", "--rope-scaling-high-freq-factor", "0.5"], None),
     (["--sliding-window", "0"], None),
+    (["--rotary-percent", "0.5"], None), (["--position-embedding-type", "rope", "--rotary-percent", "0.1"], None),
+    ([*MOE, "--moe-router-topk-scaling-factor", "0"], None),
     (["--sliding-window", "8", "--context-parallel-size", "2"], 2),
     (["--bf16", "--fp16"], None), (["--fp16", "--grad-reduce-in-bf16"], None), (["--eval-iters", "-1"], None),
     (["--global-batch-size", "0"], None), (["--micro-batch-size", "3", "--global-batch-size", "8"], None),

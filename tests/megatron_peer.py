@@ -30,6 +30,9 @@ FLAVOURS = {
     "gpt2": dict(normalization="LayerNorm", swiglu=False, bias=True, groups=4, position="learned_absolute",
                  untie=False),
     "llama": dict(normalization="RMSNorm", swiglu=True, bias=False, groups=2, position="rope", untie=True),
+    # GLM-4.5's partial RoPE as Megatron configures it: --rotary-percent 0.5
+    "llama-rotary-half": dict(normalization="RMSNorm", swiglu=True, bias=False, groups=2, position="rope", untie=True,
+                              rotary_percent=0.5),
 }
 
 
@@ -42,7 +45,8 @@ def megatron_args(a, f, padded_vocab):
         group_query_attention=f["groups"] != 4, num_query_groups=f["groups"], kv_channels=8, seq_length=32,
         max_position_embeddings=64, position_embedding_type=f["position"], normalization=f["normalization"],
         norm_epsilon=1e-5, swiglu=f["swiglu"], untie_embeddings_and_output_weights=f["untie"],
-        add_bias_linear=f["bias"], add_qkv_bias=f["bias"], rotary_base=10000, rotary_percent=1.0,
+        add_bias_linear=f["bias"], add_qkv_bias=f["bias"], rotary_base=10000,
+        rotary_percent=f.get("rotary_percent", 1.0),
         rotary_interleaved=False, use_rope_scaling=False, openai_gelu=False, squared_relu=False, qk_layernorm=False,
         apply_residual_connection_post_layernorm=False, num_experts=None, multi_latent_attention=False,
         tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=1, padded_vocab_size=padded_vocab,
@@ -90,7 +94,8 @@ def main():
         attention_dropout=0.0, layernorm_epsilon=1e-5, tensor_model_parallel_size=a.tp, params_dtype=torch.float32)
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization=f["normalization"]),
                      vocab_size=padded, max_sequence_length=64, parallel_output=False,
-                     share_embeddings_and_output_weights=not f["untie"], position_embedding_type=f["position"])
+                     share_embeddings_and_output_weights=not f["untie"], position_embedding_type=f["position"],
+                     rotary_percent=f.get("rotary_percent", 1.0))
     if a.load_dir:
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, a.load_dir)
         model.load_state_dict(state["model"])

@@ -125,3 +125,29 @@ def test_activation_formula_matches_saved_tensors(flavour):
     sbh = 256 * 2 * 128
     predicted = sum(activation_units_per_layer(cfg, moe) for moe in cfg.model.moe_layers()) * sbh * 4
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+@pytest.mark.parametrize("name, layers, hidden, ffn, moe_ffn, experts, dense, published", [
+    ("glm4.5", 92, 5120, 12288, 1536, 160, 3, 355e9), ("glm4.5_air", 46, 4096, 10944, 1408, 128, 1, 106e9)])
+def test_glm_configs_count_what_transformers_builds(name, layers, hidden, ffn, moe_ffn, experts, dense, published):
+    """configs/glm4.5*.yaml at their real sizes: megalm counts exactly the parameters transformers' Glm4Moe of the
+    same config.json holds (built on the meta device), and that is the published size less the one
+    multi-token-prediction layer neither builds (within 1.5%)."""
+    import os
+
+    from conftest import require
+
+    transformers = require("transformers")
+    cfg = load_config(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml"), *NULL])
+    ours = total_parameters(cfg, 151552)
+    hf_config = transformers.Glm4MoeConfig(
+        vocab_size=151552, hidden_size=hidden, intermediate_size=ffn, moe_intermediate_size=moe_ffn,
+        num_hidden_layers=layers, num_attention_heads=96, num_key_value_heads=8, head_dim=128,
+        n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=dense,
+        attention_bias=True, use_qk_norm=name == "glm4.5", partial_rotary_factor=0.5, n_group=1, topk_group=1)
+    with torch.device("meta"):
+        theirs = transformers.Glm4MoeForCausalLM(hf_config)
+    count = sum(p.numel() for p in theirs.parameters()) + sum(b.numel() for n, b in theirs.named_buffers()
+                                                              if "e_score_correction_bias" in n)
+    assert ours == count, (ours, count)
+    assert abs(ours - published) / published < 0.015

@@ -243,3 +243,84 @@ def test_import_refuses_what_it_does_not_implement(tmp_path, bpe_dir, change, na
     err = capsys.readouterr().err
     assert named in err, err
     assert not (tmp_path / "out" / "latest_checkpointed_iteration.txt").exists()
+
+
+GLM = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=16, vocab_size=1024, n_routed_experts=8, n_shared_experts=2,
+           num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+           partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True, max_position_embeddings=64)
+
+
+def _glm(**change):
+    torch.manual_seed(0)
+    glm = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**dict(GLM, **change))).eval()
+    with torch.no_grad():  # off the initial values, the expert bias too (a buffer transformers never trains)
+        for p in glm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for layer in glm.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    return glm
+
+
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["glm4.5", "glm4.5-air"])
+def test_glm4_moe_both_ways(tmp_path, bpe_dir, qk_norm):
+    """A tiny Glm4MoeForCausalLM (partial RoPE, q/k/v biases, QK norms or none, sigmoid group-limited routing with
+    the expert bias and a routed scaling factor, a shared expert, the first layer dense): import gives its logits
+    within 1e-4 and its greedy tokens, export gives back the same weights and a model with the same logits."""
+    import json
+
+    glm = _glm(use_qk_norm=qk_norm)
+    _save_hf(glm, tmp_path / "in", bpe_dir)
+    ids = torch.randint(0, 1024, (1, 24))
+    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
+    model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
+    m = model.cfg
+    assert (m.rotary_percent, m.rotary_dim, m.add_qkv_bias, m.add_bias_linear, m.qk_layernorm) == \
+        (0.5, 8, True, False, qk_norm)
+    assert (m.moe_router_score_function, m.moe_router_num_groups, m.moe_router_group_topk,
+            m.moe_router_topk_scaling_factor, m.moe_shared_expert_intermediate_size, m.moe_layers()) == \
+        ("sigmoid", 2, 1, 2.5, 32, [False, True, True])
+    with torch.no_grad():
+        hf_greedy = glm.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+    assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy.tolist()
+    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
+    first, second = load_file(tmp_path / "in" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Glm4MoeForCausalLM"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, glm(ids).logits, atol=1e-5)
+
+
+def test_deepseek_router_picks_transformers_experts_and_weights():
+    """megalm's router (sigmoid scores, the expert bias for the choice only, group-limited top-k, normalised
+    weights times the scaling factor) against transformers' DeepSeek-V3 / GLM-4.5 router on the same weights and
+    tokens: the same experts and the same weights for every token, not just the same loss."""
+    from megalm.config import Config, ModelConfig, finalize
+    from megalm.model.moe import Router
+
+    for layout in (dict(n_group=2, topk_group=1, num_experts_per_tok=2), dict(n_group=4, topk_group=2,
+                                                                            num_experts_per_tok=4)):
+        torch.manual_seed(0)
+        config = transformers.Glm4MoeConfig(**dict(GLM, **layout))
+        theirs = transformers.models.glm4_moe.modeling_glm4_moe.Glm4MoeTopkRouter(config)
+        with torch.no_grad():
+            theirs.weight.normal_()
+            theirs.e_score_correction_bias.normal_(std=0.3)
+        cfg = Config()
+        cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 100
+        cfg.model = ModelConfig(num_layers=3, hidden_size=32, num_experts=8, moe_router_topk=layout["num_experts_per_tok"],
+                                moe_router_score_function="sigmoid", moe_router_num_groups=layout["n_group"],
+                                moe_router_group_topk=layout["topk_group"], moe_router_enable_expert_bias=True,
+                                moe_router_topk_scaling_factor=2.5)
+        router = Router(finalize(cfg).model, Topology())
+        with torch.no_grad():
+            router.weight.copy_(theirs.weight)
+            router.expert_bias.copy_(theirs.e_score_correction_bias)
+        x = torch.randn(64, 32)
+        _, their_weights, their_experts = theirs(x)
+        experts, probs, *_ = router(x, 1)
+        ours = {(t, e): w for t in range(64) for e, w in zip(experts[t].tolist(), probs[t].tolist())}
+        hf = {(t, e): w for t in range(64) for e, w in zip(their_experts[t].tolist(), their_weights[t].tolist())}
+        assert ours.keys() == hf.keys(), layout
+        assert max(abs(ours[k] - hf[k]) for k in ours) < 1e-6, layout

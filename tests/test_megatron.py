@@ -39,7 +39,8 @@ def megatron_checkpoint(tmp, tokens, bpe_dir, dataset_prefix, flavour, fmt, tp):
 
 @pytest.mark.parametrize("flavour, fmt, tp", [("gpt2", "torch_dist", 1), ("gpt2", "torch_dist", 2),
                                               ("llama", "torch_dist", 1), ("llama", "torch_dist", 2),
-                                              ("gpt2", "torch", 2), ("llama", "torch", 2)])
+                                              ("gpt2", "torch", 2), ("llama", "torch", 2),
+                                              ("llama-rotary-half", "torch_dist", 2)])
 def test_import_gives_megatron_cores_logits(tmp_path, tokens, bpe_dir, dataset_prefix, flavour, fmt, tp):
     """GPT-2 (learned positions, LayerNorm, GELU, biases, tied) and Llama (GQA, SwiGLU, RoPE, RMSNorm, untied)
     flavours, saved by megatron-core in torch_dist and in the legacy per-rank layout: megalm's logits on the same

@@ -27,6 +27,13 @@ VARIANTS = {
     "groups-shared": ["--num-experts", "8", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
                       "--moe-shared-expert-intermediate-size", "32", "--moe-router-pre-softmax"],
     "deep": ["--num-layers", "4", "--moe-layer-freq", "[1,0,1,1]", "--global-batch-size", "16"],
+    # GLM-4.5: partial RoPE, q/k/v biases, QK norms, DeepSeek routing with the scaling factor, shared expert, first
+    # layer dense
+    "glm-like": ["--num-experts", "8", "--moe-router-score-function", "sigmoid", "--moe-router-num-groups", "4",
+                 "--moe-router-group-topk", "1", "--moe-router-enable-expert-bias", "--moe-router-topk-scaling-factor",
+                 "2.5", "--moe-shared-expert-intermediate-size", "32", "--num-layers", "4", "--moe-layer-freq",
+                 "[0,1,1,1]", "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--rotary-percent",
+                 "0.5", "--add-qkv-bias", "--qk-layernorm", "--global-batch-size", "16"],
     "qwen-like": ["--qk-layernorm", "--kv-channels", "12", "--position-embedding-type", "rope", "--normalization",
                   "RMSNorm", "--moe-router-pre-softmax"],
 }
@@ -60,6 +67,10 @@ LAYOUTS = {
     "etp2-dp2": (2, "plain", ["--expert-tensor-parallel-size", "2"]),
     "ep2-etp2-dp4-zero1-allgather": (4, "plain", EP2 + ["--expert-tensor-parallel-size", "2", "--zero-stage", "1",
                                                         "--moe-token-dispatcher-type", "allgather"]),
+    "ep2-tp2-sp-glm": (4, "glm-like", EP2 + TP2SP),
+    "ep2-pp2-glm": (4, "glm-like", EP2 + PP2),
+    "ep2-cp2-p2p-glm": (2, "glm-like", EP2 + ["--context-parallel-size", "2", "--cp-comm-type", "p2p"]),
+    "ep2-dp2-zero1-glm": (4, "glm-like", EP2 + ["--zero-stage", "1"]),
     # context parallelism: experts fold over TP x CP x DP; routing statistics sum over the ranks of each sequence
     "ep2-cp2": (2, "plain", EP2 + ["--context-parallel-size", "2"]),
     "ep2-cp2-tp2-sp-bias": (4, "bias-seq-sigmoid", EP2 + TP2SP + ["--context-parallel-size", "2"]),

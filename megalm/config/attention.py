@@ -25,6 +25,13 @@ class AttentionOptions:
                                                              "the model was trained at before scaling")
     sliding_window: Optional[int] = opt(None, "each query sees only the last this-many positions, itself included "
                                         "(Mistral; transformers' sliding_window)")
+    rotary_percent: float = opt(1.0, "share of each head's width that RoPE rotates, its first dims (GLM-4.5: 0.5; "
+                                "transformers' partial_rotary_factor)")
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dims RoPE rotates."""
+        return int(self.head_dim * self.rotary_percent)
 
 
 def validate_attention(m) -> None:
@@ -36,5 +43,11 @@ def validate_attention(m) -> None:
             raise ConfigError("--use-rope-scaling: --rope-scaling-factor and --rope-scaling-low-freq-factor must be "
                               "positive, --rope-scaling-high-freq-factor above the low one, "
                               "--rope-scaling-original-max-position-embeddings at least 1")
+    if m.rotary_percent != 1.0:
+        if m.position_embedding_type != "rope":
+            raise ConfigError("--rotary-percent needs --position-embedding-type rope")
+        if not 0 < m.rotary_percent <= 1 or m.rotary_dim < 2 or m.rotary_dim % 2:
+            raise ConfigError(f"--rotary-percent {m.rotary_percent} of head size {m.head_dim} rotates "
+                              f"{m.rotary_dim} dims: give a share in (0, 1] that leaves an even number, at least 2")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(f"--sliding-window must be at least 1, got {m.sliding_window}")

@@ -25,6 +25,8 @@ class MoEOptions:
                                        "not renormalised); default: top-k of the logits, softmax over those")
     moe_router_num_groups: Optional[int] = opt(None, "group-limited routing: experts split into this many groups")
     moe_router_group_topk: Optional[int] = opt(None, "group-limited routing: groups each token may use")
+    moe_router_topk_scaling_factor: Optional[float] = opt(None, "multiply the chosen experts' weights by this "
+                                                          "(DeepSeek-V3's and GLM-4.5's routed_scaling_factor)")
     moe_router_load_balancing_type: str = opt("aux_loss", "load-balancing loss over each micro-batch (aux_loss) "
                                               "or each sequence (seq_aux_loss)",
                                               choices=("aux_loss", "seq_aux_loss", "none"))
@@ -89,6 +91,8 @@ def validate_moe(m) -> None:
         if m.moe_router_topk > group_topk * (m.num_experts // groups):
             raise ConfigError(f"--moe-router-topk {m.moe_router_topk} is more than the experts of "
                               f"--moe-router-group-topk {group_topk} groups")
+    if m.moe_router_topk_scaling_factor is not None and not m.moe_router_topk_scaling_factor > 0:
+        raise ConfigError(f"--moe-router-topk-scaling-factor must be positive, got {m.moe_router_topk_scaling_factor}")
     if m.moe_expert_capacity_factor is not None and m.moe_expert_capacity_factor <= 0:
         raise ConfigError(f"--moe-expert-capacity-factor must be positive, got {m.moe_expert_capacity_factor}")
     if m.moe_pad_expert_input_to_capacity and m.moe_expert_capacity_factor is None:

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from megalm.config import Config, ModelConfig
-from megalm.interop.hf_families import ConversionError, family_of, family_of_config
+from megalm.interop.families import ConversionError, family_of, family_of_config
 from megalm.training.checkpoint import CheckpointError, read_checkpoint
 
 log = logging.getLogger("megalm")

@@ -66,7 +66,7 @@ def _arg(args, name, default=None):
 
 
 # args that change what the model computes and that megalm does not implement: (name, the value megalm has)
-REFUSED_ARGS = (("rotary_percent", 1.0), ("rotary_interleaved", False), ("squared_relu", False),
+REFUSED_ARGS = (("rotary_interleaved", False), ("squared_relu", False),
                 ("apply_residual_connection_post_layernorm", False), ("num_experts", None),
                 ("multi_latent_attention", False), ("apply_layernorm_1p", False), ("window_size", None),
                 ("rotary_seq_len_interpolation_factor", None), ("qk_l2_norm", False),
@@ -93,7 +93,8 @@ def model_config_from_args(args, source: str) -> ModelConfig:
     m = ModelConfig()
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length",
                  "max_position_embeddings", "swiglu", "untie_embeddings_and_output_weights", "add_bias_linear",
-                 "qk_layernorm", "make_vocab_size_divisible_by", "use_rope_scaling", "rope_scaling_factor"):
+                 "qk_layernorm", "make_vocab_size_divisible_by", "use_rope_scaling", "rope_scaling_factor",
+                 "rotary_percent"):
         value = _arg(args, name)
         if value is not None:
             setattr(m, name, type(getattr(m, name))(value) if getattr(m, name) is not None else value)

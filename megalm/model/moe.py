@@ -105,6 +105,8 @@ class Router(nn.Module):
             probs = scores.gather(1, experts)
             if c.moe_router_score_function == "sigmoid" and k > 1:
                 probs = probs / probs.sum(-1, keepdim=True)
+        if c.moe_router_topk_scaling_factor is not None:
+            probs = probs * c.moe_router_topk_scaling_factor
         counts = torch.bincount(experts.reshape(-1), minlength=E)
         global_counts = _sum_over_token_ranks(counts.float(), self.topo)
         aux = self._balance_loss(scores, experts, global_counts, batch, x.shape[0]) \

@@ -22,9 +22,10 @@ def rope_inverse_frequencies(m, head_dim: int, device=None) -> torch.Tensor:
 
 
 def rope_tables(cfg, positions: torch.Tensor):
-    """cos and sin in the half-split layout: ``[seq, head_dim]`` for positions ``[seq]``, or
-    ``[b, 1, seq, head_dim]`` for per-sample positions ``[b, seq]``."""
-    inv_freq = rope_inverse_frequencies(cfg, cfg.head_dim, positions.device)
+    """cos and sin in the half-split layout: ``[seq, rotary_dim]`` for positions ``[seq]``, or
+    ``[b, 1, seq, rotary_dim]`` for per-sample positions ``[b, seq]`` (``rotary_dim``: the head size, or its
+    ``--rotary-percent``)."""
+    inv_freq = rope_inverse_frequencies(cfg, cfg.rotary_dim, positions.device)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     if emb.dim() == 3:
@@ -33,7 +34,11 @@ def rope_tables(cfg, positions: torch.Tensor):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate ``x`` ``[b, heads, s, d]`` by position."""
+    """Rotate ``x`` ``[b, heads, s, d]`` by position: its first ``cos.shape[-1]`` dims (all of them, or the share
+    ``--rotary-percent`` gives); the rest pass unchanged."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)

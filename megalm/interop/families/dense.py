@@ -1,126 +1,11 @@
-"""The Hugging Face model families megalm converts, one class each: which megalm models it is
-(``claims``/``check``), its ``config.json`` both ways, and its tensor names. A new family is a new class added to
-``FAMILIES``; what it shares with a relative it inherits (Mistral, Qwen and the MoE families are Llama-like).
-
-Checkpoints hold whole, unpadded tensors under global names, so a name map is a list of renames: most tensors
-map one to one, GPT-2's Conv1D weights are transposed and its ``c_attn`` is our ``wq|wk|wv`` stacked, and experts
-are our ``[E, in, out]`` stack against one ``[out, in]`` matrix per expert.
-"""
+"""The dense families: GPT-2, and the Llama-like ones (Llama 3.x, Mistral, Qwen2/2.5, Qwen3), which differ by a model
+option each; ``LlamaLike`` is also what the mixture-of-experts families (``moe.py``) build on."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
-
-import torch
+from typing import Optional
 
 from megalm.config import ModelConfig
-
-
-class ConversionError(ValueError):
-    pass
-
-
-# --- renames: each moves tensors one way (export: megalm -> HF) and back (load: HF -> megalm) --------------------
-
-@dataclass
-class Rename:
-    ours: str
-    theirs: str
-    transpose: bool = False
-
-    def export(self, state: dict, out: dict) -> None:
-        out[self.theirs] = state[self.ours].t() if self.transpose else state[self.ours]
-
-    def load(self, hf: dict, out: dict) -> None:
-        out[self.ours] = hf[self.theirs].t() if self.transpose else hf[self.theirs]
-
-
-@dataclass
-class Stacked:
-    """Several of our tensors stacked along dim 0 into one of theirs (transposed after stacking when asked)."""
-    ours: Tuple[str, ...]
-    theirs: str
-    sizes: Tuple[int, ...]
-    transpose: bool = False
-
-    def export(self, state: dict, out: dict) -> None:
-        joined = torch.cat([state[name] for name in self.ours])
-        out[self.theirs] = joined.t() if self.transpose else joined
-
-    def load(self, hf: dict, out: dict) -> None:
-        joined = hf[self.theirs].t() if self.transpose else hf[self.theirs]
-        for name, part in zip(self.ours, joined.split(list(self.sizes))):
-            out[name] = part
-
-
-@dataclass
-class Experts:
-    """Our ``[E, in, out]`` expert stack against their ``[out, in]`` matrix per expert (``theirs`` has ``{}``)."""
-    ours: str
-    theirs: str
-    count: int
-
-    def export(self, state: dict, out: dict) -> None:
-        for e, matrix in enumerate(state[self.ours]):
-            out[self.theirs.format(e)] = matrix.t()
-
-    def load(self, hf: dict, out: dict) -> None:
-        out[self.ours] = torch.stack([hf[self.theirs.format(e)].t() for e in range(self.count)])
-
-
-# --- config.json helpers ------------------------------------------------------------------------------------------
-
-# config.json keys that do not change what the model computes from its weights: metadata, generation and
-# training-only settings (dropout). Anything else must be implemented by the family or the import stops with its name.
-NEUTRAL_KEYS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "bos_token_id",
-    "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "use_cache", "initializer_range",
-    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
-    "tokenizer_class", "task_specific_params", "finetuning_task", "prefix", "vocab_size", "attn_pdrop",
-    "embd_pdrop", "resid_pdrop", "attention_dropout", "summary_type", "summary_use_proj", "summary_activation",
-    "summary_proj_to_labels", "summary_first_dropout", "reorder_and_upcast_attn", "n_ctx", "pretraining_tp",
-    "max_position_embeddings", "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder",
-    "is_decoder", "pruned_heads", "tie_encoder_decoder", "use_return_dict",
-}
-
-
-def require(hf: dict, key: str, allowed, default) -> None:
-    value = hf.get(key, default)
-    if value not in allowed:
-        raise ConversionError(f"config.json: {key}={value!r} is not implemented by megalm (it supports "
-                              f"{', '.join(map(repr, allowed))})")
-
-
-class Family:
-    """One transformers architecture. ``keys`` are the config.json keys it implements, gathered over the class
-    and its bases (each class lists only what it adds)."""
-    model_type = ""
-    architecture = ""
-    adds_keys: frozenset = frozenset()
-
-    def keys(self) -> set:
-        return set().union(*(vars(c).get("adds_keys", ()) for c in type(self).__mro__))
-
-    def claims(self, m: ModelConfig) -> bool:
-        """Whether ``m`` is this family's model (then ``check`` says what it lacks)."""
-        raise NotImplementedError
-
-    def check(self, m: ModelConfig) -> None:
-        pass
-
-    def hf_config(self, m: ModelConfig, vocab: int, eod: int, dtype: str) -> dict:
-        raise NotImplementedError
-
-    def model_config(self, hf: dict) -> ModelConfig:
-        unknown = sorted(k for k in hf if k not in NEUTRAL_KEYS | self.keys())
-        if unknown:
-            raise ConversionError(f"config.json: {', '.join(f'{k}={hf[k]!r}' for k in unknown)}: not implemented "
-                                  f"by megalm; importing anyway could give other logits than transformers, so it "
-                                  f"stops")
-        return ModelConfig()
-
-    def renames(self, m: ModelConfig) -> list:
-        raise NotImplementedError
+from megalm.interop.families.base import ConversionError, Family, Rename, Stacked, require
 
 
 class GPT2(Family):
@@ -189,10 +74,10 @@ LLAMA3_ROPE = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_scaling
                "original_max_position_embeddings": "rope_scaling_original_max_position_embeddings"}
 
 
-def _rope(hf: dict, m: ModelConfig) -> None:
+def _rope(hf: dict, m: ModelConfig, extra_keys=frozenset()) -> None:
     """RoPE from either spelling: ``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters``
     (transformers 5): the base frequency, and Llama 3.1's scaling (``rope_type`` llama3); any other scaling, or a
-    setting of it megalm does not know, is refused by name."""
+    setting of it megalm does not know (beyond the family's ``extra_keys``), is refused by name."""
     m.rotary_base = float(hf.get("rope_theta", 10000.0))
     for key in ("rope_scaling", "rope_parameters"):
         params = hf.get(key)
@@ -202,7 +87,7 @@ def _rope(hf: dict, m: ModelConfig) -> None:
         if kind not in ("default", "llama3"):
             raise ConversionError(f"config.json: {key}.rope_type={kind!r} (RoPE scaling) is not implemented by "
                                   f"megalm; unscaled RoPE and rope_type 'llama3' are")
-        known = {"rope_type", "type", "rope_theta"} | (set(LLAMA3_ROPE) if kind == "llama3" else set())
+        known = {"rope_type", "type", "rope_theta"} | (set(LLAMA3_ROPE) if kind == "llama3" else set()) | extra_keys
         other = sorted(set(params) - known)
         if other:
             raise ConversionError(f"config.json: {key} holds {', '.join(other)}, not implemented by megalm "
@@ -225,6 +110,7 @@ class LlamaLike(Family):
     moe = False  # a mixture-of-experts family
     qwen_window = False  # the window is Qwen's: use_sliding_window, and which layers have it
     has_window_key = True  # config.json carries sliding_window
+    rope_keys = frozenset()  # settings in rope_parameters beyond the RoPE type, base and Llama 3.1's scaling
 
     def claims(self, m):
         return (m.position_embedding_type, m.normalization, m.swiglu) == ("rope", "RMSNorm", True) and \
@@ -267,7 +153,7 @@ class LlamaLike(Family):
         m.ffn_hidden_size = hf["intermediate_size"]
         m.max_position_embeddings = m.seq_length = hf.get("max_position_embeddings", 2048)
         m.norm_epsilon = hf.get("rms_norm_eps", 1e-6)
-        _rope(hf, m)
+        _rope(hf, m, self.rope_keys)
         m.untie_embeddings_and_output_weights = not hf.get("tie_word_embeddings", False)
         m.add_bias_linear = bool(hf.get("attention_bias", False))
         require(hf, "mlp_bias", (m.add_bias_linear,), m.add_bias_linear)
@@ -379,115 +265,3 @@ class Qwen3(Qwen2):
         m = LlamaLike.model_config(self, hf)
         m.qk_layernorm = True
         return m
-
-
-class MoEFamily(LlamaLike):
-    """Llama-like with routed experts: where the router and the experts live, and what routing it has."""
-    moe = True
-    router = ""  # the router's module under each layer
-    expert = ""  # one expert's module, with {} for its index
-    expert_names = ("", "", "")  # its gate, up and down projections (megalm's w1, w3, w2)
-    adds_keys = frozenset({"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
-                           "output_router_logits"})
-    some_dense_layers = True  # False: every layer's MLP is a mixture of experts
-    pre_softmax_allowed = True  # --moe-router-pre-softmax (softmax over all experts, then top-k) is theirs too
-
-    def check(self, m):
-        super().check(m)
-        unlike = [what for what, differs in (
-            ("MoE in every layer (--moe-layer-freq)", not self.some_dense_layers and not all(m.moe_layers())),
-            ("no shared expert", m.moe_shared_expert_intermediate_size),
-            ("softmax router scores (no sigmoid)", m.moe_router_score_function != "softmax"),
-            ("top-k of the logits then softmax (no --moe-router-pre-softmax)",
-             not self.pre_softmax_allowed and m.moe_router_pre_softmax),
-            ("no group-limited routing", m.moe_router_num_groups), ("no expert bias", m.moe_router_enable_expert_bias),
-            ("no biases (--disable-bias-linear)", m.add_bias_linear)) if differs]
-        if unlike:
-            raise ConversionError(f"{self.architecture} needs " + "; ".join(unlike))
-
-    def hf_config(self, m, vocab, eod, dtype):
-        return dict(super().hf_config(m, vocab, eod, dtype), num_experts_per_tok=m.moe_router_topk,
-                    router_aux_loss_coef=m.moe_aux_loss_coeff, output_router_logits=False)
-
-    def model_config(self, hf):
-        m = super().model_config(hf)
-        m.moe_aux_loss_coeff = float(hf.get("router_aux_loss_coef", 0.0))
-        return m
-
-    def moe_renames(self, m, ours, theirs):
-        out = [Rename(ours + "mlp.router.weight", theirs + self.router + ".weight")]
-        return out + [Experts(f"{ours}mlp.experts.{w}", f"{theirs}{self.expert}{name}.weight", m.num_experts)
-                      for w, name in zip(("w1", "w3", "w2"), self.expert_names)]
-
-
-class Mixtral(MoEFamily):
-    model_type, architecture = "mixtral", "MixtralForCausalLM"
-    adds_keys = frozenset({"sliding_window", "router_jitter_noise"})
-    router, expert, expert_names = "block_sparse_moe.gate", "block_sparse_moe.experts.{}.", ("w1", "w3", "w2")
-    some_dense_layers = False
-    pre_softmax_allowed = False
-
-    def claims(self, m):
-        return super().claims(m) and not m.qk_layernorm
-
-    def hf_config(self, m, vocab, eod, dtype):
-        return dict(super().hf_config(m, vocab, eod, dtype), intermediate_size=m.moe_ffn_hidden_size,
-                    num_local_experts=m.num_experts)
-
-    def model_config(self, hf):
-        m = super().model_config(hf)
-        m.num_experts, m.moe_router_topk = hf["num_local_experts"], hf["num_experts_per_tok"]
-        m.moe_ffn_hidden_size = m.ffn_hidden_size
-        return m
-
-
-class Qwen3MoE(MoEFamily):
-    model_type, architecture = "qwen3_moe", "Qwen3MoeForCausalLM"
-    adds_keys = frozenset({"attention_bias", "num_experts", "moe_intermediate_size", "norm_topk_prob",
-                           "decoder_sparse_step", "mlp_only_layers"} | Qwen2.adds_keys)
-    router, expert, expert_names = "mlp.gate", "mlp.experts.{}.", ("gate_proj", "up_proj", "down_proj")
-    qwen_window = True
-
-    def claims(self, m):
-        return super().claims(m) and m.qk_layernorm
-
-    def hf_config(self, m, vocab, eod, dtype):
-        return dict(super().hf_config(m, vocab, eod, dtype), moe_intermediate_size=m.moe_ffn_hidden_size,
-                    num_experts=m.num_experts, attention_bias=False, norm_topk_prob=not m.moe_router_pre_softmax,
-                    decoder_sparse_step=1, mlp_only_layers=[i for i, on in enumerate(m.moe_layers()) if not on])
-
-    def model_config(self, hf):
-        m = super().model_config(hf)
-        m.qk_layernorm = True
-        m.num_experts = hf.get("num_experts") or hf["num_local_experts"]
-        m.moe_router_topk, m.moe_ffn_hidden_size = hf["num_experts_per_tok"], hf["moe_intermediate_size"]
-        m.moe_router_pre_softmax = not hf.get("norm_topk_prob", False)
-        step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
-        m.moe_layer_freq = " ".join("1" if i not in dense and (i + 1) % step == 0 else "0"
-                                    for i in range(m.num_layers))
-        return m
-
-
-# a megalm model is claimed by one family at most
-FAMILIES: List[Family] = [GPT2(), Llama(), Mistral(), Qwen2(), Qwen3(), Mixtral(), Qwen3MoE()]
-BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
-
-
-def family_of(m: ModelConfig) -> Family:
-    """The family of a megalm model, or a ConversionError naming what it lacks."""
-    claimed = [family for family in FAMILIES if family.claims(m)]
-    assert len(claimed) <= 1, f"families claim the same model: {claimed}"
-    for family in claimed:
-        family.check(m)
-        return family
-    raise ConversionError(f"no transformers architecture for position {m.position_embedding_type}, "
-                          f"{m.normalization}, swiglu={m.swiglu}: export supports the GPT-2 flavour "
-                          f"(learned, LayerNorm, GELU) and the Llama flavour (rope, RMSNorm, SwiGLU)")
-
-
-def family_of_config(hf: dict) -> Family:
-    kind = hf.get("model_type")
-    if kind not in BY_MODEL_TYPE:
-        raise ConversionError(f"config.json: model_type {kind!r} is not supported "
-                              f"({', '.join(BY_MODEL_TYPE)})")
-    return BY_MODEL_TYPE[kind]
