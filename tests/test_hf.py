@@ -148,6 +148,15 @@ FAMILIES = {
               dict(qk_layernorm=True, kv_channels=16, add_bias_linear=False)),
     "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=8, head_dim=8),
                 dict(sliding_window=8, add_bias_linear=False)),
+    # YaRN as Qwen2.5's long-context configs and DeepSeek-V3 / GPT-OSS set it: interpolated, ramped and kept
+    # frequencies over a 16-token original context, the attention-scale correction from mscale / mscale_all_dim
+    "qwen2-yarn": ("Qwen2ForCausalLM", "Qwen2Config", dict(head_dim=16, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16)),
+        dict(rope_type="yarn", rotary_scaling_factor=4.0, original_max_position_embeddings=16)),
+    "llama-yarn-mscale-untruncated": ("LlamaForCausalLM", "LlamaConfig", dict(head_dim=16, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=16, beta_fast=8.0,
+        beta_slow=1.0, mscale=0.9, mscale_all_dim=0.5, truncate=False)),
+        dict(rope_type="yarn", mscale=0.9, mscale_all_dim=0.5, yarn_correction_range_round_to_int=False)),
 }
 
 
@@ -222,14 +231,16 @@ def test_qwen3_moe_both_ways(tmp_path, bpe_dir, norm_topk_prob):
 
 
 @pytest.mark.parametrize("change, named", [
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 500000.0, "factor": 8.0}},
+     "rope_parameters.rope_type='dynamic'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}},
-     "rope_parameters.rope_type='yarn'"),
+     "rope_parameters with rope_type 'yarn' lacks original_max_position_embeddings"),
     ({"rope_parameters": dict(LLAMA31_ROPE, beta_fast=32)}, "rope_parameters holds beta_fast"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"sliding_window": 16}, "sliding_window=16"),
-], ids=["yarn-rope", "llama3-unknown-setting", "linear-rope", "act", "mlp-bias", "unknown-key"])
+], ids=["dynamic-rope", "yarn-without-original-length", "llama3-unknown-setting", "linear-rope", "act", "mlp-bias", "unknown-key"])
 def test_import_refuses_what_it_does_not_implement(tmp_path, bpe_dir, change, named, capsys):
     import json
 

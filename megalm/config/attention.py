@@ -27,6 +27,24 @@ class AttentionOptions:
                                         "(Mistral; transformers' sliding_window)")
     rotary_percent: float = opt(1.0, "share of each head's width that RoPE rotates, its first dims (GLM-4.5: 0.5; "
                                 "transformers' partial_rotary_factor)")
+    rope_type: str = opt("rope", "RoPE frequencies: plain (rope, with --use-rope-scaling Llama 3.1's), or YaRN's "
+                         "context extension (yarn: DeepSeek-V3, GPT-OSS, Qwen's long-context models)",
+                         choices=("rope", "yarn"))
+    rotary_scaling_factor: float = opt(1.0, "with --rope-type yarn: how many times the original context is "
+                                       "stretched (transformers' factor)")
+    original_max_position_embeddings: int = opt(4096, "with --rope-type yarn: the context length the model was "
+                                                "trained at before the extension")
+    beta_fast: float = opt(32.0, "with --rope-type yarn: rotations over the original context above which a "
+                           "frequency is left alone")
+    beta_slow: float = opt(1.0, "with --rope-type yarn: rotations below which a frequency is fully interpolated")
+    mscale: float = opt(1.0, "with --rope-type yarn: the attention-scale correction 0.1 mscale ln(factor) + 1 "
+                        "(divided by the same with --mscale-all-dim when both are set) multiplies RoPE's cos and "
+                        "sin")
+    mscale_all_dim: float = opt(0.0, "with --rope-type yarn: see --mscale")
+    yarn_correction_range_round_to_int: bool = opt(True, "with --rope-type yarn: do not round the band of "
+                                                   "interpolated dims to whole dims (GPT-OSS; transformers' "
+                                                   "truncate false)", flag="--disable-yarn-correction-rounding",
+                                                   negate=True)
 
     @property
     def rotary_dim(self) -> int:
@@ -43,6 +61,14 @@ def validate_attention(m) -> None:
             raise ConfigError("--use-rope-scaling: --rope-scaling-factor and --rope-scaling-low-freq-factor must be "
                               "positive, --rope-scaling-high-freq-factor above the low one, "
                               "--rope-scaling-original-max-position-embeddings at least 1")
+    if m.rope_type == "yarn":
+        if m.position_embedding_type != "rope" or m.use_rope_scaling:
+            raise ConfigError("--rope-type yarn needs --position-embedding-type rope, without --use-rope-scaling")
+        if not m.rotary_scaling_factor >= 1 or m.original_max_position_embeddings < 1 or \
+                not m.beta_fast > m.beta_slow > 0 or m.mscale < 0 or m.mscale_all_dim < 0:
+            raise ConfigError("--rope-type yarn: --rotary-scaling-factor must be at least 1, "
+                              "--original-max-position-embeddings at least 1, --beta-fast above --beta-slow above 0, "
+                              "--mscale and --mscale-all-dim at least 0")
     if m.rotary_percent != 1.0:
         if m.position_embedding_type != "rope":
             raise ConfigError("--rotary-percent needs --position-embedding-type rope")

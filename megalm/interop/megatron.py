@@ -83,6 +83,9 @@ def model_config_from_args(args, source: str) -> ModelConfig:
         if value != ours and not (ours is False and value is None):
             raise MegatronFormatError(f"{source}: args.{name}={value!r} is not implemented by megalm "
                                       f"(it supports {ours!r})")
+    if _arg(args, "rope_type") not in (None, "rope"):
+        raise MegatronFormatError(f"{source}: args.rope_type={_arg(args, 'rope_type')!r} is not read by "
+                                  f"megalm-import-megatron yet (it reads plain RoPE)")
     shape = [name for name in ("num_layers", "hidden_size", "num_attention_heads")
              if not isinstance(_arg(args, name), int) or _arg(args, name) < 1]
     if _arg(args, "group_query_attention") and not isinstance(_arg(args, "num_query_groups"), int):

@@ -8,8 +8,11 @@ import torch
 
 
 def rope_inverse_frequencies(m, head_dim: int, device=None) -> torch.Tensor:
-    """RoPE's ``head_dim / 2`` inverse frequencies, with Llama 3.1's scaling under ``--use-rope-scaling``."""
+    """RoPE's ``head_dim / 2`` inverse frequencies, with Llama 3.1's scaling under ``--use-rope-scaling`` or YaRN's
+    under ``--rope-type yarn``."""
     inv = 1.0 / (m.rotary_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if m.rope_type == "yarn":
+        return _yarn(m, inv, head_dim)
     if not m.use_rope_scaling:
         return inv
     factor, low, high = m.rope_scaling_factor, m.rope_scaling_low_freq_factor, m.rope_scaling_high_freq_factor
@@ -21,6 +24,33 @@ def rope_inverse_frequencies(m, head_dim: int, device=None) -> torch.Tensor:
     return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
+def _yarn(m, inv: torch.Tensor, dim: int) -> torch.Tensor:
+    """YaRN (Peng et al. 2023): frequencies that turn fewer than ``--beta-slow`` times over the original context
+    are divided by the factor (interpolated), those that turn more than ``--beta-fast`` times are kept
+    (extrapolated), a linear ramp over the dims between."""
+    def correction_dim(rotations):
+        return dim * math.log(m.original_max_position_embeddings / (rotations * 2 * math.pi)) / \
+            (2 * math.log(m.rotary_base))
+
+    low, high = correction_dim(m.beta_fast), correction_dim(m.beta_slow)
+    if m.yarn_correction_range_round_to_int:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float32, device=inv.device) - low) / ((high - low) or 0.001)
+    keep = 1 - ramp.clamp(0, 1)  # 1: extrapolated (kept), 0: interpolated
+    return inv / m.rotary_scaling_factor * (1 - keep) + inv * keep
+
+
+def yarn_attention_factor(m) -> float:
+    """YaRN's correction of the attention scale, applied to cos and sin (so to the rotated dims of q and k)."""
+    def scale(mscale):
+        return 1.0 if m.rotary_scaling_factor <= 1 else 0.1 * mscale * math.log(m.rotary_scaling_factor) + 1.0
+
+    if m.mscale and m.mscale_all_dim:
+        return scale(m.mscale) / scale(m.mscale_all_dim)
+    return scale(1.0)
+
+
 def rope_tables(cfg, positions: torch.Tensor):
     """cos and sin in the half-split layout: ``[seq, rotary_dim]`` for positions ``[seq]``, or
     ``[b, 1, seq, rotary_dim]`` for per-sample positions ``[b, seq]`` (``rotary_dim``: the head size, or its
@@ -30,6 +60,9 @@ def rope_tables(cfg, positions: torch.Tensor):
     emb = torch.cat((freqs, freqs), dim=-1)
     if emb.dim() == 3:
         emb = emb.unsqueeze(1)  # broadcast over heads
+    if cfg.rope_type == "yarn":
+        factor = yarn_attention_factor(cfg)
+        return emb.cos() * factor, emb.sin() * factor
     return emb.cos(), emb.sin()
 
 

@@ -74,31 +74,52 @@ LLAMA3_ROPE = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_scaling
                "original_max_position_embeddings": "rope_scaling_original_max_position_embeddings"}
 
 
+# transformers' name -> megalm's, and whether transformers may leave it out (then megalm's default is its default)
+YARN_ROPE = {"factor": ("rotary_scaling_factor", False),
+             "original_max_position_embeddings": ("original_max_position_embeddings", False),
+             "beta_fast": ("beta_fast", True), "beta_slow": ("beta_slow", True), "mscale": ("mscale", True),
+             "mscale_all_dim": ("mscale_all_dim", True), "truncate": ("yarn_correction_range_round_to_int", True)}
+SCALINGS = {"llama3": {k: (v, False) for k, v in LLAMA3_ROPE.items()}, "yarn": YARN_ROPE}
+
+
 def _rope(hf: dict, m: ModelConfig, extra_keys=frozenset()) -> None:
     """RoPE from either spelling: ``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters``
-    (transformers 5): the base frequency, and Llama 3.1's scaling (``rope_type`` llama3); any other scaling, or a
-    setting of it megalm does not know (beyond the family's ``extra_keys``), is refused by name."""
+    (transformers 5): the base frequency, Llama 3.1's scaling (``rope_type`` llama3) and YaRN (``yarn``); any
+    other scaling, or a setting of it megalm does not know (beyond the family's ``extra_keys``), is refused by
+    name."""
     m.rotary_base = float(hf.get("rope_theta", 10000.0))
     for key in ("rope_scaling", "rope_parameters"):
         params = hf.get(key)
         if not params:
             continue
         kind = params.get("rope_type", params.get("type", "default"))
-        if kind not in ("default", "llama3"):
+        if kind not in ("default", *SCALINGS):
             raise ConversionError(f"config.json: {key}.rope_type={kind!r} (RoPE scaling) is not implemented by "
-                                  f"megalm; unscaled RoPE and rope_type 'llama3' are")
-        known = {"rope_type", "type", "rope_theta"} | (set(LLAMA3_ROPE) if kind == "llama3" else set()) | extra_keys
-        other = sorted(set(params) - known)
+                                  f"megalm; unscaled RoPE and rope_type 'llama3' and 'yarn' are")
+        known = {"rope_type", "type", "rope_theta"} | set(SCALINGS.get(kind, ())) | extra_keys
+        other = sorted(k for k in set(params) - known if not (k == "attention_factor" and params[k] is None))
         if other:
             raise ConversionError(f"config.json: {key} holds {', '.join(other)}, not implemented by megalm "
                                   f"for rope_type {kind!r}")
         m.rotary_base = float(params.get("rope_theta", m.rotary_base))
-        if kind == "llama3":
-            m.use_rope_scaling = True
-            for theirs, ours in LLAMA3_ROPE.items():
-                if theirs not in params:
-                    raise ConversionError(f"config.json: {key} with rope_type 'llama3' lacks {theirs}")
-                setattr(m, ours, type(getattr(m, ours))(params[theirs]))
+        if kind == "default":
+            continue
+        m.use_rope_scaling, m.rope_type = kind == "llama3", "yarn" if kind == "yarn" else "rope"
+        for theirs, (ours, optional) in SCALINGS[kind].items():
+            if params.get(theirs) is None:
+                if optional:
+                    continue
+                raise ConversionError(f"config.json: {key} with rope_type {kind!r} lacks {theirs}")
+            setattr(m, ours, type(getattr(m, ours))(params[theirs]))
+
+
+def rope_scaling(m: ModelConfig):
+    """transformers' RoPE scaling dict of a megalm model, or None."""
+    if m.use_rope_scaling:
+        return {"rope_type": "llama3", **{theirs: getattr(m, ours) for theirs, ours in LLAMA3_ROPE.items()}}
+    if m.rope_type == "yarn":
+        return {"rope_type": "yarn", **{theirs: getattr(m, ours) for theirs, (ours, _) in YARN_ROPE.items()}}
+    return None
 
 
 class LlamaLike(Family):
@@ -132,12 +153,8 @@ class LlamaLike(Family):
                "torch_dtype": dtype, "rope_theta": m.rotary_base}
         if self.has_window_key:
             out["sliding_window"] = m.sliding_window
-        if m.use_rope_scaling:
-            out["rope_scaling"] = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
-                                   "low_freq_factor": m.rope_scaling_low_freq_factor,
-                                   "high_freq_factor": m.rope_scaling_high_freq_factor,
-                                   "original_max_position_embeddings":
-                                       m.rope_scaling_original_max_position_embeddings}
+        if rope_scaling(m):
+            out["rope_scaling"] = rope_scaling(m)
         if self.qwen_window:  # a window on every layer, or none
             out.update(use_sliding_window=m.sliding_window is not None, max_window_layers=0,
                        layer_types=["sliding_attention" if m.sliding_window else "full_attention"] * m.num_layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megalm.interop.families.base import ConversionError, Experts, Rename, require
-from megalm.interop.families.dense import LlamaLike, Qwen2
+from megalm.interop.families.dense import LlamaLike, Qwen2, rope_scaling
 
 
 class MoEFamily(LlamaLike):
@@ -133,7 +133,8 @@ class Glm4MoE(MoEFamily):
     def hf_config(self, m, vocab, eod, dtype):
         out = LlamaLike.hf_config(self, m, vocab, eod, dtype)
         out.pop("rope_theta")
-        out.update(rope_parameters={"rope_type": "default", "rope_theta": m.rotary_base,
+        out.pop("rope_scaling", None)
+        out.update(rope_parameters={"rope_type": "default", **(rope_scaling(m) or {}), "rope_theta": m.rotary_base,
                                     "partial_rotary_factor": m.rotary_percent},
                    attention_bias=m.add_qkv_bias, moe_intermediate_size=m.moe_ffn_hidden_size,
                    n_routed_experts=m.num_experts, num_experts_per_tok=m.moe_router_topk,
