@@ -75,6 +75,8 @@ REFUSED = [
     (["--rotary-percent", "0.5"], None), (["--position-embedding-type", "rope", "--rotary-percent", "0.1"], None),
     ([*MOE, "--moe-router-topk-scaling-factor", "0"], None),
     (["--rope-type", "yarn"], None),
+    (["--window-attn-skip-freq", "2"], None), (["--sliding-window", "8", "--window-attn-skip-freq", "[1,0,1]"], None),
+    (["--sliding-window", "8", "--window-attn-skip-freq", "0"], None),
     (["--position-embedding-type", "rope", "--rope-type", "yarn", "--rotary-scaling-factor", "0.5"], None),
     (["--position-embedding-type", "rope", "--rope-type", "yarn", "--use-rope-scaling"], None),
     (["--sliding-window", "8", "--context-parallel-size", "2"], 2),

@@ -196,15 +196,39 @@ def test_hf_families_both_ways(tmp_path, bpe_dir, family):
         assert torch.allclose(again(ids).logits, theirs(ids).logits, atol=1e-5)
 
 
-def test_a_window_on_some_layers_only_is_refused(tmp_path, bpe_dir, capsys):
+def test_a_window_on_some_layers_only(tmp_path, bpe_dir, capsys):
+    """Qwen2 with its window on the second layer only (max_window_layers 1): imports as --sliding-window 8
+    --window-attn-skip-freq '[0,1]' with transformers' logits and greedy tokens past the window, and exports the same
+    layer_types back; a layer type megalm does not implement is refused by name."""
+    import json
+
+    torch.manual_seed(0)
     qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=1024,
-        use_sliding_window=True, sliding_window=8, max_window_layers=1))
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1024, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+        max_position_embeddings=64)).eval()
     _save_hf(qwen, tmp_path / "in", bpe_dir)
-    assert import_main(["--input", str(tmp_path / "in"), "--save", str(tmp_path / "out")]) == 2
+    ids = torch.randint(0, 1024, (1, 24))
+    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
+    model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
+    assert (model.cfg.sliding_window, model.cfg.window_layers()) == (8, [False, True])
+    with torch.no_grad():
+        hf_greedy = qwen.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+    assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy.tolist()
+    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == \
+        ["full_attention", "sliding_attention"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, qwen(ids).logits, atol=1e-5)
+
+    config = json.loads((tmp_path / "in" / "config.json").read_text())
+    config["layer_types"] = ["chunked_attention", "full_attention"]
+    (tmp_path / "in" / "config.json").write_text(json.dumps(config))
+    assert import_main(["--input", str(tmp_path / "in"), "--save", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err
-    assert "a window on some layers only is not implemented" in err and "layer_types" in err, err
-    assert not (tmp_path / "out" / "latest_checkpointed_iteration.txt").exists()
+    assert "layer_types=['chunked_attention', 'full_attention']" in err, err
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("norm_topk_prob", [False, True])

@@ -14,9 +14,11 @@ LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--s
 DEEP = ["--num-layers", "4", "--global-batch-size", "16"]  # 4 layers for 4 stages, 8 micro-batches per step
 FLAVOURS = {"gpt2": [], "llama": LLAMA, "llama-eod": LLAMA + ["--eod-mask-loss", "--reset-position-ids"],
             "gpt2-deep": DEEP, "llama-deep": LLAMA + DEEP,
-            # today's HF families' options: Qwen2's q/k/v biases, Mistral's window, Llama 3.1's RoPE scaling
-            "families-deep": LLAMA + DEEP + ["--add-qkv-bias", "--sliding-window", "8", "--use-rope-scaling",
-                                             "--rope-scaling-original-max-position-embeddings", "16"]}
+            # today's HF families' options: Qwen2's q/k/v biases, a window on every other layer (GPT-OSS's
+            # pattern; Mistral's on all), Llama 3.1's RoPE scaling
+            "families-deep": LLAMA + DEEP + ["--add-qkv-bias", "--sliding-window", "8", "--window-attn-skip-freq", "2",
+                                             "--use-rope-scaling", "--rope-scaling-original-max-position-embeddings",
+                                             "16"]}
 PP2 = ["--pipeline-model-parallel-size", "2"]
 
 # name: (processes, flavour, layout flags)

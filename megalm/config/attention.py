@@ -5,7 +5,7 @@ Megatron has them), and the rules among them. The RoPE math they configure is th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from megalm.config.fields import ConfigError, opt
 
@@ -25,6 +25,10 @@ class AttentionOptions:
                                                              "the model was trained at before scaling")
     sliding_window: Optional[int] = opt(None, "each query sees only the last this-many positions, itself included "
                                         "(Mistral; transformers' sliding_window)")
+    window_attn_skip_freq: Optional[str] = opt(None, "with --sliding-window: which layers attend fully instead: an "
+                                               "integer N (every N-th layer, the others windowed: GPT-OSS's 2), "
+                                               "or one 1 (window) / 0 (full) per layer, e.g. '[1,1,1,0]*3' "
+                                               "(Megatron's names and meaning)")
     rotary_percent: float = opt(1.0, "share of each head's width that RoPE rotates, its first dims (GLM-4.5: 0.5; "
                                 "transformers' partial_rotary_factor)")
     rope_type: str = opt("rope", "RoPE frequencies: plain (rope, with --use-rope-scaling Llama 3.1's), or YaRN's "
@@ -46,10 +50,36 @@ class AttentionOptions:
                                                    "truncate false)", flag="--disable-yarn-correction-rounding",
                                                    negate=True)
 
+    def window_layers(self) -> List[bool]:
+        """For each layer, whether its attention is windowed (``--sliding-window`` on it)."""
+        if self.sliding_window is None:
+            return [False] * self.num_layers
+        if self.window_attn_skip_freq is None:
+            return [True] * self.num_layers
+        return parse_window_pattern(self.window_attn_skip_freq, self.num_layers)
+
     @property
     def rotary_dim(self) -> int:
         """How many of each head's dims RoPE rotates."""
         return int(self.head_dim * self.rotary_percent)
+
+
+def parse_window_pattern(text: str, num_layers: int) -> List[bool]:
+    text = str(text).strip()
+    if text.isdigit():
+        n = int(text)
+        if n < 1:
+            raise ConfigError(f"--window-attn-skip-freq {text}: an integer must be at least 1")
+        return [(i + 1) % n != 0 for i in range(num_layers)]
+    body, times = text, 1
+    if "]*" in text:
+        body, count = text.rsplit("*", 1)
+        times = int(count) if count.strip().isdigit() else 0
+    items = body.strip().strip("[]").replace(",", " ").split() * times
+    if times < 1 or any(i not in ("0", "1") for i in items) or len(items) != num_layers:
+        raise ConfigError(f"--window-attn-skip-freq {text!r}: give an integer N or one 0/1 per layer ({num_layers} "
+                          f"layers), e.g. '[1,0]*{max(num_layers // 2, 1)}'")
+    return [i == "1" for i in items]
 
 
 def validate_attention(m) -> None:
@@ -77,3 +107,7 @@ def validate_attention(m) -> None:
                               f"{m.rotary_dim} dims: give a share in (0, 1] that leaves an even number, at least 2")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(f"--sliding-window must be at least 1, got {m.sliding_window}")
+    if m.window_attn_skip_freq is not None:
+        if m.sliding_window is None:
+            raise ConfigError("--window-attn-skip-freq needs --sliding-window")
+        m.window_layers()  # parses the pattern

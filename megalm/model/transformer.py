@@ -108,6 +108,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, topo: Topology, layer: str, rng: RNGTracker):
         super().__init__()
         self.cfg, self.layer, self.rng = cfg, layer, rng
+        self.window = cfg.sliding_window if cfg.window_layers()[int(layer)] else None  # None: full attention
         hd = cfg.head_dim
         self.n_heads = cfg.num_attention_heads // topo.tp
         self.n_kv = cfg.num_query_groups // topo.tp
@@ -157,8 +158,8 @@ class Attention(nn.Module):
 
     def _attend_with(self, q, k, v, past: int, dropout: float, mask=None):
         s = q.shape[2]
-        if self.cfg.sliding_window is not None:  # query i (at past + i) sees keys j with i - window < j <= i
-            mask = _window(s, k.shape[2], past, self.cfg.sliding_window, q.device) & \
+        if self.window is not None:  # query i (at past + i) sees keys j with i - window < j <= i
+            mask = _window(s, k.shape[2], past, self.window, q.device) & \
                 (mask if mask is not None else True)
         if mask is not None:  # packed documents, a padded batch or a window: an explicit mask
             rep = self.n_heads // self.n_kv

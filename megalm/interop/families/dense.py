@@ -2,7 +2,6 @@
 option each; ``LlamaLike`` is also what the mixture-of-experts families (``moe.py``) build on."""
 from __future__ import annotations
 
-from typing import Optional
 
 from megalm.config import ModelConfig
 from megalm.interop.families.base import ConversionError, Family, Rename, Stacked, require
@@ -141,6 +140,9 @@ class LlamaLike(Family):
         if m.add_qkv_bias and (m.qk_layernorm or m.num_experts or m.add_bias_linear):
             raise ConversionError("--add-qkv-bias (Qwen2) goes with --disable-bias-linear, without --qk-layernorm "
                                   "or experts")
+        if not self.qwen_window and not all(m.window_layers()) and any(m.window_layers()):
+            raise ConversionError(f"{self.architecture or 'this family'} has one window on every layer or none: "
+                                  f"drop --window-attn-skip-freq (Qwen2/Qwen3 have a window per layer)")
 
     def hf_config(self, m, vocab, eod, dtype):
         out = {"architectures": [self.architecture], "model_type": self.model_type, "vocab_size": vocab,
@@ -155,9 +157,9 @@ class LlamaLike(Family):
             out["sliding_window"] = m.sliding_window
         if rope_scaling(m):
             out["rope_scaling"] = rope_scaling(m)
-        if self.qwen_window:  # a window on every layer, or none
+        if self.qwen_window:  # the layers with a window, by name
             out.update(use_sliding_window=m.sliding_window is not None, max_window_layers=0,
-                       layer_types=["sliding_attention" if m.sliding_window else "full_attention"] * m.num_layers)
+                       layer_types=["sliding_attention" if on else "full_attention" for on in m.window_layers()])
         return out
 
     def model_config(self, hf):
@@ -176,28 +178,30 @@ class LlamaLike(Family):
         require(hf, "mlp_bias", (m.add_bias_linear,), m.add_bias_linear)
         if hf.get("head_dim") not in (None, m.head_dim):
             m.kv_channels = hf["head_dim"]  # a head width of its own (Qwen3)
-        m.sliding_window = self.window(hf, m.num_layers)
+        m.sliding_window, m.window_attn_skip_freq = self.window(hf, m.num_layers)
         return m
 
-    def window(self, hf: dict, layers: int) -> Optional[int]:
-        """The sliding window every layer uses, or None: ``sliding_window`` (for Qwen only with
-        ``use_sliding_window`` and on the layers ``layer_types`` or ``max_window_layers`` name). A window on some
-        layers only is refused by name."""
+    def window(self, hf: dict, layers: int) -> tuple:
+        """(the sliding window, which layers have it as ``--window-attn-skip-freq`` or None for all of them), or
+        (None, None): ``sliding_window`` (for Qwen only with ``use_sliding_window``, and on the layers
+        ``layer_types`` or ``max_window_layers`` name)."""
         window = hf.get("sliding_window")
-        if self.qwen_window and not hf.get("use_sliding_window", False):
-            return None  # Qwen2 configs carry a sliding_window they do not use
+        if window is None or (self.qwen_window and not hf.get("use_sliding_window", False)):
+            return None, None  # Qwen2 configs carry a sliding_window they do not use
         types = hf.get("layer_types")
         if types is None and self.qwen_window:
             types = ["sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
                      for i in range(layers)]
-        kinds = set(types or [])
-        if kinds - {"sliding_attention", "full_attention"} or len(kinds) > 1:
-            raise ConversionError(f"config.json: layer_types={types!r} (max_window_layers="
-                                  f"{hf.get('max_window_layers')!r}): a window on some layers only is not "
-                                  f"implemented by megalm; one window on every layer, or none, is")
-        if kinds == {"full_attention"}:
-            return None
-        return int(window) if window is not None else None
+        if types is None:
+            return int(window), None
+        if set(types) - {"sliding_attention", "full_attention"} or len(types) != layers:
+            raise ConversionError(f"config.json: layer_types={types!r}: megalm implements one entry per layer, "
+                                  f"each 'sliding_attention' or 'full_attention'")
+        if "sliding_attention" not in types:
+            return None, None
+        if "full_attention" not in types:
+            return int(window), None
+        return int(window), "[" + ",".join("1" if t == "sliding_attention" else "0" for t in types) + "]"
 
     def renames(self, m):
         moe = m.moe_layers()
