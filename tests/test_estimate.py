@@ -78,7 +78,8 @@ def test_moe_state_bytes_match_a_measured_run(tmp_path, dataset_prefix, bpe_flag
     assert res.returncode == 0, res.stderr[-3000:]
     measured = json.loads(open(tmp_path / "m.jsonl").readline())
     stage0 = estimate(load_config(flags, world_size=4), 4, 1024)[0]
-    assert stage0.expert_parameters == 2 * 2 * 2 * 32 * 96  # 2 of 4 experts, 2 matrices, 2 layers
+    # 2 of 4 experts, 2 layers: 2 matrices and (biases on, as Megatron's experts) their 2 biases each
+    assert stage0.expert_parameters == 2 * 2 * (2 * 32 * 96 + 96 + 32)
     for key, value in (("param_bytes", stage0.param_bytes), ("grad_bytes", stage0.grad_bytes),
                        ("optimizer_state_bytes", stage0.optimizer_bytes)):
         assert abs(value - measured[key]) / measured[key] < 0.05, (key, value, measured[key])
@@ -151,3 +152,24 @@ def test_glm_configs_count_what_transformers_builds(name, layers, hidden, ffn, m
                                                               if "e_score_correction_bias" in n)
     assert ours == count, (ours, count)
     assert abs(ours - published) / published < 0.015
+
+
+@pytest.mark.parametrize("name, layers, experts, published", [("gpt_oss_20b", 24, 32, 20.9e9),
+                                                              ("gpt_oss_120b", 36, 128, 116.8e9)])
+def test_gpt_oss_configs_count_what_transformers_builds(name, layers, experts, published):
+    """configs/gpt_oss_*.yaml at their real sizes: exactly the parameters transformers' GptOss of the same
+    config.json holds (meta device), which is the published size (20.9B, 116.8B) within 1%."""
+    import os
+
+    from conftest import require
+
+    transformers = require("transformers")
+    cfg = load_config(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml"), *NULL])
+    ours = total_parameters(cfg, 201088)
+    with torch.device("meta"):
+        theirs = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            num_hidden_layers=layers, num_local_experts=experts, vocab_size=201088, hidden_size=2880,
+            intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+            num_experts_per_tok=4))
+    assert ours == sum(p.numel() for p in theirs.parameters())
+    assert abs(ours - published) / published < 0.01

@@ -359,3 +359,43 @@ def test_deepseek_router_picks_transformers_experts_and_weights():
         hf = {(t, e): w for t in range(64) for e, w in zip(their_experts[t].tolist(), their_weights[t].tolist())}
         assert ours.keys() == hf.keys(), layout
         assert max(abs(ours[k] - hf[k]) for k in ours) < 1e-6, layout
+
+
+GPT_OSS = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=8, vocab_size=1024, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+               max_position_embeddings=64, rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0,
+                                                                beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                                                original_max_position_embeddings=16))
+
+
+def test_gpt_oss_both_ways(tmp_path, bpe_dir):
+    """A tiny GptOssForCausalLM (sinks, biases everywhere, a window on every other layer, YaRN without rounding,
+    the clamped SwiGLU, experts fused and interleaved in the files; weights, biases and sinks perturbed, the
+    activations pushed past the clamp): import gives its logits within 1e-4 and its greedy tokens past the window,
+    export gives back the same tensors and a model with the same logits."""
+    import json
+
+    torch.manual_seed(0)
+    oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(**GPT_OSS)).eval()
+    with torch.no_grad():
+        for name, p in oss.named_parameters():
+            p.add_(torch.randn_like(p) * (3.0 if "experts" in name else 0.5 if "sinks" in name else 0.05))
+    _save_hf(oss, tmp_path / "in", bpe_dir)
+    ids = torch.randint(0, 1024, (1, 24))
+    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
+    model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
+    m = model.cfg
+    assert (m.softmax_type, m.quick_geglu, m.glu_linear_offset, m.activation_func_clamp_value, m.add_bias_linear,
+            m.rope_type, m.yarn_correction_range_round_to_int, m.window_layers()) == \
+        ("learnable", True, 1.0, 7.0, True, "yarn", False, [True, False])
+    with torch.no_grad():
+        hf_greedy = oss.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+    assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy.tolist()
+    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
+    first, second = load_file(tmp_path / "in" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == \
+        ["sliding_attention", "full_attention"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, oss(ids).logits, atol=1e-5)

@@ -3,7 +3,6 @@ outgrows ~600 lines, and ``megalm-preprocess`` runs without torch."""
 import ast
 import os
 import subprocess
-import sys
 
 from conftest import PYTHON, ROOT
 

@@ -25,6 +25,10 @@ class AttentionOptions:
                                                              "the model was trained at before scaling")
     sliding_window: Optional[int] = opt(None, "each query sees only the last this-many positions, itself included "
                                         "(Mistral; transformers' sliding_window)")
+    softmax_type: str = opt("vanilla", "attention softmax: plain (vanilla), with a zero logit every query may put "
+                            "weight on (off-by-one), or with a learned one per head, the attention sink of GPT-OSS "
+                            "(learnable); both need --attention-backend unfused", choices=("vanilla", "off-by-one",
+                                                                                            "learnable"))
     window_attn_skip_freq: Optional[str] = opt(None, "with --sliding-window: which layers attend fully instead: an "
                                                "integer N (every N-th layer, the others windowed: GPT-OSS's 2), "
                                                "or one 1 (window) / 0 (full) per layer, e.g. '[1,1,1,0]*3' "
@@ -105,6 +109,9 @@ def validate_attention(m) -> None:
         if not 0 < m.rotary_percent <= 1 or m.rotary_dim < 2 or m.rotary_dim % 2:
             raise ConfigError(f"--rotary-percent {m.rotary_percent} of head size {m.head_dim} rotates "
                               f"{m.rotary_dim} dims: give a share in (0, 1] that leaves an even number, at least 2")
+    if m.softmax_type != "vanilla" and m.attention_backend != "unfused":
+        raise ConfigError(f"--softmax-type {m.softmax_type} puts a sink in the softmax's denominator, which "
+                          f"--attention-backend {m.attention_backend} cannot apply: use --attention-backend unfused")
     if m.sliding_window is not None and m.sliding_window < 1:
         raise ConfigError(f"--sliding-window must be at least 1, got {m.sliding_window}")
     if m.window_attn_skip_freq is not None:

@@ -102,6 +102,9 @@ def _context_parallel(cfg) -> None:
                           f"divide by it")
     if p.deepspeed:
         raise ConfigError("--context-parallel-size with --deepspeed is not supported: use megalm's own path")
+    if "p2p" in p.cp_comm_type and m.softmax_type != "vanilla":
+        raise ConfigError(f"--softmax-type {m.softmax_type} with --cp-comm-type p2p: the ring merges blocks by "
+                          f"log-sum-exp and does not apply the sink; use allgather or a2a")
     if m.sliding_window is not None:
         raise ConfigError("--sliding-window is not applied under --context-parallel-size > 1: each rank's "
                           "attention spans whole chunks of the sequence")
@@ -138,6 +141,9 @@ def _experts(cfg, world_size: Optional[int]) -> None:
     if shared is not None and shared % tp:
         raise ConfigError(f"--moe-shared-expert-intermediate-size {shared} is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
+    if etp > 1 and m.add_bias_linear:
+        raise ConfigError("--expert-tensor-parallel-size > 1 with biases in the experts (linear layers have biases "
+                          "unless --disable-bias-linear): an expert's output bias would be added once per ETP rank")
 
 
 def _batch(cfg, world_size: Optional[int]) -> None:

@@ -25,6 +25,11 @@ class ModelConfig(MoEOptions, AttentionOptions):
     normalization: str = opt("LayerNorm", "normalization layer", choices=("LayerNorm", "RMSNorm"))
     norm_epsilon: float = opt(1e-5, "epsilon of the normalization layers")
     swiglu: bool = opt(False, "SwiGLU MLP instead of GELU")
+    quick_geglu: bool = opt(False, "with --swiglu: the gate's activation is x sigmoid(1.702 x) instead of SiLU "
+                            "(GPT-OSS)")
+    glu_linear_offset: float = opt(0.0, "with --swiglu: added to the linear half before the product (GPT-OSS: 1)")
+    activation_func_clamp_value: Optional[float] = opt(None, "with --swiglu: the gate clamped from above and the "
+                                                       "linear half to +-this before the product (GPT-OSS: 7)")
     qk_layernorm: bool = opt(False, "normalise each head's queries and keys (--normalization's kind) before RoPE "
                              "(Qwen3, OLMo 2)")
     kv_channels: Optional[int] = opt(None, "width of each attention head (default --hidden-size / "
@@ -87,6 +92,11 @@ def validate_model(m: ModelConfig) -> None:
             raise ConfigError(f"{flag} must be in [0, 1), got {value}")
     if m.init_method_std <= 0:
         raise ConfigError(f"--init-method-std must be positive, got {m.init_method_std}")
+    if (m.quick_geglu or m.glu_linear_offset or m.activation_func_clamp_value is not None) and not m.swiglu:
+        raise ConfigError("--quick-geglu, --glu-linear-offset and --activation-func-clamp-value shape a gated MLP: "
+                          "they need --swiglu")
+    if m.activation_func_clamp_value is not None and not m.activation_func_clamp_value > 0:
+        raise ConfigError(f"--activation-func-clamp-value must be positive, got {m.activation_func_clamp_value}")
     if m.recompute_granularity == "full" and not 1 <= m.recompute_num_layers <= m.num_layers:
         raise ConfigError(f"--recompute-num-layers {m.recompute_num_layers} must be between 1 and --num-layers "
                           f"{m.num_layers}")

@@ -93,7 +93,7 @@ class GPT(nn.Module):
             leaf = name.rsplit(".", 1)[-1]
             if "norm" in name:
                 p.fill_(1.0 if leaf == "weight" else 0.0)
-            elif leaf in ("bias", "expert_bias"):
+            elif leaf in ("bias", "expert_bias", "sinks", "b1", "b3", "b2"):
                 p.zero_()
             else:
                 scaled = name.endswith(("attention.wo.weight", ".w2.weight", "experts.w2"))

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
+from megalm.model.activations import gated
 from megalm.parallel.experts import dispatch_allgather, dispatch_alltoall, dispatch_local
 from megalm.parallel.context import local_indices
 from megalm.parallel.mappings import gather_dim0, gather_values_dim0, reduce_from_tp, reduce_scatter_dim0
@@ -80,6 +81,10 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.weight.tp_dim = None
         self.weight.sequence_parallel = topo.sequence_parallel  # sees this rank's tokens only: summed over TP
+        self.bias = None
+        if cfg.add_bias_linear:  # as Megatron's router (GPT-OSS has one)
+            self.bias = nn.Parameter(torch.zeros(cfg.num_experts))
+            self.bias.tp_dim, self.bias.sequence_parallel = None, topo.sequence_parallel
         if cfg.moe_router_enable_expert_bias:  # state, not trained: the optimizer skips it, checkpoints keep it
             self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
             self.expert_bias.tp_dim = None
@@ -88,7 +93,8 @@ class Router(nn.Module):
         """x ``[T, h]`` (``batch`` sequences); returns experts ``[T, k]``, probabilities ``[T, k]``, the
         load-balancing and z losses (None when off) and the tokens per expert over the micro-batch."""
         c, k, E = self.cfg, self.cfg.moe_router_topk, self.cfg.num_experts
-        logits = F.linear(x.float(), self.weight.float())  # the router in fp32, also under autocast
+        logits = F.linear(x.float(), self.weight.float(),  # the router in fp32, also under autocast
+                          self.bias.float() if self.bias is not None else None)
         if c.moe_router_score_function == "softmax":
             scores = torch.softmax(logits, dim=-1)
         else:
@@ -163,6 +169,11 @@ class GroupedExperts(nn.Module):
             p = nn.Parameter(torch.empty((local, f, h) if name == "w2" else (local, h, f)))
             p.tp_dim, p.expert, p.etp_dim = None, True, 1 if name == "w2" else 2
             setattr(self, name, p)
+        self.biased = cfg.add_bias_linear  # b1 (b3) [E_local, f] and b2 [E_local, h], as Megatron's experts
+        for name in ("b1", "b3", "b2") if self.biased and cfg.swiglu else ("b1", "b2") if self.biased else ():
+            p = nn.Parameter(torch.zeros((local, h) if name == "b2" else (local, f)))
+            p.tp_dim, p.expert, p.etp_dim, p.no_decay = None, True, 1, True  # ETP > 1 with biases is refused
+            setattr(self, name, p)
 
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Tokens ``[N, h]`` sorted by local expert, ``counts`` per local expert -> outputs ``[N, h]``."""
@@ -182,9 +193,17 @@ class GroupedExperts(nn.Module):
 
             def mm(a, weight):  # the reference: one matmul per expert
                 return torch.cat([a[bounds[e]:bounds[e + 1]] @ weight[e] for e in range(weight.shape[0])])
-        hidden = F.silu(mm(x, w["w1"])) * mm(x, w["w3"]) if self.swiglu else \
-            F.gelu(mm(x, w["w1"]), approximate=self.cfg.gelu_approximation)
-        return _ContiguousGrad.apply(mm(hidden, w["w2"]))
+        if self.biased:  # the expert of each row, whose bias it gets
+            rows = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts.to(x.device),
+                                           output_size=x.shape[0])
+
+        def linear(a, name):
+            out = mm(a, w[name])
+            return out + getattr(self, "b" + name[1]).to(dtype)[rows] if self.biased else out
+
+        hidden = gated(self.cfg, linear(x, "w1"), linear(x, "w3")) if self.swiglu else \
+            F.gelu(linear(x, "w1"), approximate=self.cfg.gelu_approximation)
+        return _ContiguousGrad.apply(linear(hidden, "w2"))
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.kernels.fused_softmax import fused_softmax
+from megalm.model.activations import gated
 from megalm.model.recompute import recomputed
 from megalm.model.rope import apply_rope
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
@@ -97,6 +98,17 @@ def unfused_attention(q, k, v, causal_offset: Optional[int], dropout: float, tra
     return torch.matmul(probs, v)
 
 
+def sink_attention(q, k, v, sink, allowed, dropout: float, training: bool):
+    """Attention whose softmax also holds one logit per head that no key owns (GPT-OSS's sink; Megatron's
+    ``learnable`` / ``off-by-one`` softmax): the weights of a row add up to less than one. ``allowed``: boolean,
+    broadcast to ``[b, heads, sq, sk]``. Scores and softmax in fp32."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    column = sink.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((scores, column), dim=-1), dim=-1)[..., :-1].to(q.dtype)
+    return torch.matmul(F.dropout(probs, dropout, training), v)
+
+
 def _window(queries: int, keys: int, past: int, window: int, device) -> torch.Tensor:
     """Boolean ``[queries, keys]``: causal and at most ``window`` positions back, the query's own included."""
     i = torch.arange(past, past + queries, device=device)[:, None]
@@ -119,6 +131,10 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, qkv_bias, input_entered=True)
         self.wv = ColumnParallelLinear(cfg.hidden_size, cfg.num_query_groups * hd, topo, qkv_bias, input_entered=True)
         self.wo = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, topo, bias)
+        self.sinks = None
+        if cfg.softmax_type == "learnable":  # one logit per head, split over TP with the heads
+            self.sinks = nn.Parameter(torch.zeros(self.n_heads))
+            self.sinks.tp_dim = 0
         if cfg.qk_layernorm:  # shared by every head; each TP rank normalises its own heads: gradients summed over TP
             self.q_norm = Norm(hd, cfg.normalization, cfg.norm_epsilon, topo.tp > 1)
             self.k_norm = Norm(hd, cfg.normalization, cfg.norm_epsilon, topo.tp > 1)
@@ -142,25 +158,37 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer, k, v)
         if self.topo.cp > 1 and kv_cache is None:  # the sequence is split: attention across the CP ranks
             kind = self.topo.cp_comm_type(int(self.layer))
+            heads = None  # a2a hands this rank its CP share of the heads, whose sinks it needs
+            if kind == "a2a":
+                per = self.n_heads // self.topo.cp
+                heads = slice(self.topo.cp_rank * per, (self.topo.cp_rank + 1) * per)
             out = context_attention(kind, q, k, v, self.topo, mask[kind],
-                                    lambda q, k, v, m: self._attend(q, k, v, 0, m))
+                                    lambda q, k, v, m: self._attend(q, k, v, 0, m, heads))
         elif self.cfg.recompute_granularity == "selective" and self.training and kv_cache is None:
             out = recomputed(self._attend, self.rng, q, k, v, 0, mask)
         else:
             out = self._attend(q, k, v, past, mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * hd))
 
-    def _attend(self, q, k, v, past: int = 0, mask=None):
+    def _attend(self, q, k, v, past: int = 0, mask=None, heads: Optional[slice] = None):
         """The attention core (scores, softmax, dropout, weighted values): what selective recomputation redoes."""
         dropout = self.cfg.attention_dropout if self.training else 0.0
         with self.rng.fork() if dropout > 0 else contextlib.nullcontext():
-            return self._attend_with(q, k, v, past, dropout, mask)
+            return self._attend_with(q, k, v, past, dropout, mask, heads)
 
-    def _attend_with(self, q, k, v, past: int, dropout: float, mask=None):
+    def _attend_with(self, q, k, v, past: int, dropout: float, mask=None, heads: Optional[slice] = None):
+        """``heads``: which of this rank's heads ``q`` holds (context parallelism's all-to-all splits them)."""
         s = q.shape[2]
         if self.window is not None:  # query i (at past + i) sees keys j with i - window < j <= i
             mask = _window(s, k.shape[2], past, self.window, q.device) & \
                 (mask if mask is not None else True)
+        if self.cfg.softmax_type != "vanilla":
+            rep = q.shape[1] // k.shape[1]
+            k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+            if mask is None:
+                mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=past)
+            sink = self.sinks[heads or slice(None)] if self.sinks is not None else q.new_zeros(q.shape[1])
+            return sink_attention(q, k, v, sink, mask, dropout, self.training)
         if mask is not None:  # packed documents, a padded batch or a window: an explicit mask
             rep = self.n_heads // self.n_kv
             k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
@@ -188,7 +216,7 @@ class MLP(nn.Module):
         """``ffn_hidden_size``: another width than the model's (an MoE layer's shared expert)."""
         super().__init__()
         bias, ffn = cfg.add_bias_linear, ffn_hidden_size or cfg.ffn_hidden_size
-        self.topo, self.swiglu, self.approximate = topo, cfg.swiglu, cfg.gelu_approximation
+        self.cfg, self.topo, self.swiglu, self.approximate = cfg, topo, cfg.swiglu, cfg.gelu_approximation
         self.w1 = ColumnParallelLinear(cfg.hidden_size, ffn, topo, bias, input_entered=True)
         if self.swiglu:
             self.w3 = ColumnParallelLinear(cfg.hidden_size, ffn, topo, bias, input_entered=True)
@@ -197,7 +225,7 @@ class MLP(nn.Module):
     def forward(self, x):
         x = enter_tp_region(x, self.topo)
         if self.swiglu:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            return self.w2(gated(self.cfg, self.w1(x), self.w3(x)))
         return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
 
 

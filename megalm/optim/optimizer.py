@@ -1,5 +1,5 @@
 """AdamW with decoupled weight decay on weight matrices only, not on biases and norm weights (every 1-D
-parameter). ``DistributedOptimizer`` applies it to its slices; the DeepSpeed path hands it the whole model."""
+parameter, and what is marked ``no_decay``: the experts' stacked biases). ``DistributedOptimizer`` applies it to its slices; the DeepSpeed path hands it the whole model."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from megalm.config import OptimConfig
 
 
 def decays(p: torch.Tensor) -> bool:
-    return p.ndim >= 2
+    return p.ndim >= 2 and not getattr(p, "no_decay", False)  # the experts' biases are [experts, width]
 
 
 def adamw(decay: list, no_decay: list, cfg: OptimConfig, on_gpu: bool) -> torch.optim.Optimizer:

@@ -10,12 +10,12 @@ from typing import List
 from megalm.config import ModelConfig
 from megalm.interop.families.base import ConversionError, Family
 from megalm.interop.families.dense import GPT2, Llama, Mistral, Qwen2, Qwen3
-from megalm.interop.families.moe import Glm4MoE, Mixtral, Qwen3MoE
+from megalm.interop.families.moe import Glm4MoE, GptOss, Mixtral, Qwen3MoE
 
 __all__ = ["ConversionError", "Family", "FAMILIES", "family_of", "family_of_config"]
 
 # a megalm model is claimed by one family at most
-FAMILIES: List[Family] = [GPT2(), Llama(), Mistral(), Qwen2(), Qwen3(), Mixtral(), Qwen3MoE(), Glm4MoE()]
+FAMILIES: List[Family] = [GPT2(), Llama(), Mistral(), Qwen2(), Qwen3(), Mixtral(), Qwen3MoE(), Glm4MoE(), GptOss()]
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 
 

@@ -68,6 +68,22 @@ class Experts:
         out[self.ours] = torch.stack([hf[self.theirs.format(e)].t() for e in range(self.count)])
 
 
+@dataclass
+class Interleaved:
+    """Two of our tensors interleaved along their last dim into one of theirs (GPT-OSS's ``gate_up_proj``: the
+    gate at even columns, the linear half at odd ones)."""
+    ours: Tuple[str, str]
+    theirs: str
+
+    def export(self, state: dict, out: dict) -> None:
+        a, b = (state[name] for name in self.ours)
+        out[self.theirs] = torch.stack((a, b), dim=-1).flatten(-2)
+
+    def load(self, hf: dict, out: dict) -> None:
+        both = hf[self.theirs]
+        out[self.ours[0]], out[self.ours[1]] = both[..., ::2], both[..., 1::2]
+
+
 # --- config.json helpers ------------------------------------------------------------------------------------------
 
 # config.json keys that do not change what the model computes from its weights: metadata, generation and

@@ -2,7 +2,6 @@
 option each; ``LlamaLike`` is also what the mixture-of-experts families (``moe.py``) build on."""
 from __future__ import annotations
 
-
 from megalm.config import ModelConfig
 from megalm.interop.families.base import ConversionError, Family, Rename, Stacked, require
 
@@ -132,9 +131,11 @@ class LlamaLike(Family):
     has_window_key = True  # config.json carries sliding_window
     rope_keys = frozenset()  # settings in rope_parameters beyond the RoPE type, base and Llama 3.1's scaling
 
+    softmax_type = "vanilla"  # GPT-OSS's attention has a sink in its softmax
+
     def claims(self, m):
         return (m.position_embedding_type, m.normalization, m.swiglu) == ("rope", "RMSNorm", True) and \
-            bool(m.num_experts) == self.moe
+            bool(m.num_experts) == self.moe and m.softmax_type == self.softmax_type
 
     def check(self, m):
         if m.add_qkv_bias and (m.qk_layernorm or m.num_experts or m.add_bias_linear):

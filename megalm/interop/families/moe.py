@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megalm.interop.families.base import ConversionError, Experts, Rename, require
+from megalm.interop.families.base import ConversionError, Experts, Interleaved, Rename, require
 from megalm.interop.families.dense import LlamaLike, Qwen2, rope_scaling
 
 
@@ -175,3 +175,70 @@ class Glm4MoE(MoEFamily):
         out.append(Rename(ours + "mlp.router.expert_bias", theirs + "mlp.gate.e_score_correction_bias"))
         return out + [Rename(f"{ours}mlp.shared.{w}.weight", f"{theirs}mlp.shared_experts.{name}.weight")
                       for w, name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))]
+
+
+class GptOss(MoEFamily):
+    """GPT-OSS: attention sinks (``--softmax-type learnable``, so ``--attention-backend unfused``), biases on q/k/v/o,
+    router and experts, windowed and full layers alternating, YaRN, and its clamped SwiGLU (``--quick-geglu
+    --glu-linear-offset 1 --activation-func-clamp-value 7``); every MLP a mixture of experts, stored fused:
+    ``gate_up_proj`` ``[E, hidden, 2 width]`` with gate and linear columns interleaved, ``down_proj``
+    ``[E, width, hidden]``, the orientation of megalm's own stacks."""
+    model_type, architecture = "gpt_oss", "GptOssForCausalLM"
+    adds_keys = frozenset({"sliding_window", "layer_types", "attention_bias", "swiglu_alpha", "swiglu_limit",
+                           "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits"})
+    has_window_key, qwen_window = True, True  # its window is per layer, by layer_types (always present)
+    softmax_type = "learnable"
+
+    def check(self, m):
+        unlike = [what for what, differs in (
+            ("every MLP a mixture of experts (--moe-layer-freq)", not all(m.moe_layers())),
+            ("biases in linear layers (no --disable-bias-linear)", not m.add_bias_linear),
+            ("--quick-geglu --glu-linear-offset 1", not m.quick_geglu or m.glu_linear_offset != 1.0),
+            ("softmax router scores without --moe-router-pre-softmax",
+             m.moe_router_score_function != "softmax" or m.moe_router_pre_softmax),
+            ("no shared expert, group-limited routing or expert bias", m.moe_shared_expert_intermediate_size or
+             m.moe_router_num_groups or m.moe_router_enable_expert_bias),
+            ("no QK norms", m.qk_layernorm), ("RoPE on every dim", m.rotary_percent != 1.0)) if differs]
+        if unlike:
+            raise ConversionError(f"{self.architecture} needs " + "; ".join(unlike))
+
+    def hf_config(self, m, vocab, eod, dtype):
+        out = LlamaLike.hf_config(self, m, vocab, eod, dtype)
+        out.pop("use_sliding_window"), out.pop("max_window_layers")
+        out.pop("rope_scaling", None)
+        out.update(rope_parameters={"rope_type": "default", **(rope_scaling(m) or {}), "rope_theta": m.rotary_base},
+                   intermediate_size=m.moe_ffn_hidden_size, num_local_experts=m.num_experts,
+                   num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff,
+                   output_router_logits=False, attention_bias=True, swiglu_alpha=1.702,
+                   swiglu_limit=m.activation_func_clamp_value, sliding_window=m.sliding_window)
+        return out
+
+    def model_config(self, hf):
+        m = LlamaLike.model_config(self, hf)
+        require(hf, "swiglu_alpha", (1.702,), 1.702)  # megalm's quick GeGLU, as Megatron's
+        require(hf, "attention_bias", (True,), True)
+        m.add_bias_linear, m.softmax_type, m.attention_backend = True, "learnable", "unfused"
+        m.quick_geglu, m.glu_linear_offset = True, 1.0
+        m.activation_func_clamp_value = float(hf["swiglu_limit"]) if hf.get("swiglu_limit") is not None else None
+        m.num_experts, m.moe_router_topk = hf["num_local_experts"], hf["num_experts_per_tok"]
+        m.moe_ffn_hidden_size = m.ffn_hidden_size
+        m.moe_aux_loss_coeff = float(hf.get("router_aux_loss_coef", 0.0))
+        return m
+
+    def window(self, hf, layers):
+        """GPT-OSS reads ``layer_types`` whatever ``use_sliding_window`` (which it lacks) says."""
+        return LlamaLike.window(self, dict(hf, use_sliding_window=True), layers)
+
+    def renames(self, m):
+        out = super().renames(m)
+        for i in range(m.num_layers):
+            out.append(Rename(f"layers.{i}.attention.sinks", f"model.layers.{i}.self_attn.sinks"))
+        return out
+
+    def moe_renames(self, m, ours, theirs):
+        e, t = ours + "mlp.", theirs + "mlp."
+        return [Rename(e + "router.weight", t + "router.weight"), Rename(e + "router.bias", t + "router.bias"),
+                Interleaved((e + "experts.w1", e + "experts.w3"), t + "experts.gate_up_proj"),
+                Interleaved((e + "experts.b1", e + "experts.b3"), t + "experts.gate_up_proj_bias"),
+                Rename(e + "experts.w2", t + "experts.down_proj"), Rename(e + "experts.b2", t + "experts.down_proj_bias")]
+
