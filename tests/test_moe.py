@@ -336,7 +336,8 @@ def test_flops_count_active_parameters():
     layers, _ = model.matmul_parameters()
     experts = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
     rest = sum(p.numel() for p in model.layers.parameters() if not getattr(p, "expert", False))
-    assert experts == 8 * 3 * 16 * 24 and layers == rest + experts * 2 // 8
+    # 3 matrices and, with biases on (as Megatron's experts), their 3 biases per expert
+    assert experts == 8 * (3 * 16 * 24 + 24 + 24 + 16) and layers == rest + experts * 2 // 8
 
 
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])

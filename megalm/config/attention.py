@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megalm.config.fields import ConfigError, opt
+from megalm.config.fields import ConfigError, opt, parse_layer_pattern
 
 
 @dataclass
@@ -69,21 +69,9 @@ class AttentionOptions:
 
 
 def parse_window_pattern(text: str, num_layers: int) -> List[bool]:
-    text = str(text).strip()
-    if text.isdigit():
-        n = int(text)
-        if n < 1:
-            raise ConfigError(f"--window-attn-skip-freq {text}: an integer must be at least 1")
-        return [(i + 1) % n != 0 for i in range(num_layers)]
-    body, times = text, 1
-    if "]*" in text:
-        body, count = text.rsplit("*", 1)
-        times = int(count) if count.strip().isdigit() else 0
-    items = body.strip().strip("[]").replace(",", " ").split() * times
-    if times < 1 or any(i not in ("0", "1") for i in items) or len(items) != num_layers:
-        raise ConfigError(f"--window-attn-skip-freq {text!r}: give an integer N or one 0/1 per layer ({num_layers} "
-                          f"layers), e.g. '[1,0]*{max(num_layers // 2, 1)}'")
-    return [i == "1" for i in items]
+    """Megatron's ``--window-attn-skip-freq``: N windows every layer but each N-th; a 0/1 list says which."""
+    return parse_layer_pattern(text, num_layers, "--window-attn-skip-freq", lambda i, n: (i + 1) % n != 0,
+                               f", e.g. '[1,0]*{max(num_layers // 2, 1)}'")
 
 
 def validate_attention(m) -> None:

@@ -3,7 +3,7 @@ validation raises, and the one rule most sections share (a positive number)."""
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional
 
 
 class ConfigError(ValueError):
@@ -32,3 +32,24 @@ def positive_if_set(pairs) -> None:
     for value, flag in pairs:
         if value is not None:
             positive(value, flag)
+
+
+def parse_layer_pattern(text: str, num_layers: int, flag: str, every: Callable[[int, int], bool],
+                        example: str = "") -> List[bool]:
+    """One bool per layer from Megatron's pattern syntax: an integer N (``every(layer, N)`` says which layers it
+    picks) or one 0/1 per layer, ``'[0,1,1]'``, ``'0 1 1'``, or a repeated list ``'[1,0]*3'``."""
+    text = str(text).strip()
+    if text.isdigit():
+        n = int(text)
+        if n < 1:
+            raise ConfigError(f"{flag} {text}: an integer must be at least 1")
+        return [every(i, n) for i in range(num_layers)]
+    body, times = text, 1
+    if "]*" in text:
+        body, count = text.rsplit("*", 1)
+        times = int(count) if count.strip().isdigit() else 0
+    items = body.strip().strip("[]").replace(",", " ").split() * times
+    if times < 1 or any(i not in ("0", "1") for i in items) or len(items) != num_layers:
+        raise ConfigError(f"{flag} {text!r}: give an integer N or one 0/1 per layer ({num_layers} layers){example}")
+    return [i == "1" for i in items]
+

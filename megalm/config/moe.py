@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megalm.config.fields import ConfigError, opt
+from megalm.config.fields import ConfigError, opt, parse_layer_pattern
 
 
 @dataclass
@@ -55,17 +55,8 @@ class MoEOptions:
 
 
 def parse_layer_freq(text: str, num_layers: int) -> List[bool]:
-    text = str(text).strip()
-    if text.isdigit():
-        n = int(text)
-        if n < 1:
-            raise ConfigError(f"--moe-layer-freq {text}: an integer must be at least 1")
-        return [i % n == 0 for i in range(num_layers)]
-    items = text.strip("[]").replace(",", " ").split()
-    if any(i not in ("0", "1") for i in items) or len(items) != num_layers:
-        raise ConfigError(f"--moe-layer-freq {text!r}: give an integer N or one 0/1 per layer ({num_layers} "
-                          f"layers)")
-    return [i == "1" for i in items]
+    """Megatron's ``--moe-layer-freq``: every N-th layer from the first, or a 0/1 list."""
+    return parse_layer_pattern(text, num_layers, "--moe-layer-freq", lambda i, n: i % n == 0)
 
 
 def validate_moe(m) -> None:
