@@ -32,6 +32,7 @@ def moe_config(a, **extra):
     cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 100
     m = cfg.model
     m.hidden_size, m.num_attention_heads, m.num_layers, m.swiglu = a.hidden, 8, 1, True
+    m.add_bias_linear = False  # Mixtral's experts and router have none
     m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size = a.experts, a.topk, a.ffn
     for k, v in extra.items():
         setattr(m, k, v)
