@@ -105,7 +105,8 @@ REFUSED = [
     (["--sft-data", "/nonexistent/sft.jsonl"], None),
     (["--deepspeed_config", "/nonexistent/ds.json"], None),
     (["--deepspeed", "--deepspeed_config", "/nonexistent/ds.json"], None),
-    (["--keep-last-n", "0"], None), (["--async-save"], None), (["--async-save", "--save", "/tmp/x", "--deepspeed"], None),
+    (["--keep-last-n", "0"], None), (["--async-save"], None),
+    (["--async-save", "--save", "/tmp/x", "--deepspeed"], None),
     (["--finetune"], None), (["--no-load-optim"], None), (["--save-interval", "0"], None),
     (["--save-interval", "10"], None), (["--load", "/nonexistent/ckpt"], None),
 ]

@@ -132,7 +132,8 @@ def test_dropout_streams_differ_across_stages_and_cp_ranks(tmp_path, dataset_pre
 
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "1", "--tensor-model-parallel-size", "2",
                              "--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                             "--sequence-parallel", "--global-batch-size", "2", "--lr-warmup-iters", "0", "--save", tmp_path / "ck")
+                             "--sequence-parallel", "--global-batch-size", "2", "--lr-warmup-iters", "0",
+                             "--save", tmp_path / "ck")
     res = torchrun(8, "megalm/pretrain.py", *flags)
     assert res.returncode == 0, res.stderr[-3000:]
     folder = os.path.join(tmp_path, "ck", "iter_0000001")

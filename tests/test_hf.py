@@ -264,7 +264,8 @@ def test_qwen3_moe_both_ways(tmp_path, bpe_dir, norm_topk_prob):
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"sliding_window": 16}, "sliding_window=16"),
-], ids=["dynamic-rope", "yarn-without-original-length", "llama3-unknown-setting", "linear-rope", "act", "mlp-bias", "unknown-key"])
+], ids=["dynamic-rope", "yarn-without-original-length", "llama3-unknown-setting", "linear-rope", "act", "mlp-bias",
+        "unknown-key"])
 def test_import_refuses_what_it_does_not_implement(tmp_path, bpe_dir, change, named, capsys):
     import json
 
@@ -344,7 +345,8 @@ def test_deepseek_router_picks_transformers_experts_and_weights():
             theirs.e_score_correction_bias.normal_(std=0.3)
         cfg = Config()
         cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 100
-        cfg.model = ModelConfig(num_layers=3, hidden_size=32, num_experts=8, moe_router_topk=layout["num_experts_per_tok"],
+        cfg.model = ModelConfig(num_layers=3, hidden_size=32, num_experts=8,
+                                moe_router_topk=layout["num_experts_per_tok"],
                                 moe_router_score_function="sigmoid", moe_router_num_groups=layout["n_group"],
                                 moe_router_group_topk=layout["topk_group"], moe_router_enable_expert_bias=True,
                                 moe_router_topk_scaling_factor=2.5)

@@ -45,7 +45,8 @@ def _imports(path: str, module: str) -> list:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             if base.split(".")[0] == "megalm":
                 out += [(f"{base}.{a.name}", node.lineno) for a in node.names]
     return out
@@ -140,8 +141,9 @@ def test_preprocess_imports_no_torch(tmp_path, bpe_flags):
     per process when it did)."""
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "Hello world."}\n{"text": "A second, longer document."}\n' * 50)
+    argv = ["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--workers", "2", *bpe_flags]
     code = ("import sys\nfrom megalm.tools.preprocess_data import main\n"
-            f"rc = main({['--input', str(src), '--output-prefix', str(tmp_path / 'o'), '--workers', '2', *bpe_flags]!r})\n"
+            f"rc = main({argv!r})\n"
             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
             "print('rc', rc, 'torch', loaded[:3])\n")
     res = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,6 @@
 """AdamW with decoupled weight decay on weight matrices only, not on biases and norm weights (every 1-D
-parameter, and what is marked ``no_decay``: the experts' stacked biases). ``DistributedOptimizer`` applies it to its slices; the DeepSpeed path hands it the whole model."""
+parameter, and what is marked ``no_decay``: the experts' stacked biases). ``DistributedOptimizer`` applies it to
+its slices; the DeepSpeed path hands it the whole model."""
 from __future__ import annotations
 
 import torch

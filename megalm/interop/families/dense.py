@@ -206,7 +206,8 @@ class LlamaLike(Family):
 
     def renames(self, m):
         moe = m.moe_layers()
-        out = [Rename("embedding.weight", "model.embed_tokens.weight"), Rename("final_norm.weight", "model.norm.weight")]
+        out = [Rename("embedding.weight", "model.embed_tokens.weight"),
+               Rename("final_norm.weight", "model.norm.weight")]
         if m.untie_embeddings_and_output_weights:
             out.append(Rename("output.weight", "lm_head.weight"))
         biases = ("weight", "bias") if m.add_bias_linear else ("weight",)

@@ -240,5 +240,6 @@ class GptOss(MoEFamily):
         return [Rename(e + "router.weight", t + "router.weight"), Rename(e + "router.bias", t + "router.bias"),
                 Interleaved((e + "experts.w1", e + "experts.w3"), t + "experts.gate_up_proj"),
                 Interleaved((e + "experts.b1", e + "experts.b3"), t + "experts.gate_up_proj_bias"),
-                Rename(e + "experts.w2", t + "experts.down_proj"), Rename(e + "experts.b2", t + "experts.down_proj_bias")]
+                Rename(e + "experts.w2", t + "experts.down_proj"),
+                Rename(e + "experts.b2", t + "experts.down_proj_bias")]
 
