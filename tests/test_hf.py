@@ -80,6 +80,27 @@ def _logits_match(folder, save, ids):
         return (model(ids) - hf(ids).logits).abs().max().item()
 
 
+def _same_greedy_tokens(model, theirs, ids, new=8):
+    """megalm's KV-cached greedy continuation of ``ids`` equals transformers'."""
+    with torch.no_grad():
+        hf_greedy = theirs.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+    assert generate(model, ids[0].tolist(), new, stop_ids=()) == hf_greedy.tolist()
+
+
+def _exports_back(tmp_path, theirs, ids) -> dict:
+    """megalm-export-hf of ``tmp_path/ck`` writes exactly the tensors of ``tmp_path/in``, and transformers loads the
+    export with ``theirs``'s logits; returns the exported config.json."""
+    import json
+
+    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
+    first, second = load_file(tmp_path / "in" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, theirs(ids).logits, atol=1e-5)
+    return json.loads((tmp_path / "out" / "config.json").read_text())
+
+
 def test_import_transformers_initialised_models(tmp_path, bpe_dir):
     """Models transformers itself initialised, with their default configs: GPT-2's gelu_new (the tanh GELU, which
     megalm once only warned about: logits differed), and a Llama whose RoPE base sits under transformers 5's
@@ -166,8 +187,6 @@ def test_hf_families_both_ways(tmp_path, bpe_dir, family):
     their initial values): import gives its logits within 1e-4 and the model options that make it that family;
     greedy tokens equal transformers' (24-token prompt, 8 new: past the 8-position windows); export gives back
     the same weights and a config transformers loads with the same logits."""
-    import json
-
     cls, config_cls, keys, options = FAMILIES[family]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
@@ -182,18 +201,8 @@ def test_hf_families_both_ways(tmp_path, bpe_dir, family):
     assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
     model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
     assert {k: getattr(model.cfg, k) for k in options} == options
-    with torch.no_grad():
-        hf_greedy = theirs.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)[0].tolist()
-    assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy
-    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
-    first, second = load_file(tmp_path / "in" / "model.safetensors"), load_file(tmp_path / "out" /
-                                                                                "model.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [cls]
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
-    with torch.no_grad():
-        assert torch.allclose(again(ids).logits, theirs(ids).logits, atol=1e-5)
+    _same_greedy_tokens(model, theirs, ids)
+    assert _exports_back(tmp_path, theirs, ids)["architectures"] == [cls]
 
 
 def test_a_window_on_some_layers_only(tmp_path, bpe_dir, capsys):
@@ -212,15 +221,8 @@ def test_a_window_on_some_layers_only(tmp_path, bpe_dir, capsys):
     assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
     model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
     assert (model.cfg.sliding_window, model.cfg.window_layers()) == (8, [False, True])
-    with torch.no_grad():
-        hf_greedy = qwen.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
-    assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy.tolist()
-    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == \
-        ["full_attention", "sliding_attention"]
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
-    with torch.no_grad():
-        assert torch.allclose(again(ids).logits, qwen(ids).logits, atol=1e-5)
+    _same_greedy_tokens(model, qwen, ids)
+    assert _exports_back(tmp_path, qwen, ids)["layer_types"] == ["full_attention", "sliding_attention"]
 
     config = json.loads((tmp_path / "in" / "config.json").read_text())
     config["layer_types"] = ["chunked_attention", "full_attention"]
@@ -303,8 +305,6 @@ def test_glm4_moe_both_ways(tmp_path, bpe_dir, qk_norm):
     """A tiny Glm4MoeForCausalLM (partial RoPE, q/k/v biases, QK norms or none, sigmoid group-limited routing with
     the expert bias and a routed scaling factor, a shared expert, the first layer dense): import gives its logits
     within 1e-4 and its greedy tokens, export gives back the same weights and a model with the same logits."""
-    import json
-
     glm = _glm(use_qk_norm=qk_norm)
     _save_hf(glm, tmp_path / "in", bpe_dir)
     ids = torch.randint(0, 1024, (1, 24))
@@ -316,16 +316,8 @@ def test_glm4_moe_both_ways(tmp_path, bpe_dir, qk_norm):
     assert (m.moe_router_score_function, m.moe_router_num_groups, m.moe_router_group_topk,
             m.moe_router_topk_scaling_factor, m.moe_shared_expert_intermediate_size, m.moe_layers()) == \
         ("sigmoid", 2, 1, 2.5, 32, [False, True, True])
-    with torch.no_grad():
-        hf_greedy = glm.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
-    assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy.tolist()
-    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
-    first, second = load_file(tmp_path / "in" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Glm4MoeForCausalLM"]
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
-    with torch.no_grad():
-        assert torch.allclose(again(ids).logits, glm(ids).logits, atol=1e-5)
+    _same_greedy_tokens(model, glm, ids)
+    assert _exports_back(tmp_path, glm, ids)["architectures"] == ["Glm4MoeForCausalLM"]
 
 
 def test_deepseek_router_picks_transformers_experts_and_weights():
@@ -375,8 +367,6 @@ def test_gpt_oss_both_ways(tmp_path, bpe_dir):
     the clamped SwiGLU, experts fused and interleaved in the files; weights, biases and sinks perturbed, the
     activations pushed past the clamp): import gives its logits within 1e-4 and its greedy tokens past the window,
     export gives back the same tensors and a model with the same logits."""
-    import json
-
     torch.manual_seed(0)
     oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(**GPT_OSS)).eval()
     with torch.no_grad():
@@ -390,14 +380,5 @@ def test_gpt_oss_both_ways(tmp_path, bpe_dir):
     assert (m.softmax_type, m.quick_geglu, m.glu_linear_offset, m.activation_func_clamp_value, m.add_bias_linear,
             m.rope_type, m.yarn_correction_range_round_to_int, m.window_layers()) == \
         ("learnable", True, 1.0, 7.0, True, "yarn", False, [True, False])
-    with torch.no_grad():
-        hf_greedy = oss.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
-    assert generate(model, ids[0].tolist(), 8, stop_ids=()) == hf_greedy.tolist()
-    assert export_main(["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 0
-    first, second = load_file(tmp_path / "in" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == \
-        ["sliding_attention", "full_attention"]
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
-    with torch.no_grad():
-        assert torch.allclose(again(ids).logits, oss(ids).logits, atol=1e-5)
+    _same_greedy_tokens(model, oss, ids)
+    assert _exports_back(tmp_path, oss, ids)["layer_types"] == ["sliding_attention", "full_attention"]

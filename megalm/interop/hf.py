@@ -174,8 +174,7 @@ def import_hf(folder: str, save: str) -> str:
     for f in TOKENIZER_FILES:
         if os.path.exists(os.path.join(folder, f)):
             shutil.copy(os.path.join(folder, f), os.path.join(tok_dir, f))
-    _tokenizer_flags(cfg.data, tok_dir)
-    tok = build_tokenizer(cfg.data)
+    _tokenizer_flags(cfg.data, tok_dir)  # the same files: the fingerprint (of their contents) stands
     meta = {"consumed_samples": 0, "tokenizer": tok.fingerprint, "imported_from": os.path.abspath(folder)}
     path = save_checkpoint(save, 0, model, {}, cfg, Topology(), meta, {})
     log.info("imported %s (%s) into %s", folder, hf.get("model_type"), path)
