@@ -53,6 +53,17 @@ class AttentionOptions:
                                                    "interpolated dims to whole dims (GPT-OSS; transformers' "
                                                    "truncate false)", flag="--disable-yarn-correction-rounding",
                                                    negate=True)
+    multi_latent_attention: bool = opt(False, "multi-latent attention (DeepSeek-V2/V3, Kimi K2): queries and "
+                                       "keys/values come up from low-rank latents, plus a RoPE part of the key "
+                                       "that every head shares; generation caches the latent, not the heads")
+    q_lora_rank: Optional[int] = opt(None, "with --multi-latent-attention: rank of the query's latent (default: "
+                                     "a plain query projection)")
+    kv_lora_rank: int = opt(32, "with --multi-latent-attention: rank of the key/value latent")
+    qk_head_dim: int = opt(128, "with --multi-latent-attention: each head's query/key width that RoPE leaves "
+                           "alone")
+    qk_pos_emb_head_dim: int = opt(64, "with --multi-latent-attention: each head's query/key width that RoPE "
+                                   "rotates (the key's part shared by every head)")
+    v_head_dim: int = opt(128, "with --multi-latent-attention: each head's value width")
 
     def window_layers(self) -> List[bool]:
         """For each layer, whether its attention is windowed (``--sliding-window`` on it)."""
@@ -65,7 +76,19 @@ class AttentionOptions:
     @property
     def rotary_dim(self) -> int:
         """How many of each head's dims RoPE rotates."""
+        if self.multi_latent_attention:
+            return self.qk_pos_emb_head_dim
         return int(self.head_dim * self.rotary_percent)
+
+    @property
+    def query_head_dim(self) -> int:
+        """Each head's query (and key) width."""
+        return self.qk_head_dim + self.qk_pos_emb_head_dim if self.multi_latent_attention else self.head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        """Each head's value (and output) width."""
+        return self.v_head_dim if self.multi_latent_attention else self.head_dim
 
 
 def parse_window_pattern(text: str, num_layers: int) -> List[bool]:
@@ -75,6 +98,8 @@ def parse_window_pattern(text: str, num_layers: int) -> List[bool]:
 
 
 def validate_attention(m) -> None:
+    if m.multi_latent_attention:
+        validate_mla(m)
     if m.use_rope_scaling:
         if m.position_embedding_type != "rope":
             raise ConfigError("--use-rope-scaling needs --position-embedding-type rope")
@@ -106,3 +131,25 @@ def validate_attention(m) -> None:
         if m.sliding_window is None:
             raise ConfigError("--window-attn-skip-freq needs --sliding-window")
         m.window_layers()  # parses the pattern
+
+
+def validate_mla(m) -> None:
+    for value, flag in ((m.kv_lora_rank, "--kv-lora-rank"), (m.qk_head_dim, "--qk-head-dim"),
+                        (m.qk_pos_emb_head_dim, "--qk-pos-emb-head-dim"), (m.v_head_dim, "--v-head-dim")):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if m.q_lora_rank is not None and m.q_lora_rank < 1:
+        raise ConfigError(f"--q-lora-rank must be at least 1, got {m.q_lora_rank}")
+    if m.position_embedding_type != "rope" or m.rotary_percent != 1.0:
+        raise ConfigError("--multi-latent-attention rotates --qk-pos-emb-head-dim dims of each head: it needs "
+                          "--position-embedding-type rope, without --rotary-percent")
+    if m.qk_pos_emb_head_dim % 2:
+        raise ConfigError(f"--qk-pos-emb-head-dim {m.qk_pos_emb_head_dim} must be even (RoPE turns pairs of dims)")
+    if m.num_query_groups != m.num_attention_heads:
+        raise ConfigError(f"--multi-latent-attention gives every query head its own key and value: drop "
+                          f"--num-query-groups {m.num_query_groups}")
+    if m.qk_layernorm:
+        raise ConfigError("--multi-latent-attention normalises its latents, not each head: drop --qk-layernorm")
+    if m.add_bias_linear or m.add_qkv_bias:
+        raise ConfigError("--multi-latent-attention has no biases (DeepSeek's has none; the latent cache folds the "
+                          "up-projections into the queries): add --disable-bias-linear, drop --add-qkv-bias")

@@ -47,6 +47,10 @@ class ModelConfig(MoEOptions, AttentionOptions):
     recompute_method: str = opt("uniform", "with full: checkpoint groups of --recompute-num-layers layers (uniform) "
                                 "or only the first --recompute-num-layers layers (block)", choices=("uniform", "block"))
     recompute_num_layers: int = opt(1, "layers per recomputed group (uniform) or recomputed layers (block)")
+    mtp_num_layers: Optional[int] = opt(None, "multi-token prediction (DeepSeek-V3): this many modules after the "
+                                        "main stack, the k-th predicting the token k further ahead (default: none)")
+    mtp_loss_scaling_factor: float = opt(0.1, "with --mtp-num-layers: the training loss adds this / D times the sum "
+                                         "of the modules' losses")
     attention_backend: str = opt("sdpa", "attention implementation: torch scaled_dot_product_attention (flash on "
                                  "GPU), matmuls around megalm's fused scale-mask-softmax kernel, or the plain "
                                  "matmul-softmax-matmul reference", choices=("sdpa", "fused", "unfused"))
@@ -75,13 +79,13 @@ def validate_model(m: ModelConfig) -> None:
         positive(value, flag)
     if m.kv_channels is not None:
         positive(m.kv_channels, "--kv-channels")
-    elif m.hidden_size % m.num_attention_heads:
+    elif m.hidden_size % m.num_attention_heads and not m.multi_latent_attention:
         raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
                           f"{m.num_attention_heads}")
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by --num-query-groups "
                           f"{m.num_query_groups}")
-    if m.position_embedding_type == "rope" and m.head_dim % 2:
+    if m.position_embedding_type == "rope" and m.head_dim % 2 and not m.multi_latent_attention:
         raise ConfigError(f"--position-embedding-type rope needs an even head size; hidden {m.hidden_size} / "
                           f"heads {m.num_attention_heads} = {m.head_dim}")
     if m.position_embedding_type == "learned_absolute" and m.max_position_embeddings < m.seq_length:
@@ -100,5 +104,15 @@ def validate_model(m: ModelConfig) -> None:
     if m.recompute_granularity == "full" and not 1 <= m.recompute_num_layers <= m.num_layers:
         raise ConfigError(f"--recompute-num-layers {m.recompute_num_layers} must be between 1 and --num-layers "
                           f"{m.num_layers}")
+    if m.mtp_num_layers is not None:
+        positive(m.mtp_num_layers, "--mtp-num-layers")
+        if m.mtp_num_layers >= m.seq_length:
+            raise ConfigError(f"--mtp-num-layers {m.mtp_num_layers} leaves no position with a target in "
+                              f"--seq-length {m.seq_length} sequences: give fewer than --seq-length")
+        if m.position_embedding_type != "rope":
+            raise ConfigError("--mtp-num-layers needs --position-embedding-type rope (its modules reuse the main "
+                              "stack's positions, as DeepSeek-V3's do)")
+        if m.mtp_loss_scaling_factor < 0:
+            raise ConfigError(f"--mtp-loss-scaling-factor must be at least 0, got {m.mtp_loss_scaling_factor}")
     validate_attention(m)
     validate_moe(m)

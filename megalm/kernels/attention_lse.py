@@ -4,7 +4,8 @@ Ring attention (``megalm.parallel.ring``) computes attention one key/value block
 results with their log-sum-exps, never holding an s x s matrix. Public SDPA does not return the log-sum-exp; on
 CPU PyTorch's flash kernel does (``_scaled_dot_product_flash_attention_for_cpu``) and has a backward that takes
 the final output and log-sum-exp, so each block's gradients come out exact. Elsewhere a plain version computes
-one block's fp32 scores at a time (a block is at most ``s / CP`` x ``s / CP``).
+one block's fp32 scores at a time (a block is at most ``s / CP`` x ``s / CP``); also on CPU when values are
+narrower than keys (multi-latent attention), which the flash kernel refuses.
 
 Shapes: ``q`` ``[b, heads, sq, d]``; ``k``, ``v`` ``[b, groups, sk, d]`` (grouped-query: repeated to the query
 heads here, their gradients summed back); ``causal`` lets query i see keys up to i (top-left aligned);
@@ -36,14 +37,15 @@ def _scores(q, k, causal: bool, scale: float, bias):
     return s if bias is None else s + bias.float()
 
 
-def _flash(q) -> bool:
-    return q.device.type == "cpu"
+def _flash(q, v) -> bool:
+    """Whether PyTorch's CPU flash kernel applies: on CPU, values as wide as queries (MLA's are not)."""
+    return q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
 
 
 def attention_lse(q, k, v, causal: bool, scale: float, bias: Optional[torch.Tensor] = None):
     """``(out, lse)``: out in q's dtype, lse ``[b, heads, sq]`` in fp32."""
     k, v = _repeat(k, v, q.shape[1])
-    if _flash(q):
+    if _flash(q, v):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
                                                                               scale=scale)
     else:
@@ -62,7 +64,7 @@ def attention_lse_backward(dout, q, k, v, out, lse, causal: bool, scale: float, 
     block's probabilities are exactly its share of the full softmax."""
     groups = k.shape[1]
     kr, vr = _repeat(k, v, q.shape[1])
-    if _flash(q):
+    if _flash(q, v):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, kr, vr, out.contiguous(), lse.contiguous(), 0.0, causal, attn_mask=bias,
             scale=scale)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from megalm.config import ModelConfig
 from megalm.data.tokenizers import padded_vocab_size
 from megalm.model.moe import MoEStats
+from megalm.model.mtp import MTPModule
 from megalm.model.recompute import recomputed
 from megalm.model.rope import rope_tables
 from megalm.model.transformer import Block, KVCache, Norm, hidden_dropout
@@ -41,8 +42,8 @@ class GPT(nn.Module):
         self.chunks = chunks or [list(range(cfg.num_layers))]
         self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, topo.tp)
         self.vocab_start = topo.tp_rank * (self.padded_vocab_size // topo.tp)  # first logit column of this rank
-        tied = not cfg.untie_embeddings_and_output_weights
-        if topo.is_first_stage or (tied and topo.is_last_stage):
+        tied, mtp = not cfg.untie_embeddings_and_output_weights, bool(cfg.mtp_num_layers)
+        if topo.is_first_stage or ((tied or mtp) and topo.is_last_stage):  # multi-token prediction embeds too
             self.embedding = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, topo)
         if topo.is_first_stage and cfg.position_embedding_type == "learned_absolute":
             self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
@@ -56,6 +57,9 @@ class GPT(nn.Module):
             self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_epsilon, topo.sequence_parallel)
             if not tied:
                 self.output = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, topo, bias=False)
+            if mtp:
+                self.mtp = nn.ModuleDict({str(k): MTPModule(cfg, topo, k, self.rng_tracker, self.moe_stats)
+                                          for k in range(cfg.mtp_num_layers)})
         for p in self.parameters():  # rows past the real vocabulary are padding: zero, never trained or saved
             p.padded_rows = False
             p.tied_copy = False
@@ -63,11 +67,11 @@ class GPT(nn.Module):
         for name in ("embedding", "output"):
             if hasattr(self, name):
                 getattr(self, name).weight.padded_rows = True
-        if tied and topo.is_last_stage and not topo.is_first_stage:
+        if (tied or mtp) and topo.is_last_stage and not topo.is_first_stage:
             # the last stage's copy of the embedding: kept equal to the first stage's by summing their gradients
             # over the embedding group; saved and counted once (by the first stage)
             self.embedding.weight.tied_copy = True
-        if tied and topo.pp > 1 and hasattr(self, "embedding"):
+        if (tied or mtp) and topo.pp > 1 and hasattr(self, "embedding"):
             self.embedding.weight.shared_embedding = True
 
     @torch.no_grad()
@@ -109,33 +113,38 @@ class GPT(nn.Module):
         """Whether ``chunk`` is the last virtual stage of the whole pipeline (it computes logits and loss)."""
         return chunk == len(self.chunks) - 1 and self.topo.is_last_stage
 
-    def hidden_states(self, tokens, position_ids=None, kv_cache: Optional[KVCache] = None, hidden=None,
-                      chunk: int = 0, document_ids=None):
-        """Run one chunk: the embedding first on the first stage (else start from the received ``hidden``),
-        the chunk's layers, and the final norm on the last stage."""
+    def embed(self, tokens, position_ids):
+        """Token (and learned position) embeddings, this rank's sequence shard under SP, with dropout."""
+        x = self.embedding(tokens)
+        if self.cfg.position_embedding_type == "learned_absolute":
+            x = x + self.position_embedding(position_ids)
+        if self.topo.sequence_parallel:
+            x = scatter_to_sequence_parallel(x, self.topo.tp_group)
+        return hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.topo, self.rng_tracker)
+
+    def attention_inputs(self, tokens, position_ids, kv_cache: Optional[KVCache] = None, document_ids=None):
+        """(positions, RoPE tables or None, attention mask or None) of a micro-batch: what every layer shares."""
         start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        rope = None
-        if self.cfg.position_embedding_type == "rope":
-            rope = rope_tables(self.cfg, position_ids)
-        if self.is_first_chunk(chunk):
-            x = self.embedding(tokens)
-            if self.cfg.position_embedding_type == "learned_absolute":
-                x = x + self.position_embedding(position_ids)
-            if self.topo.sequence_parallel:
-                x = scatter_to_sequence_parallel(x, self.topo.tp_group)
-            x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.topo, self.rng_tracker)
-        else:
-            x = hidden
-        blocks = [self.layers[str(i)] for i in self.chunks[chunk]]
+        rope = rope_tables(self.cfg, position_ids) if self.cfg.position_embedding_type == "rope" else None
         mask = None
         if self.topo.cp > 1 and kv_cache is None:  # this rank's chunks of the sequence against all of it
-            mask = {kind: attention_mask(kind, tokens.shape[1], self.topo, document_ids, x.device)
+            mask = {kind: attention_mask(kind, tokens.shape[1], self.topo, document_ids, tokens.device)
                     for kind in dict.fromkeys(self.topo.cp_comm_types)}  # one per kind the layers use
         elif document_ids is not None:  # causal within each packed document
             same = document_ids[:, :, None] == document_ids[:, None, :]
             mask = (same & torch.ones_like(same[0]).tril())[:, None]
+        return position_ids, rope, mask
+
+    def hidden_states(self, tokens, position_ids=None, kv_cache: Optional[KVCache] = None, hidden=None,
+                      chunk: int = 0, document_ids=None, inputs=None):
+        """Run one chunk: the embedding first on the first stage (else start from the received ``hidden``),
+        the chunk's layers, and the final norm on the last stage. ``inputs``: ``attention_inputs``' result, when
+        the caller has it."""
+        position_ids, rope, mask = inputs or self.attention_inputs(tokens, position_ids, kv_cache, document_ids)
+        x = self.embed(tokens, position_ids) if self.is_first_chunk(chunk) else hidden
+        blocks = [self.layers[str(i)] for i in self.chunks[chunk]]
         if self.cfg.recompute_granularity == "full" and self.training and kv_cache is None:
             x = self._run_recomputed(blocks, x, rope, mask)
         else:
@@ -172,26 +181,39 @@ class GPT(nn.Module):
         return F.linear(enter_tp_region(h, self.topo), self.embedding.weight)
 
     def forward(self, tokens, labels=None, position_ids=None, kv_cache: Optional[KVCache] = None, hidden=None,
-                chunk: int = 0, document_ids=None):
+                chunk: int = 0, document_ids=None, mtp_tokens=None, mtp_labels=None):
         """Per-token loss ``[b, s]`` when ``labels`` are given, else full logits ``[b, s, vocab]``; before the
-        last pipeline stage, the hidden states to send on."""
-        h = self.hidden_states(tokens, position_ids, kv_cache, hidden, chunk, document_ids)
+        last pipeline stage, the hidden states to send on. With multi-token prediction and its shifted
+        ``mtp_tokens`` / ``mtp_labels`` (``[D, b, s]``, ``megalm.model.mtp.shifted_targets``): (the loss, each
+        depth's per-token loss ``[D, b, s]``)."""
+        inputs = self.attention_inputs(tokens, position_ids, kv_cache, document_ids)
+        h = self.hidden_states(tokens, position_ids, kv_cache, hidden, chunk, document_ids, inputs)
         if not self.is_last_chunk(chunk):
             return h
         logits = self.logits_shard(h)
-        if labels is not None:
-            return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size,
-                                                self.topo.tp_group)
-        return gather_from_tp(logits, self.topo.tp_group)[..., : self.vocab_size]
+        if labels is None:
+            return gather_from_tp(logits, self.topo.tp_group)[..., : self.vocab_size]
+        loss = vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.topo.tp_group)
+        if mtp_tokens is None or not hasattr(self, "mtp"):
+            return loss
+        depths = []
+        for k, module in enumerate(self.mtp.values()):
+            h = module(h, self.embed(mtp_tokens[k], inputs[0]), inputs[1], inputs[2])
+            depths.append(vocab_parallel_cross_entropy(self.logits_shard(h), mtp_labels[k], self.vocab_start,
+                                                       self.vocab_size, self.topo.tp_group))
+        return loss, torch.stack(depths)
 
     def matmul_parameters(self) -> tuple:
         """(transformer-layer parameters, output-layer parameters) of this stage's layers, unsharded over TP
         and EP, counting of each MoE layer's routed experts only the top-k a token uses (active parameters):
-        what the FLOP count uses (summed over stages by the caller). The expert bias is state, not counted."""
+        what the FLOP count uses (summed over stages by the caller). The expert bias is state, not counted.
+        Multi-token prediction's modules count as layers, and each runs the output layer once more."""
         active = self.cfg.moe_router_topk / self.cfg.num_experts if self.cfg.num_experts else 1.0
+        params = list(self.layers.parameters()) + (list(self.mtp.parameters()) if hasattr(self, "mtp") else [])
         layers = sum(math.prod(full_shape(p, self.topo)) * (active if getattr(p, "expert", False) else 1.0)
-                     for p in self.layers.parameters() if p.requires_grad)
-        return round(layers), self.vocab_size * self.cfg.hidden_size if self.topo.is_last_stage else 0
+                     for p in params if p.requires_grad)
+        outputs = 1 + (self.cfg.mtp_num_layers or 0)
+        return round(layers), outputs * self.vocab_size * self.cfg.hidden_size if self.topo.is_last_stage else 0
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters of this stage, unsharded over TP, padding and tied copies excluded."""

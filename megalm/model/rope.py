@@ -41,14 +41,23 @@ def _yarn(m, inv: torch.Tensor, dim: int) -> torch.Tensor:
     return inv / m.rotary_scaling_factor * (1 - keep) + inv * keep
 
 
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def yarn_attention_factor(m) -> float:
     """YaRN's correction of the attention scale, applied to cos and sin (so to the rotated dims of q and k)."""
-    def scale(mscale):
-        return 1.0 if m.rotary_scaling_factor <= 1 else 0.1 * mscale * math.log(m.rotary_scaling_factor) + 1.0
-
     if m.mscale and m.mscale_all_dim:
-        return scale(m.mscale) / scale(m.mscale_all_dim)
-    return scale(1.0)
+        return _yarn_mscale(m.rotary_scaling_factor, m.mscale) / _yarn_mscale(m.rotary_scaling_factor, m.mscale_all_dim)
+    return _yarn_mscale(m.rotary_scaling_factor, 1.0)
+
+
+def yarn_softmax_factor(m) -> float:
+    """What multi-latent attention under YaRN multiplies its softmax scale by (DeepSeek's and Megatron's): the
+    correction of ``--mscale-all-dim``, squared; 1 otherwise."""
+    if m.rope_type != "yarn" or not m.mscale_all_dim:
+        return 1.0
+    return _yarn_mscale(m.rotary_scaling_factor, m.mscale_all_dim) ** 2
 
 
 def rope_tables(cfg, positions: torch.Tensor):

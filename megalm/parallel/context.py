@@ -41,11 +41,11 @@ def natural_order(seq_length: int, cp: int, device=None) -> torch.Tensor:
 
 
 def split_batch(batch: dict, cp: int, cp_rank: int) -> dict:
-    """This rank's part of a micro-batch: every ``[b, s]`` tensor cut to its two chunks, and explicit positions
-    (the tokens' own) when the batch has none."""
+    """This rank's part of a micro-batch: every ``[b, s]`` (or ``[..., b, s]``: multi-token prediction's targets)
+    tensor cut to its two chunks, and explicit positions (the tokens' own) when the batch has none."""
     seq = batch["tokens"].shape[1]
     idx = local_indices(seq, cp, cp_rank)
-    out = {k: (v[:, idx] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == seq else v)
+    out = {k: (v[..., idx] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[-1] == seq else v)
            for k, v in batch.items()}
     if "position_ids" not in out:
         out["position_ids"] = idx.expand(batch["tokens"].shape[0], -1)

@@ -89,6 +89,19 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class ReplicatedLinear(nn.Module):
+    """``y = x A^T``, A whole on every TP rank, applied to the input as it comes (under SP this rank's sequence
+    shard, its weight's gradient then summed over TP): a projection small enough to repeat, whose output the
+    caller passes through ``enter_tp_region`` (multi-latent attention's down-projections, Megatron's way)."""
+
+    def __init__(self, in_features: int, out_features: int, topo: Topology):
+        super().__init__()
+        self.weight = _param((out_features, in_features), None, topo.sequence_parallel)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; ids outside this rank's range contribute zeros."""
 

@@ -80,9 +80,9 @@ def _bias(docs: Optional[RingDocuments], src: int, rows, cols, causal: bool, dty
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring: Ring, scale: float, docs: Optional[RingDocuments]):
-        chunk = q.shape[2] // 2
-        kv = torch.stack((k, v))  # one message per step
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        chunk, dk = q.shape[2] // 2, k.shape[-1]
+        kv = torch.cat((k, v), dim=-1)  # one message per step (values may be narrower than keys: MLA)
+        out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         for step in range(ring.size):
             if step < ring.size - 1:
@@ -90,7 +90,7 @@ class _RingAttention(torch.autograd.Function):
             src = (ring.rank - step) % ring.size
             rows, cols, causal = _block(step, src, ring.rank, chunk)
             bias, causal = _bias(docs, src, rows, cols, causal, q.dtype)
-            o, l = attention_lse(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], causal, scale, bias)
+            o, l = attention_lse(q[:, :, rows], kv[:, :, cols, :dk], kv[:, :, cols, dk:], causal, scale, bias)
             merged = torch.logaddexp(lse[:, :, rows], l)
             out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - merged)[..., None]
                                + o.float() * torch.exp(l - merged)[..., None])
@@ -106,21 +106,21 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        ring, chunk = ctx.ring, q.shape[2] // 2
+        ring, chunk, dk = ctx.ring, q.shape[2] // 2, k.shape[-1]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv, dkv_in, dkv_reqs = torch.stack((k, v)), None, None
+        kv, dkv_in, dkv_reqs = torch.cat((k, v), dim=-1), None, None
         for step in range(ring.size):
             if step < ring.size - 1:
                 incoming, kv_reqs = ring.start(kv)
             src = (ring.rank - step) % ring.size
             rows, cols, causal = _block(step, src, ring.rank, chunk)
             bias, causal = _bias(ctx.docs, src, rows, cols, causal, q.dtype)
-            gq, gk, gv = attention_lse_backward(dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols],
-                                                kv[1][:, :, cols], out[:, :, rows], lse[:, :, rows], causal,
+            gq, gk, gv = attention_lse_backward(dout[:, :, rows], q[:, :, rows], kv[:, :, cols, :dk],
+                                                kv[:, :, cols, dk:], out[:, :, rows], lse[:, :, rows], causal,
                                                 ctx.scale, bias)
             dq[:, :, rows] += gq
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-            dkv[0][:, :, cols], dkv[1][:, :, cols] = gk, gv
+            dkv[:, :, cols, :dk], dkv[:, :, cols, dk:] = gk, gv
             if dkv_reqs is not None:  # what the ranks before me added to this block's gradients
                 _wait(dkv_reqs)
                 dkv += dkv_in
@@ -129,7 +129,7 @@ class _RingAttention(torch.autograd.Function):
                 _wait(kv_reqs)
                 kv = incoming
         _wait(dkv_reqs)  # after CP hops my own block's gradients are home
-        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv_in[..., :dk].to(k.dtype), dkv_in[..., dk:].to(v.dtype), None, None, None
 
 
 def ring_attention(q, k, v, group, scale: float, docs: Optional[RingDocuments] = None):

@@ -162,20 +162,20 @@ class DeepSpeedTrainer(Trainer):
         lr = learning_rate(self.cfg.optim, self.iteration + 1)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros(1 + (self.cfg.model.mtp_num_layers or 0), device=self.device)
         for batch in micro_batches:
             with self.timers("forward-backward"):
-                loss = self.masked_mean(self.engine(**self.model_inputs(batch)), batch)
+                loss, reported = self.training_loss(self.engine(**self.model_inputs(batch)), batch)
                 self.engine.backward(loss)  # the engine divides by the accumulation steps
             with self.timers("optimizer"):  # the engine's reduction and update, at the last micro-batch
                 self.engine.step()
-            total += loss.detach() / len(micro_batches)
+            total += reported / len(micro_batches)
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         skipped = bool(getattr(self.optimizer, "overflow", False))
         if self.cfg.train.fp16:
             self.scaler.scale = float(getattr(self.optimizer, "cur_scale", self.scaler.scale))
-        return {"loss": self._mean_loss(total), "grad_norm": norm, "lr": lr, "skipped": int(skipped)}
+        return {**self._loss_row(total), "grad_norm": norm, "lr": lr, "skipped": int(skipped)}
 
     def _gathered(self):
         if self.zero_stage == 3:

@@ -27,6 +27,7 @@ from megalm.optim.distributed import DistributedOptimizer
 from megalm.optim.loss_scaler import LossScaler
 from megalm.optim.snapshot import HostStaging
 from megalm.optim.schedule import learning_rate
+from megalm.model.mtp import shifted_targets
 from megalm.parallel.context import split_batch
 from megalm.parallel.random import rank_seed
 from megalm.parallel.state import Topology, host_all_reduce
@@ -174,13 +175,20 @@ class Trainer:
                                self.topo.dp, eod=self.tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
                                reset_position_ids=d.reset_position_ids or sft,
                                reset_attention_mask=d.reset_attention_mask or sft)
+        if self.cfg.model.mtp_num_layers:  # shifted from whole sequences, before CP cuts them
+            batches = [shifted_targets(b, self.cfg.model.mtp_num_layers, self.tokenizer.eod) for b in batches]
         if self.topo.cp > 1:  # this context-parallel rank's chunks of every sequence
             batches = [split_batch(b, self.topo.cp, self.topo.cp_rank) for b in batches]
         return batches
 
-    def _mean_loss(self, total: torch.Tensor) -> float:
-        """The step's loss as every rank reports it: from the last stage, summed over context parallelism (each
-        rank's share of the masked mean), averaged over data parallelism."""
+    def _loss_row(self, total: torch.Tensor) -> dict:
+        """``loss`` and, with multi-token prediction, ``mtp_<k>_loss`` of each depth, from ``total`` ``[1 + D]``."""
+        losses = self._mean_loss(total)
+        return {"loss": losses[0], **{f"mtp_{k}_loss": v for k, v in enumerate(losses[1:], start=1)}}
+
+    def _mean_loss(self, total: torch.Tensor) -> list:
+        """The step's losses as every rank reports them: from the last stage, summed over context parallelism
+        (each rank's share of the masked mean), averaged over data parallelism."""
         if self.topo.pp > 1:
             total = total.clone()
             dist.all_reduce(total, group=self.topo.pp_group)  # only the last stage's is non-zero
@@ -191,19 +199,33 @@ class Trainer:
             total = total.clone()
             dist.all_reduce(total, group=self.topo.dp_group)
             total /= self.topo.dp
-        return float(total)
+        return total.reshape(-1).tolist()
 
     def model_inputs(self, batch: dict) -> dict:
         """A micro-batch's model arguments (tokens, labels, and positions/document ids when present) on this
         rank's device."""
-        return {k: batch[k].to(self.device) for k in ("tokens", "labels", "position_ids", "document_ids")
-                if k in batch}
+        return {k: batch[k].to(self.device) for k in ("tokens", "labels", "position_ids", "document_ids",
+                                                      "mtp_tokens", "mtp_labels") if k in batch}
 
-    def masked_mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+    def training_loss(self, out, batch: dict):
+        """(the micro-batch's loss to back-propagate, the losses to report ``[1 + D]``): the masked mean of the
+        model's per-token loss and, with multi-token prediction, ``--mtp-loss-scaling-factor / D`` times the sum
+        of each depth's (reported per depth, not in ``loss``: Megatron's convention)."""
+        main, depths = out if isinstance(out, tuple) else (out, None)
+        loss = self.masked_mean(main, batch)
+        if depths is None:
+            return loss, loss.detach()[None]
+        masks = batch["mtp_loss_mask"]
+        per_depth = torch.stack([self.masked_mean(d, batch, masks[k]) for k, d in enumerate(depths)])
+        m = self.cfg.model
+        return loss + m.mtp_loss_scaling_factor / m.mtp_num_layers * per_depth.sum(), \
+            torch.cat((loss.detach()[None], per_depth.detach()))
+
+    def masked_mean(self, per_token: torch.Tensor, batch: dict, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The micro-batch's loss: per-token losses averaged over the positions its loss mask keeps. Under
         context parallelism this rank's sum over the whole sequence's count (summed over the CP group), so the
         ranks' losses add up to the sequence's mean, and a rank with no loss position gives a finite zero."""
-        mask = batch["loss_mask"].to(self.device)
+        mask = (batch["loss_mask"] if mask is None else mask).to(self.device)
         count = mask.sum()
         if self.topo.cp > 1:
             count = count.clone()
@@ -213,7 +235,7 @@ class Trainer:
     def _run_micro_batches(self, micro_batches, forward_only: bool) -> torch.Tensor:
         """Forward (and backward) every micro-batch through this rank's stage; returns the sum of the
         micro-batches' mean losses divided by their count (zero before the last stage)."""
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros(1 + (self.cfg.model.mtp_num_layers or 0), device=self.device)
         # the first step under pipelining measures the micro-batches whose activations are alive at once
         self.live = LiveActivations() if self.comm and self.iteration == 0 and not forward_only else None
 
@@ -224,8 +246,9 @@ class Trainer:
                 out = self.model(**self.model_inputs(batch), hidden=hidden, chunk=chunk)
             if not self.model.is_last_chunk(chunk):
                 return out
-            loss = self.masked_mean(out, batch) / len(micro_batches)
-            total.add_(loss.detach())
+            loss, reported = self.training_loss(out, batch)
+            loss = loss / len(micro_batches)
+            total.add_(reported / len(micro_batches))
             return loss if forward_only else loss * self.scaler.scale
 
         run_schedule(forward, self.comm, len(micro_batches), self.topo.pp, self.topo.pp_rank, len(self.model.chunks),
@@ -245,7 +268,7 @@ class Trainer:
         lr = learning_rate(self.cfg.optim, self.iteration + 1)
         grad_norm, skipped = self.optimizer.step(lr, self.scaler.scale, self.timers)
         self.scaler.update(skipped)
-        row = {"loss": self._mean_loss(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
+        row = {**self._loss_row(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
         if moe is not None:
             row.update(finish_moe_step(self.model, self.topo, self.cfg.model.moe_router_bias_update_rate))
         return row
@@ -259,7 +282,7 @@ class Trainer:
         gbs, losses = self.cfg.train.global_batch_size, []
         for i in range(self.cfg.train.eval_iters):
             losses.append(self._run_micro_batches(self._micro_batches(self.valid_ds, i * gbs), forward_only=True))
-        return self._mean_loss(torch.stack(losses).mean())
+        return self._mean_loss(torch.stack(losses).mean(0))[0]
 
     def train(self) -> None:
         t = self.cfg.train
