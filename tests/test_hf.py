@@ -1,5 +1,7 @@
 """Hugging Face interop: export from a TP 2 x PP 2 checkpoint loads in transformers with megalm's logits and greedy
 tokens; import -> export is the identity; an imported model's loss equals transformers'."""
+import itertools
+
 import pytest
 import torch
 
@@ -289,6 +291,15 @@ GLM = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=64, moe_interm
            partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True, max_position_embeddings=64)
 
 
+DEEPSEEK = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                num_attention_heads=4, num_key_value_heads=4, vocab_size=1024, n_routed_experts=8, n_shared_experts=2,
+                num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                max_position_embeddings=64, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                                 original_max_position_embeddings=16, beta_fast=32.0,
+                                                                 beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))
+
+
 def _glm(**change):
     torch.manual_seed(0)
     glm = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**dict(GLM, **change))).eval()
@@ -322,16 +333,18 @@ def test_glm4_moe_both_ways(tmp_path, bpe_dir, qk_norm):
 
 def test_deepseek_router_picks_transformers_experts_and_weights():
     """megalm's router (sigmoid scores, the expert bias for the choice only, group-limited top-k, normalised
-    weights times the scaling factor) against transformers' DeepSeek-V3 / GLM-4.5 router on the same weights and
+    weights times the scaling factor) against transformers' DeepSeek-V3 and GLM-4.5 routers on the same weights and
     tokens: the same experts and the same weights for every token, not just the same loss."""
     from megalm.config import Config, ModelConfig, finalize
     from megalm.model.moe import Router
 
-    for layout in (dict(n_group=2, topk_group=1, num_experts_per_tok=2), dict(n_group=4, topk_group=2,
-                                                                            num_experts_per_tok=4)):
+    routers = ((transformers.Glm4MoeConfig, GLM, transformers.models.glm4_moe.modeling_glm4_moe.Glm4MoeTopkRouter),
+               (transformers.DeepseekV3Config, DEEPSEEK,
+                transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter))
+    for (config_class, shape, router_class), layout in itertools.product(routers, (
+            dict(n_group=2, topk_group=1, num_experts_per_tok=2), dict(n_group=4, topk_group=2, num_experts_per_tok=4))):
         torch.manual_seed(0)
-        config = transformers.Glm4MoeConfig(**dict(GLM, **layout))
-        theirs = transformers.models.glm4_moe.modeling_glm4_moe.Glm4MoeTopkRouter(config)
+        theirs = router_class(config_class(**dict(shape, **layout)))
         with torch.no_grad():
             theirs.weight.normal_()
             theirs.e_score_correction_bias.normal_(std=0.3)
@@ -382,3 +395,59 @@ def test_gpt_oss_both_ways(tmp_path, bpe_dir):
         ("learnable", True, 1.0, 7.0, True, "yarn", False, [True, False])
     _same_greedy_tokens(model, oss, ids)
     assert _exports_back(tmp_path, oss, ids)["layer_types"] == ["sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("q_lora_rank", [24, None], ids=["deepseek-v3", "no-query-latent"])
+def test_deepseek_v3_both_ways(tmp_path, bpe_dir, q_lora_rank):
+    """A tiny DeepseekV3ForCausalLM (multi-latent attention with interleaved RoPE rows, YaRN with mscale_all_dim,
+    sigmoid group-limited routing with the expert bias, shared experts, the first layer dense; weights perturbed):
+    import gives its logits within 1e-4 and its greedy tokens (megalm decoding from the cached latent), export gives
+    back the same tensors and a model with the same logits. Then megalm adds a multi-token prediction module: its
+    export holds DeepSeek's extra layer (which transformers skips, logits unchanged) and imports back unchanged."""
+    import dataclasses
+    import json
+
+    from megalm.model.gpt import GPT
+    from megalm.training.checkpoint import load_model_state, read_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    ds = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**dict(DEEPSEEK, q_lora_rank=q_lora_rank)))
+    ds.eval()
+    with torch.no_grad():
+        for p in ds.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for layer in ds.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    _save_hf(ds, tmp_path / "in", bpe_dir)
+    ids = torch.randint(0, 1024, (1, 24))
+    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
+    model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
+    m = model.cfg
+    assert (m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim,
+            m.v_head_dim, m.rope_type, m.mscale_all_dim, m.mtp_num_layers, m.moe_layers()) == \
+        (True, q_lora_rank, 16, 8, 8, 12, "yarn", 1.0, None, [False, True, True])  # the config's MTP layer: absent
+    _same_greedy_tokens(model, ds, ids)
+    assert _exports_back(tmp_path, ds, ids)["architectures"] == ["DeepseekV3ForCausalLM"]
+    # a multi-token prediction module, trained by nobody: exported as layer 3, read back exactly
+    saved = read_checkpoint(str(tmp_path / "ck"), parts=("model",))
+    cfg = saved["config"]
+    cfg.model = dataclasses.replace(cfg.model, mtp_num_layers=1)
+    mtp = GPT(cfg.model, model.vocab_size)
+    mtp.init_weights(5)
+    load_model_state(mtp, {**{k: v for k, v in mtp.state_dict().items() if k.startswith("mtp.")}, **saved["model"]},
+                     Topology(), "test")
+    folder = tmp_path / "mtp"
+    save_checkpoint(str(folder / "ck"), 0, mtp, {}, cfg, Topology(), {"consumed_samples": 0}, {})
+    assert export_main(["--load", str(folder / "ck"), "--output", str(folder / "hf")]) == 0
+    files = load_file(folder / "hf" / "model.safetensors")
+    assert {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
+            "model.layers.3.self_attn.kv_b_proj.weight", "model.layers.3.mlp.experts.7.up_proj.weight"} <= set(files)
+    assert torch.equal(files["model.layers.3.embed_tokens.weight"], files["model.embed_tokens.weight"])
+    assert json.loads((folder / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    again = transformers.AutoModelForCausalLM.from_pretrained(folder / "hf", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, ds(ids).logits, atol=1e-5)
+    assert import_main(["--input", str(folder / "hf"), "--save", str(folder / "back")]) == 0
+    back = read_checkpoint(str(folder / "back"), parts=("model",))["model"]
+    ours = read_checkpoint(str(folder / "ck"), parts=("model",))["model"]
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in back)

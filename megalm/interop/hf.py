@@ -157,6 +157,7 @@ def import_hf(folder: str, save: str) -> str:
     _tokenizer_flags(cfg.data, folder)
     tok = build_tokenizer(cfg.data)
     weights = _read_hf_weights(folder)
+    family_of_config(hf).fit_to_weights(cfg.model, weights)
     try:
         state = from_hf(cfg.model, weights)
     except KeyError as exc:

@@ -10,12 +10,14 @@ from typing import List
 from megalm.config import ModelConfig
 from megalm.interop.families.base import ConversionError, Family
 from megalm.interop.families.dense import GPT2, Llama, Mistral, Qwen2, Qwen3
+from megalm.interop.families.deepseek import DeepseekV3
 from megalm.interop.families.moe import Glm4MoE, GptOss, Mixtral, Qwen3MoE
 
 __all__ = ["ConversionError", "Family", "FAMILIES", "family_of", "family_of_config"]
 
 # a megalm model is claimed by one family at most
-FAMILIES: List[Family] = [GPT2(), Llama(), Mistral(), Qwen2(), Qwen3(), Mixtral(), Qwen3MoE(), Glm4MoE(), GptOss()]
+FAMILIES: List[Family] = [GPT2(), Llama(), Mistral(), Qwen2(), Qwen3(), Mixtral(), Qwen3MoE(), Glm4MoE(), GptOss(),
+                          DeepseekV3()]
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 
 
@@ -25,6 +27,9 @@ def family_of(m: ModelConfig) -> Family:
     assert len(claimed) <= 1, f"families claim the same model: {claimed}"
     for family in claimed:
         family.check(m)
+        if m.mtp_num_layers and not family.mtp:
+            raise ConversionError(f"{family.architecture} has no multi-token prediction layers: export a model "
+                                  f"without --mtp-num-layers")
         return family
     raise ConversionError(f"no transformers architecture for position {m.position_embedding_type}, "
                           f"{m.normalization}, swiglu={m.swiglu}: export supports the GPT-2 flavour "

@@ -69,6 +69,49 @@ class Experts:
 
 
 @dataclass
+class RopeRows:
+    """Projection rows laid out per head as [``passed`` rows RoPE leaves alone; ``rotated`` rows], whose rotated
+    rows DeepSeek's files keep in interleaved pairs (transformers' ``rope_interleave``) and megalm in halves: the
+    same rotation once the rows are reordered, on the way in and back on the way out."""
+    ours: str
+    theirs: str
+    heads: int
+    passed: int
+    rotated: int
+
+    def _reorder(self, w: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        per_head = w.view(self.heads, self.passed + self.rotated, -1)
+        return torch.cat((per_head[:, : self.passed], per_head[:, self.passed:][:, order]), dim=1).reshape(w.shape)
+
+    def _halves(self) -> torch.Tensor:
+        """Our row j is their row ``_halves()[j]``: first the pairs' first members, then their second."""
+        return torch.cat((torch.arange(0, self.rotated, 2), torch.arange(1, self.rotated, 2)))
+
+    def export(self, state: dict, out: dict) -> None:
+        out[self.theirs] = self._reorder(state[self.ours], torch.argsort(self._halves()))
+
+    def load(self, hf: dict, out: dict) -> None:
+        out[self.ours] = self._reorder(hf[self.theirs], self._halves())
+
+
+@dataclass
+class Copy:
+    """A tensor the family's files hold twice (DeepSeek's multi-token prediction layers repeat the embedding and
+    the output layer, which megalm's modules share): written again on export; on load it must equal the first."""
+    ours: str
+    theirs: str
+    first: str  # their name of the tensor it repeats
+
+    def export(self, state: dict, out: dict) -> None:
+        out[self.theirs] = state[self.ours].clone()  # a tensor of its own in the files, as DeepSeek's are
+
+    def load(self, hf: dict, out: dict) -> None:
+        if not torch.equal(hf[self.theirs], hf[self.first]):
+            raise ConversionError(f"{self.theirs} differs from {self.first}: megalm's multi-token prediction shares "
+                                  f"one embedding and output layer with the main model")
+
+
+@dataclass
 class Interleaved:
     """Two of our tensors interleaved along their last dim into one of theirs (GPT-OSS's ``gate_up_proj``: the
     gate at even columns, the linear half at odd ones)."""
@@ -113,6 +156,7 @@ class Family:
     model_type = ""
     architecture = ""
     adds_keys: frozenset = frozenset()
+    mtp = False  # whether its files can hold multi-token prediction layers
 
     def keys(self) -> set:
         return set().union(*(vars(c).get("adds_keys", ()) for c in type(self).__mro__))
@@ -137,3 +181,6 @@ class Family:
 
     def renames(self, m: ModelConfig) -> list:
         raise NotImplementedError
+
+    def fit_to_weights(self, m: ModelConfig, weights: dict) -> None:
+        """Adjust an imported model to what the files hold (layers their config names but transformers dropped)."""

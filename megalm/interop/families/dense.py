@@ -133,9 +133,12 @@ class LlamaLike(Family):
 
     softmax_type = "vanilla"  # GPT-OSS's attention has a sink in its softmax
 
+    mla = False  # DeepSeek-V3's multi-latent attention
+
     def claims(self, m):
         return (m.position_embedding_type, m.normalization, m.swiglu) == ("rope", "RMSNorm", True) and \
-            bool(m.num_experts) == self.moe and m.softmax_type == self.softmax_type
+            bool(m.num_experts) == self.moe and m.softmax_type == self.softmax_type and \
+            m.multi_latent_attention == self.mla
 
     def check(self, m):
         if m.add_qkv_bias and (m.qk_layernorm or m.num_experts or m.add_bias_linear):
@@ -210,24 +213,31 @@ class LlamaLike(Family):
                Rename("final_norm.weight", "model.norm.weight")]
         if m.untie_embeddings_and_output_weights:
             out.append(Rename("output.weight", "lm_head.weight"))
-        biases = ("weight", "bias") if m.add_bias_linear else ("weight",)
-        qkv_biases = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
         for i in range(m.num_layers):
-            a, h = f"layers.{i}.", f"model.layers.{i}."
-            out += [Rename(a + "attention_norm.weight", h + "input_layernorm.weight"),
-                    Rename(a + "mlp_norm.weight", h + "post_attention_layernorm.weight")]
-            mlp = () if moe[i] else (("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"),
-                                     ("mlp.w2", "mlp.down_proj"))
-            for ours, theirs in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
-                                 ("attention.wv", "self_attn.v_proj")):
-                out += [Rename(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in qkv_biases]
-            for ours, theirs in (("attention.wo", "self_attn.o_proj"), *mlp):
-                out += [Rename(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in biases]
-            if m.qk_layernorm:
-                out += [Rename(a + "attention.q_norm.weight", h + "self_attn.q_norm.weight"),
-                        Rename(a + "attention.k_norm.weight", h + "self_attn.k_norm.weight")]
-            if moe[i]:
-                out += self.moe_renames(m, a, h)
+            out += self.layer_renames(m, f"layers.{i}.", f"model.layers.{i}.", moe[i])
+        return out
+
+    def layer_renames(self, m, a: str, h: str, moe: bool) -> list:
+        """One decoder layer's tensors, ours under ``a``, theirs under ``h``."""
+        biases = ("weight", "bias") if m.add_bias_linear else ("weight",)
+        out = [Rename(a + "attention_norm.weight", h + "input_layernorm.weight"),
+               Rename(a + "mlp_norm.weight", h + "post_attention_layernorm.weight")]
+        mlp = () if moe else (("mlp.w1", "mlp.gate_proj"), ("mlp.w3", "mlp.up_proj"), ("mlp.w2", "mlp.down_proj"))
+        out += self.attention_renames(m, a, h)
+        for ours, theirs in (("attention.wo", "self_attn.o_proj"), *mlp):
+            out += [Rename(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in biases]
+        return out + (self.moe_renames(m, a, h) if moe else [])
+
+    def attention_renames(self, m, a: str, h: str) -> list:
+        """The attention's tensors but its output projection."""
+        qkv_biases = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
+        out = []
+        for ours, theirs in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+                             ("attention.wv", "self_attn.v_proj")):
+            out += [Rename(f"{a}{ours}.{leaf}", f"{h}{theirs}.{leaf}") for leaf in qkv_biases]
+        if m.qk_layernorm:
+            out += [Rename(a + "attention.q_norm.weight", h + "self_attn.q_norm.weight"),
+                    Rename(a + "attention.k_norm.weight", h + "self_attn.k_norm.weight")]
         return out
 
     def moe_renames(self, m, ours: str, theirs: str) -> list:

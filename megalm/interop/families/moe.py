@@ -1,10 +1,13 @@
 """The mixture-of-experts families: Mixtral, Qwen3-MoE and GLM-4.5, on the Llama-like base."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
-from megalm.interop.families.base import ConversionError, Experts, Interleaved, Rename, require
+from megalm.interop.families.base import ConversionError, Copy, Experts, Interleaved, Rename, require
 from megalm.interop.families.dense import LlamaLike, Qwen2, rope_scaling
+
+log = logging.getLogger("megalm")
 
 
 class MoEFamily(LlamaLike):
@@ -97,8 +100,12 @@ class Glm4MoE(MoEFamily):
     """GLM-4.5 / 4.5-Air: DeepSeek-V3's router (sigmoid scores, group-limited top-k, the expert bias as
     ``e_score_correction_bias``, ``routed_scaling_factor``), a shared expert, the first layers dense, partial RoPE,
     optional QK norms, biases on q/k/v only. Its multi-token-prediction layers (``num_nextn_predict_layers``) are not
-    part of transformers' model, which drops them on load: imported as transformers runs it."""
+    part of transformers' model, which drops them on load (and from the files it saves); where the files hold them
+    (DeepSeek's layout: ``model.layers.<num_layers + k>.`` with ``eh_proj``, ``enorm``, ``hnorm``,
+    ``shared_head.norm``, copies of the embedding and output layer, and one decoder layer) they are megalm's
+    ``--mtp-num-layers`` modules, both ways."""
     model_type, architecture = "glm4_moe", "Glm4MoeForCausalLM"
+    mtp = True
     adds_keys = frozenset({"attention_bias", "moe_intermediate_size", "n_shared_experts", "n_routed_experts",
                            "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace",
                            "norm_topk_prob", "use_qk_norm", "num_nextn_predict_layers", "partial_rotary_factor"})
@@ -142,7 +149,7 @@ class Glm4MoE(MoEFamily):
                    routed_scaling_factor=m.moe_router_topk_scaling_factor or 1.0,
                    n_group=m.moe_router_num_groups or 1, topk_group=m.moe_router_group_topk or 1,
                    first_k_dense_replace=self._dense_prefix(m), norm_topk_prob=True, use_qk_norm=m.qk_layernorm,
-                   num_nextn_predict_layers=0, output_router_logits=False)
+                   num_nextn_predict_layers=m.mtp_num_layers or 0, output_router_logits=False)
         return out
 
     def model_config(self, hf):
@@ -168,7 +175,28 @@ class Glm4MoE(MoEFamily):
             m.moe_router_num_groups, m.moe_router_group_topk = groups, group_topk
         dense = hf.get("first_k_dense_replace", 0)
         m.moe_layer_freq = " ".join("0" if i < dense else "1" for i in range(m.num_layers))
+        m.mtp_num_layers = hf.get("num_nextn_predict_layers") or None
         return m
+
+    def fit_to_weights(self, m, weights):
+        if m.mtp_num_layers and f"model.layers.{m.num_layers}.eh_proj.weight" not in weights:
+            log.warning("config.json names %d multi-token prediction layer(s) but the files hold none (transformers "
+                        "drops them): imported without", m.mtp_num_layers)
+            m.mtp_num_layers = None
+
+    def renames(self, m):
+        out = super().renames(m)
+        head = ("output.weight", "lm_head.weight") if m.untie_embeddings_and_output_weights else \
+            ("embedding.weight", "model.embed_tokens.weight")
+        for k in range(m.mtp_num_layers or 0):
+            a, h = f"mtp.{k}.", f"model.layers.{m.num_layers + k}."
+            out += [Rename(a + "enorm.weight", h + "enorm.weight"), Rename(a + "hnorm.weight", h + "hnorm.weight"),
+                    Rename(a + "eh_proj.weight", h + "eh_proj.weight"),
+                    Rename(a + "final_norm.weight", h + "shared_head.norm.weight"),
+                    Copy("embedding.weight", h + "embed_tokens.weight", "model.embed_tokens.weight"),
+                    Copy(head[0], h + "shared_head.head.weight", head[1])]
+            out += self.layer_renames(m, a + "layer.", h, m.moe_layers()[-1])
+        return out
 
     def moe_renames(self, m, ours, theirs):
         out = super().moe_renames(m, ours, theirs)
