@@ -158,7 +158,8 @@ def test_resume_across_context_parallel_sizes(tmp_path, dataset_prefix, bpe_flag
      "--expert-model-parallel-size 4 x --expert-tensor-parallel-size 1 does not divide the 2 ranks"),
     (["--context-parallel-size", "2", "--deepspeed"], "with --deepspeed is not supported"),
     (["--context-parallel-size", "4"], "world size 2 is not divisible by"),
-    (["--context-parallel-size", "2", "--sliding-window", "8"], "--sliding-window is not applied under"),
+    (["--context-parallel-size", "2", "--sliding-window", "8", "--cp-comm-type", "p2p"],
+     "--sliding-window with --cp-comm-type p2p"),
 ])
 def test_impossible_context_parallel_settings(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -369,12 +369,13 @@ GPT_OSS = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff
            "--num-query-groups", "2", "--untie-embeddings-and-output-weights", "--rope-type", "yarn",
            "--rotary-scaling-factor", "4", "--original-max-position-embeddings", "16",
            "--disable-yarn-correction-rounding", "--global-batch-size", "8", "--eval-interval", "100"]
-WINDOWS = ["--sliding-window", "8", "--window-attn-skip-freq", "2"]  # not under CP (refused there)
+WINDOWS = ["--sliding-window", "8", "--window-attn-skip-freq", "2"]  # not on the ring (refused there)
 OSS_LAYOUTS = {  # name: (processes, with the windows, layout flags)
     "tp2-sp": (2, True, TP2SP), "ep2": (2, True, EP2), "pp2": (2, True, PP2),
     "dp2-zero1": (2, True, ["--zero-stage", "1"]),
-    "cp2-allgather": (2, False, ["--context-parallel-size", "2", "--cp-comm-type", "allgather"]),
-    "cp2-a2a": (2, False, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
+    "cp2-allgather": (2, True, ["--context-parallel-size", "2", "--cp-comm-type", "allgather"]),
+    "cp2-a2a": (2, True, ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]),
+    "cp2-p2p": (2, False, ["--context-parallel-size", "2", "--cp-comm-type", "p2p"]),  # sinks merged after the ring
     "ep2-tp2-sp-pp2": (8, True, EP2 + TP2SP + PP2 + ["--zero-stage", "1"]),
 }
 

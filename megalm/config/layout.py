@@ -102,12 +102,9 @@ def _context_parallel(cfg) -> None:
                           f"divide by it")
     if p.deepspeed:
         raise ConfigError("--context-parallel-size with --deepspeed is not supported: use megalm's own path")
-    if "p2p" in p.cp_comm_type and m.softmax_type != "vanilla":
-        raise ConfigError(f"--softmax-type {m.softmax_type} with --cp-comm-type p2p: the ring merges blocks by "
-                          f"log-sum-exp and does not apply the sink; use allgather or a2a")
-    if m.sliding_window is not None:
-        raise ConfigError("--sliding-window is not applied under --context-parallel-size > 1: each rank's "
-                          "attention spans whole chunks of the sequence")
+    if "p2p" in p.cp_comm_type and m.sliding_window is not None:
+        raise ConfigError("--sliding-window with --cp-comm-type p2p: the ring computes whole blocks of the "
+                          "sequence and does not mask a window; use allgather or a2a")
 
 
 def _experts(cfg, world_size: Optional[int]) -> None:

@@ -92,10 +92,11 @@ def sink_attention(q, k, v, sink, allowed, dropout: float, training: bool):
     return torch.matmul(F.dropout(probs, dropout, training), v)
 
 
-def _window(queries: int, keys: int, past: int, window: int, device) -> torch.Tensor:
-    """Boolean ``[queries, keys]``: causal and at most ``window`` positions back, the query's own included."""
-    i = torch.arange(past, past + queries, device=device)[:, None]
-    j = torch.arange(keys, device=device)[None, :]
+def _window(positions: torch.Tensor, keys: int, window: int) -> torch.Tensor:
+    """Boolean ``[queries, keys]`` for queries at sequence ``positions``: causal and at most ``window`` positions
+    back, the query's own included."""
+    i = positions[:, None]
+    j = torch.arange(keys, device=positions.device)[None, :]
     return (j <= i) & (j > i - window)
 
 
@@ -166,26 +167,31 @@ class Attention(nn.Module):
             if kind == "a2a":
                 per = self.n_heads // self.topo.cp
                 heads = slice(self.topo.cp_rank * per, (self.topo.cp_rank + 1) * per)
+            sink = self.sinks if self.sinks is not None else \
+                q.new_zeros(self.n_heads) if self.cfg.softmax_type == "off-by-one" else None
             out = context_attention(kind, q, k, v, self.topo, mask[kind],
-                                    lambda q, k, v, m: self._attend(q, k, v, 0, m, heads))
+                                    lambda q, k, v, m, pos: self._attend(q, k, v, 0, m, heads, pos), sink)
         elif self.cfg.recompute_granularity == "selective" and self.training:
             out = recomputed(self._attend, self.rng, q, k, v, 0, mask)
         else:
             out = self._attend(q, k, v, past, mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
-    def _attend(self, q, k, v, past: int = 0, mask=None, heads: Optional[slice] = None):
+    def _attend(self, q, k, v, past: int = 0, mask=None, heads: Optional[slice] = None, positions=None):
         """The attention core (scores, softmax, dropout, weighted values): what selective recomputation redoes."""
         dropout = self.cfg.attention_dropout if self.training else 0.0
         with self.rng.fork() if dropout > 0 else contextlib.nullcontext():
-            return self._attend_with(q, k, v, past, dropout, mask, heads)
+            return self._attend_with(q, k, v, past, dropout, mask, heads, positions)
 
-    def _attend_with(self, q, k, v, past: int, dropout: float, mask=None, heads: Optional[slice] = None):
-        """``heads``: which of this rank's heads ``q`` holds (context parallelism's all-to-all splits them)."""
+    def _attend_with(self, q, k, v, past: int, dropout: float, mask=None, heads: Optional[slice] = None,
+                     positions=None):
+        """``heads``: which of this rank's heads ``q`` holds (context parallelism's all-to-all splits them);
+        ``positions``: the queries' places in the sequence (default ``past`` on; context parallelism's own)."""
         s = q.shape[2]
-        if self.window is not None:  # query i (at past + i) sees keys j with i - window < j <= i
-            mask = _window(s, k.shape[2], past, self.window, q.device) & \
-                (mask if mask is not None else True)
+        if self.window is not None:  # query i sees keys j with i - window < j <= i
+            if positions is None:
+                positions = torch.arange(past, past + s, device=q.device)
+            mask = _window(positions, k.shape[2], self.window) & (mask if mask is not None else True)
         if self.cfg.softmax_type != "vanilla":
             rep = q.shape[1] // k.shape[1]
             k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)

@@ -112,16 +112,20 @@ def comm_bytes(kind: str, cp: int, micro_batch: int, seq_length: int, heads: int
     return 4 * (cp - 1) * kv + 2 * cp * (kv // elem_bytes * 4)
 
 
-def context_attention(comm_type: str, q, k, v, topo, mask, attend):
+def context_attention(comm_type: str, q, k, v, topo, mask, attend, sink=None):
     """This rank's queries ``[b, heads, s_local, d]`` against the whole sequence, the ``comm_type`` way; ``mask``
-    is what ``attention_mask`` gave for that type, ``attend(q, k, v, mask)`` the model's own attention core."""
-    order = natural_order(q.shape[2] * topo.cp, topo.cp, q.device)
+    is what ``attention_mask`` gave for that type, ``attend(q, k, v, mask, positions)`` the model's own attention
+    core (``positions``: the queries' places in the sequence). ``sink``: each head's sink logit, which the ring
+    applies itself (the other ways' core does)."""
+    seq = q.shape[2] * topo.cp
+    order = natural_order(seq, topo.cp, q.device)
     if comm_type == "p2p":
-        return ring_attention(q, k, v, topo.cp_group, q.shape[-1] ** -0.5, mask)
+        return ring_attention(q, k, v, topo.cp_group, q.shape[-1] ** -0.5, mask, sink)
     if comm_type == "a2a":
-        return a2a_attention(q, k, v, topo.cp_group, order, lambda *qkv: attend(*qkv, mask))
+        everything = torch.arange(seq, device=q.device)
+        return a2a_attention(q, k, v, topo.cp_group, order, lambda *qkv: attend(*qkv, mask, everything))
     k, v = allgather_keys_values(k, v, topo.cp_group, order)
-    return attend(q, k, v, mask)
+    return attend(q, k, v, mask, local_indices(seq, topo.cp, topo.cp_rank, q.device))
 
 
 def attention_mask(comm_type: str, seq_local: int, topo, document_ids=None, device=None):

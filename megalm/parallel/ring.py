@@ -79,7 +79,7 @@ def _bias(docs: Optional[RingDocuments], src: int, rows, cols, causal: bool, dty
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring: Ring, scale: float, docs: Optional[RingDocuments]):
+    def forward(ctx, q, k, v, ring: Ring, scale: float, docs: Optional[RingDocuments], sink: Optional[torch.Tensor]):
         chunk, dk = q.shape[2] // 2, k.shape[-1]
         kv = torch.cat((k, v), dim=-1)  # one message per step (values may be narrower than keys: MLA)
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=torch.float32, device=q.device)
@@ -98,14 +98,17 @@ class _RingAttention(torch.autograd.Function):
             if step < ring.size - 1:
                 _wait(reqs)
                 kv = incoming
+        if sink is not None:  # once, into the whole row's denominator: a logit that no key owns
+            merged = torch.logaddexp(lse, sink.float().view(1, -1, 1))
+            out, lse = out * torch.exp(lse - merged)[..., None], merged
         out = out.to(q.dtype)
-        ctx.ring, ctx.scale, ctx.docs = ring, scale, docs
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.scale, ctx.docs, ctx.sink = ring, scale, docs, sink is not None
+        ctx.save_for_backward(q, k, v, out, lse, *(() if sink is None else (sink,)))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *sink = ctx.saved_tensors
         ring, chunk, dk = ctx.ring, q.shape[2] // 2, k.shape[-1]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv, dkv_in, dkv_reqs = torch.cat((k, v), dim=-1), None, None
@@ -129,9 +132,15 @@ class _RingAttention(torch.autograd.Function):
                 _wait(kv_reqs)
                 kv = incoming
         _wait(dkv_reqs)  # after CP hops my own block's gradients are home
-        return dq.to(q.dtype), dkv_in[..., :dk].to(k.dtype), dkv_in[..., dk:].to(v.dtype), None, None, None
+        dsink = None
+        if sink:  # d out / d sink = -p_sink out: the sink's share of each row times that row's sum(dout * out)
+            share = torch.exp(sink[0].float().view(1, -1, 1) - lse)
+            dsink = -(share * (dout.float() * out.float()).sum(-1)).sum((0, 2)).to(sink[0].dtype)
+        return dq.to(q.dtype), dkv_in[..., :dk].to(k.dtype), dkv_in[..., dk:].to(v.dtype), None, None, None, dsink
 
 
-def ring_attention(q, k, v, group, scale: float, docs: Optional[RingDocuments] = None):
-    """Causal attention of this rank's queries over the whole sequence (see the module's docstring)."""
-    return _RingAttention.apply(q, k, v, Ring(group), scale, docs)
+def ring_attention(q, k, v, group, scale: float, docs: Optional[RingDocuments] = None,
+                   sink: Optional[torch.Tensor] = None):
+    """Causal attention of this rank's queries over the whole sequence (see the module's docstring); ``sink``: one
+    logit per head in every row's softmax (GPT-OSS's), merged into the log-sum-exp once, after the ring."""
+    return _RingAttention.apply(q, k, v, Ring(group), scale, docs, sink)
