@@ -50,3 +50,19 @@ def test_mfu_counts_model_flops_while_tflops_count_recomputation():
         assert out["tflops_per_device"] == pytest.approx((per_token + extra) * 5000 / 2 / 1e12)
         assert out["mfu"] == pytest.approx(per_token * 5000 / 2 / 1e12)
         assert out["mfu"] < out["tflops_per_device"]
+
+
+def test_latent_attention_and_multi_token_prediction_count_their_matmuls():
+    """Multi-latent attention's FLOPs are its down- and up-projections and heads of widths 12 (8 + 4 rotated)
+    and 12; the MTP module adds its projection (2h -> h), one layer and one more output layer."""
+    cfg = model_config(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                       position_embedding_type="rope", normalization="RMSNorm", swiglu=True, ffn_hidden_size=64,
+                       add_bias_linear=False, untie_embeddings_and_output_weights=True, multi_latent_attention=True,
+                       q_lora_rank=16, kv_lora_rank=8, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=12,
+                       mtp_num_layers=1)
+    layers, output = GPT(cfg, 100).matmul_parameters()
+    h = 32
+    attention = h * 16 + 16 + 16 * 4 * 12 + h * (8 + 4) + 8 + 8 * 4 * (8 + 12) + 4 * 12 * h
+    layer = 2 * h + attention + 3 * h * 64
+    assert layers == 3 * layer + 3 * h + 2 * h * h and output == 2 * 100 * h
+    assert flops_per_token(cfg, layers, output)[0] == 6 * layers + 6 * 3 * 16 * 4 * (12 + 12) + 6 * output

@@ -16,6 +16,7 @@ The loss is the masked mean over the whole sequence: the trainer sums the token 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -92,24 +93,25 @@ def a2a_attention(q, k, v, group, order: torch.Tensor, attend):
 
 
 def comm_bytes(kind: str, cp: int, micro_batch: int, seq_length: int, heads: int, groups: int, head_dim: int,
-               elem_bytes: int) -> int:
+               elem_bytes: int, value_dim: Optional[int] = None) -> int:
     """Bytes one rank hands to torch.distributed for one attention layer's forward and backward on one
     micro-batch, counting send buffers (all-gather, all-to-all and reduce-scatter inputs, ring sends); ``heads``
-    and ``groups`` per TP rank. With ``kv`` this rank's keys (or values) and ``q`` its queries:
+    and ``groups`` per TP rank; ``value_dim`` the values' width when not the keys' (multi-latent attention). With
+    ``kv`` this rank's keys and values together and ``q``, ``o`` its queries and attention output:
 
-    - allgather: forward gathers k and v (2 kv), backward reduce-scatters their gathered gradients (2 CP kv);
-    - a2a: q, k, v and the output are exchanged forward and their gradients backward: 2 (2 q + 2 kv);
+    - allgather: forward gathers k and v (kv), backward reduce-scatters their gathered gradients (CP kv);
+    - a2a: q, k, v and the output are exchanged forward and their gradients backward: 2 (q + o + kv);
     - p2p: the k/v pair goes round CP - 1 hops forward and again backward, its fp32 gradients CP hops (the last
-      one home): 4 (CP - 1) kv + 2 CP kv_fp32. Blocks skipped for causality still travel: the ring is fixed.
+      one home): 2 (CP - 1) kv + CP kv_fp32. Blocks skipped for causality still travel: the ring is fixed.
     """
-    local = seq_length // cp
-    kv = micro_batch * groups * local * head_dim * elem_bytes
-    q = micro_batch * heads * local * head_dim * elem_bytes
+    local, value_dim = seq_length // cp, value_dim or head_dim
+    tokens = micro_batch * local
+    kv = tokens * groups * (head_dim + value_dim) * elem_bytes
     if kind == "allgather":
-        return 2 * kv + 2 * cp * kv
+        return kv + cp * kv
     if kind == "a2a":
-        return 2 * (2 * q + 2 * kv)
-    return 4 * (cp - 1) * kv + 2 * cp * (kv // elem_bytes * 4)
+        return 2 * (tokens * heads * (head_dim + value_dim) * elem_bytes + kv)
+    return 2 * (cp - 1) * kv + cp * (kv // elem_bytes * 4)
 
 
 def context_attention(comm_type: str, q, k, v, topo, mask, attend, sink=None):

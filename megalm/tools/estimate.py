@@ -14,16 +14,20 @@ keep (measured with saved-tensor hooks; tests/test_estimate.py checks the formul
 
     norms, their outputs, residual inputs:  4 (LayerNorm) or 6 (RMSNorm), divided by t under sequence parallelism,
                                             plus 2 full copies for the gathered inputs of the column-parallel layers
-    q, k, v, attention output:              (2 + 2 r) / t
+    q, k, v, attention output:              (2 + 2 r) / t; with multi-latent attention, for a heads,
+                                            a (3 d_qk + d_nope + 2 d_v + 2 d_rope) / h / t (the up-projections'
+                                            outputs, which the split heads keep alive, q and k joined, the output,
+                                            RoPE's halves) plus its latents (q_lora + kv_lora + d_rope) / h
     MLP:                                    2 f / h / t (GELU) or 4 f / h / t (SwiGLU)
     attention probabilities (fused/unfused): a s / h / t
 
 Full recomputation keeps only each layer's input (1, or 1/t with SP) plus one layer's full set while it is
 recomputed. Under bf16/fp16 activations take 2 bytes. The first pipeline stage holds
 ``min(P, m)`` micro-batches in flight with 1F1B (times ``1 + (P - 1) / (P V)`` interleaved); the last stage also
-keeps the fp32 logits of one micro-batch for the loss (``s b V / t``). Step time is the model FLOPs
-(6 N + 12 L h s per token, with recomputation's extra forward, N counting the active top-k of E experts) at an
-assumed fraction of the peak.
+keeps the fp32 logits of one micro-batch for the loss (``s b V / t``), once more per multi-token prediction
+module, and each module's layer (shaped like the last) with its normalised inputs (4 s b h). Step time is the
+model FLOPs (``megalm.training.flops``: 6 N + 6 L s a (d_qk + d_v) per token, with recomputation's extra forward, N counting
+the active top-k of E experts, L the MTP layers too) at an assumed fraction of the peak.
 
 Context parallelism divides the activations by CP (the p2p and a2a figure); allgather also keeps the whole
 sequence's keys and values (``2 r s b h / t``) and the fp32 form of its causal mask from the local queries to
@@ -32,9 +36,9 @@ attention per step are ``megalm.parallel.context.comm_bytes`` summed over its la
 the expert-data-parallel ranks (TP x DP / EP) under ZeRO. An MoE layer's activations replace the MLP's with, per
 token, ``k (2 + 4 f_e / h)`` (SwiGLU; ``k (2 + 2 f_e / h)`` GELU: the routed copies in and out and the expert
 hidden states), divided by t under sequence parallelism, plus the router's ``2 E / h``. The all-to-all moves per
-step ``4 L_moe B s k h (EP - 1) / EP`` elements per pipeline replica (dispatch and combine, forward and backward,
-of the pairs whose expert is on another rank when routing is even; the pairs on the rank's own experts stay off
-the network).
+step ``4 L_moe B s k h (EP - 1) / EP`` elements, all GPUs together (B the global batch; dispatch and combine,
+forward and backward, of the pairs whose expert is on another rank when routing is even; the pairs on the rank's
+own experts stay off the network); each GPU sends its share of that, on average the total over the world size.
 """
 from __future__ import annotations
 
@@ -92,8 +96,13 @@ def activation_units_per_layer(cfg: Config, moe: bool = False) -> float:
     sp = p.sequence_parallel and t > 1
     norms = 6.0 if m.normalization == "RMSNorm" else 4.0
     units = norms / t + (2.0 if t > 1 else 0.0) if sp else norms
-    r = m.num_query_groups / m.num_attention_heads
-    units += (2 + 2 * r) / t
+    if m.multi_latent_attention:  # heads of their own widths, and the latents each TP rank holds whole
+        heads, qk, pos, v = m.num_attention_heads, m.query_head_dim, m.qk_pos_emb_head_dim, m.value_head_dim
+        units += heads * (3 * qk + m.qk_head_dim + 2 * v + 2 * pos) / m.hidden_size / t
+        units += ((m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_pos_emb_head_dim) / m.hidden_size
+    else:
+        r = m.num_query_groups / m.num_attention_heads
+        units += (2 + 2 * r) / t
     if moe:
         per_token = m.moe_router_topk * (2 + (4 if m.swiglu else 2) * m.moe_ffn_hidden_size / m.hidden_size)
         units += (per_token + 2 * m.num_experts / m.hidden_size) / (t if sp else 1)
@@ -146,9 +155,12 @@ def estimate(cfg: Config, world_size: int, vocab_size: int) -> list:
             in_flight = min(pp - stage, micro) if virtual == 1 else pp * (1 + (pp - 1) / (pp * virtual))
             in_flight = min(in_flight, micro * virtual) if virtual > 1 else in_flight
         acts *= in_flight
-        if stage == pp - 1:
+        if stage == pp - 1:  # the logits (each MTP module's too), and the MTP modules' layers and projections
             padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
-            acts += 4 * m.seq_length // cp * t.micro_batch_size * padded / tp
+            depth = m.mtp_num_layers or 0
+            acts += (1 + depth) * 4 * m.seq_length // cp * t.micro_batch_size * padded / tp
+            last = moe_layer if m.moe_layers()[-1] else dense_layer
+            acts += depth * (last + 4 * sbh * width / (tp if sp else 1))
         if cp > 1:  # allgather layers also keep every key and value and their scores
             gathered = sum(_cp_kind(cfg, layer) == "allgather" for layer in _stage_layers(cfg, stage))
             r = m.num_query_groups / m.num_attention_heads
@@ -183,13 +195,14 @@ def context_parallel_bytes(cfg: Config, world_size: int, stage: int = 0) -> floa
         return 0.0
     width = 2 if (t.bf16 or t.fp16) else 4
     per_micro = sum(comm_bytes(_cp_kind(cfg, layer), cp, t.micro_batch_size, m.seq_length,
-                               m.num_attention_heads // tp, m.num_query_groups // tp, m.head_dim, width)
+                               m.num_attention_heads // tp, m.num_query_groups // tp, m.query_head_dim, width,
+                               m.value_head_dim)
                     for layer in _stage_layers(cfg, stage))
     return per_micro * num_micro_batches(cfg, world_size)
 
 
 def all_to_all_bytes(cfg: Config, world_size: int, mixed: bool = False) -> float:
-    """Bytes the expert dispatch moves across ranks per optimizer step, per pipeline replica (see the module
+    """Bytes the expert dispatch moves across ranks per optimizer step, all GPUs together (see the module
     docstring); 0 without expert parallelism."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     ep = p.expert_model_parallel_size
@@ -211,11 +224,17 @@ def total_parameters(cfg: Config, vocab_size: int) -> int:
     return _whole_model(cfg, vocab_size).num_parameters()
 
 
-def step_seconds(cfg: Config, world_size: int, vocab_size: int, peak_tflops: float, mfu: float) -> float:
-    """Seconds per optimizer step if every GPU ran the step's FLOPs (recomputation included) at ``mfu``."""
+def flops(cfg: Config, vocab_size: int) -> tuple:
+    """(model FLOPs per token, FLOPs done per token with recomputation, matmul parameters a token uses)."""
     from megalm.training.flops import flops_per_token
 
-    done = flops_per_token(cfg.model, *_whole_model(cfg, vocab_size).matmul_parameters())[1]
+    layers, output = _whole_model(cfg, vocab_size).matmul_parameters()
+    return (*flops_per_token(cfg.model, layers, output), layers + output)
+
+
+def step_seconds(cfg: Config, world_size: int, vocab_size: int, peak_tflops: float, mfu: float) -> float:
+    """Seconds per optimizer step if every GPU ran the step's FLOPs (recomputation included) at ``mfu``."""
+    done = flops(cfg, vocab_size)[1]
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     return done * tokens / (world_size * peak_tflops * 1e12 * mfu)
 
@@ -267,11 +286,11 @@ def main(argv=None) -> int:
           f"x DP {data_parallel_size(cfg, world)}, ZeRO {cfg.optim.zero_stage}, "
           f"{num_micro_batches(cfg, world)} micro-batches of {cfg.train.micro_batch_size} per step")
     moe = bool(cfg.model.num_experts)
+    a2a = all_to_all_bytes(cfg, world, cfg.train.bf16 or cfg.train.fp16)
     if moe:
         print(f"experts: {cfg.model.num_experts} per MoE layer, {cfg.model.num_experts // p.expert_model_parallel_size}"
               f" per GPU (EP {p.expert_model_parallel_size}), top-{cfg.model.moe_router_topk}; all-to-all "
-              f"{all_to_all_bytes(cfg, world, cfg.train.bf16 or cfg.train.fp16) / gib:.2f} GiB per step per "
-              f"pipeline replica")
+              f"{a2a / gib:,.1f} GiB per step, all GPUs together ({a2a / world / gib:,.2f} GiB sent per GPU)")
     if p.context_parallel_size > 1:
         print(f"context parallelism: CP {p.context_parallel_size}, {' '.join(dict.fromkeys(p.cp_comm_type))}; "
               f"{context_parallel_bytes(cfg, world) / gib:.2f} GiB to torch.distributed per step per GPU (stage 0)")
@@ -282,6 +301,10 @@ def main(argv=None) -> int:
         print(f"{s.stage:>5} {s.parameters / 1e6:>11.1f}M{experts} {s.param_bytes / gib:>11.2f} "
               f"{s.grad_bytes / gib:>10.2f} {s.optimizer_bytes / gib:>9.2f} {s.activation_bytes / gib:>11.2f} "
               f"{s.total / gib:>10.2f}")
+    model_flops, done, active = flops(cfg, vocab)
+    print(f"FLOPs per token: {model_flops / 1e9:.2f} GFLOP (model, forward and backward; {done / 1e9:.2f} done with "
+          f"recomputation) from {active / 1e9:.3f}B matmul parameters a token uses (MoE: the top-k experts; MTP "
+          f"modules included)")
     peak = cfg.logging.peak_tflops or 989.0
     secs = step_seconds(cfg, world, vocab, peak, args.mfu_)
     print(f"step time at {100 * args.mfu_:.0f}% MFU of {peak:.0f} TFLOP/s per GPU: {secs:.2f} s "

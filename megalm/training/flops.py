@@ -3,8 +3,13 @@
 Per token, with N the parameters that take part in matrix products (the transformer layers and the output
 layer; not the embedding lookups):
 
-    model FLOPs / token = 6 N + 12 L h s        (forward + backward of the weights, plus attention scores and
-                                                  values: 2 matmuls of s x h per layer, x3 for backward)
+    model FLOPs / token = 6 N + 6 L s a (d_qk + d_v)   (forward + backward of the weights, plus attention scores
+                                                         and values: a heads of widths d_qk and d_v, x3 for backward;
+                                                         12 L h s when a d = h)
+
+L counts multi-token prediction's layers too (each one transformer layer, and N its projection and one more use
+of the output layer); multi-latent attention's d_qk is the RoPE-free and rotated widths together, d_v its own, and
+N its down- and up-projections: what its matmuls really are.
 
 Recomputation adds one more forward of what it redoes: with full recomputation the layers' part counts 8/6 of
 itself, with selective recomputation the attention term does. TFLOP/s per device counts that work (the
@@ -34,7 +39,8 @@ def flops_per_token(cfg: ModelConfig, layer_params: int, output_params: int) -> 
     """(model FLOPs, FLOPs done with recomputation) per token; ``layer_params`` are the transformer layers'
     parameters, ``output_params`` the output layer's (vocab x hidden, tied or not)."""
     layers = 6 * layer_params
-    attention = 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
+    layers_deep = cfg.num_layers + (cfg.mtp_num_layers or 0)
+    attention = 6 * layers_deep * cfg.seq_length * cfg.num_attention_heads * (cfg.query_head_dim + cfg.value_head_dim)
     output = 6 * output_params
     model = layers + attention + output
     if cfg.recompute_granularity == "full":
