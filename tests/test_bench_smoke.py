@@ -36,6 +36,17 @@ def test_moe_benchmark_small():
     assert "(a) megalm MoE layer" in res.stdout and "ratio 1.000 (target 1.00)" in res.stdout, res.stdout
 
 
+def test_latent_cache_benchmark_small():
+    """bench/bench_mla_cache.py at small sizes: the latent cache holds (kv_lora_rank + qk_pos_emb_head_dim) x 4
+    bytes per token and layer, and decoding from it gives the expanded path's tokens (it asserts both)."""
+    res = subprocess.run([PYTHON, "bench/bench_mla_cache.py", "--heads", "4", "--hidden", "64", "--q-lora-rank", "32",
+                          "--kv-lora-rank", "32", "--qk-head-dim", "16", "--pos", "8", "--v-head-dim", "16",
+                          "--prompt", "16", "--new", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "latent 160 (target (kv_lora_rank + qk_pos_emb_head_dim) x 4 = 160: met)" in res.stdout, res.stdout
+    assert "the same tokens: True" in res.stdout
+
+
 def test_context_parallel_benchmark_small():
     """bench/bench_cp.py at sequence 512: every type at CP 2 and 4 hands torch.distributed exactly the bytes
     README's formula gives, and ring and a2a keep at most 1/CP + 15% of CP 1's saved activations."""

@@ -125,3 +125,33 @@ MLA = ["--multi-latent-attention", "--position-embedding-type", "rope", "--disab
 def test_impossible_latent_attention_and_mtp(argv, message):
     with pytest.raises(ConfigError, match=message):
         load_config(["--tokenizer-type", "NullTokenizer", "--vocab-size", "100", *argv], world_size=8)
+
+
+@pytest.mark.slow
+def test_deepseek_resumes_across_a_layout_change(tmp_path, dataset_prefix, bpe_flags, single):
+    """Saved at iteration 5 under EP 2 x CP 2 on the ring, continued under TP 2 + SP: iterations 6..10 (main and MTP
+    losses 1e-5) and the final parameters (1e-4) are the uninterrupted one-process run's."""
+    _run(tmp_path / "a", dataset_prefix, bpe_flags, 2, *LAYOUTS["cp2-p2p-ep2"][1], "--save-interval", "5")
+    rows, params = _run(tmp_path / "b", dataset_prefix, bpe_flags, 2, *TP2SP, "--load",
+                        str(tmp_path / "a" / "ck" / "iter_0000005"))
+    ref_rows, ref = single
+    assert [r["iteration"] for r in rows] == list(range(6, 11))
+    for a, b in zip(ref_rows[5:], rows, strict=True):
+        for key in ("loss", "mtp_1_loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * a[key], (a["iteration"], key)
+    for name in ref:
+        assert_close(params[name], ref[name], 1e-4, f"resumed final {name}")
+
+
+@pytest.mark.slow
+def test_deepseek_bf16_under_tensor_parallelism(tmp_path, dataset_prefix, bpe_flags):
+    """bf16 parameters (fp32 main parameters) at TP 2 + SP against one process in bf16, 8 iterations, relative:
+    losses within 1e-4 (the mixed-precision tests' tolerance) and grad norms within 1e-2 (GPT-OSS's, about 3x what
+    its run measured; this one passed 3e-3)."""
+    ref, _ = _run(tmp_path / "one", dataset_prefix, bpe_flags, 1, "--bf16", "--train-iters", "8")
+    got, _ = _run(tmp_path / "tp2", dataset_prefix, bpe_flags, 2, *TP2SP, "--bf16", "--train-iters", "8")
+    assert len(ref) == len(got) == 8
+    for key, tol in (("loss", 1e-4), ("mtp_1_loss", 1e-4), ("grad_norm", 1e-2)):
+        worst = max(abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(ref, got, strict=True))
+        assert worst < tol, (key, worst)
+    assert got[-1]["loss"] < got[0]["loss"]

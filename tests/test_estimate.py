@@ -212,6 +212,7 @@ def test_deepseek_configs_count_what_transformers_builds(name, vocab, heads, exp
 def test_all_to_all_bytes_by_hand():
     """4 L_moe B s k h (EP - 1) / EP elements per step: 3 MoE layers, 16 x 64 tokens, top-2, width 32, EP 4, bf16."""
     cfg = load_config([*NULL, "--num-experts", "8", "--moe-router-topk", "2", "--num-layers", "4", "--moe-layer-freq",
-                       "[0,1,1,1]", "--hidden-size", "32", "--seq-length", "64", "--global-batch-size", "16", "--micro-batch-size", "2",
+                       "[0,1,1,1]", "--hidden-size", "32", "--seq-length", "64", "--global-batch-size", "16",
+                       "--micro-batch-size", "2",
                        "--expert-model-parallel-size", "4", "--swiglu", "--disable-bias-linear"], world_size=8)
     assert all_to_all_bytes(cfg, 8, mixed=True) == 4 * 3 * 16 * 64 * 2 * 32 * 3 / 4 * 2

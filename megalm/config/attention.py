@@ -114,9 +114,8 @@ def validate_attention(m) -> None:
         if not m.rotary_scaling_factor >= 1 or m.original_max_position_embeddings < 1 or \
                 not m.beta_fast >= m.beta_slow > 0 or m.mscale < 0 or m.mscale_all_dim < 0:
             raise ConfigError("--rope-type yarn: --rotary-scaling-factor must be at least 1, "
-                              "--original-max-position-embeddings at least 1, --beta-fast at least --beta-slow, above 0 (Kimi K2: 1 "
-                              "and 1), "
-                              "--mscale and --mscale-all-dim at least 0")
+                              "--original-max-position-embeddings at least 1, --beta-fast at least --beta-slow, "
+                              "above 0 (Kimi K2: 1 and 1), --mscale and --mscale-all-dim at least 0")
     if m.rotary_percent != 1.0:
         if m.position_embedding_type != "rope":
             raise ConfigError("--rotary-percent needs --position-embedding-type rope")

@@ -26,8 +26,8 @@ recomputed. Under bf16/fp16 activations take 2 bytes. The first pipeline stage h
 ``min(P, m)`` micro-batches in flight with 1F1B (times ``1 + (P - 1) / (P V)`` interleaved); the last stage also
 keeps the fp32 logits of one micro-batch for the loss (``s b V / t``), once more per multi-token prediction
 module, and each module's layer (shaped like the last) with its normalised inputs (4 s b h). Step time is the
-model FLOPs (``megalm.training.flops``: 6 N + 6 L s a (d_qk + d_v) per token, with recomputation's extra forward, N counting
-the active top-k of E experts, L the MTP layers too) at an assumed fraction of the peak.
+model FLOPs (``megalm.training.flops``: 6 N + 6 L s a (d_qk + d_v) per token, with recomputation's extra
+forward, N counting the active top-k of E experts, L the MTP layers too) at an assumed fraction of the peak.
 
 Context parallelism divides the activations by CP (the p2p and a2a figure); allgather also keeps the whole
 sequence's keys and values (``2 r s b h / t``) and the fp32 form of its causal mask from the local queries to
