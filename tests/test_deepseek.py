@@ -155,3 +155,22 @@ def test_deepseek_bf16_under_tensor_parallelism(tmp_path, dataset_prefix, bpe_fl
         worst = max(abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(ref, got, strict=True))
         assert worst < tol, (key, worst)
     assert got[-1]["loss"] < got[0]["loss"]
+
+
+def test_megatron_export_refuses_what_it_cannot_name(tmp_path, capsys):
+    """A DeepSeek-shaped checkpoint (latent attention, MTP, experts) is refused by megalm-export-megatron, which
+    writes dense GPT layers only, with one line naming what it lacks; nothing is written."""
+    from megalm.interop.megatron import export_main
+    from megalm.parallel.state import Topology
+    from megalm.training.checkpoint import save_checkpoint
+
+    cfg = Config()
+    cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", 99
+    cfg.model = tiny_mla(mtp_num_layers=1, num_experts=4, moe_layer_freq="[0,1]")
+    model = GPT(cfg.model, 100)
+    model.init_weights(0)
+    save_checkpoint(str(tmp_path / "ck"), 1, model, {}, cfg, Topology(), {"consumed_samples": 0}, {})
+    assert export_main(["--load", str(tmp_path / "ck"), "--save", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "experts (--num-experts), multi-latent attention, multi-token prediction" in err and "export-hf" in err
+    assert not (tmp_path / "out").exists()

@@ -70,7 +70,7 @@ REFUSED_ARGS = (("rotary_interleaved", False), ("squared_relu", False),
                 ("apply_residual_connection_post_layernorm", False), ("num_experts", None),
                 ("multi_latent_attention", False), ("apply_layernorm_1p", False), ("window_size", None),
                 ("rotary_seq_len_interpolation_factor", None), ("qk_l2_norm", False),
-                ("bias_gelu_fusion_approximate", False))
+                ("bias_gelu_fusion_approximate", False), ("mtp_num_layers", None))
 
 
 def model_config_from_args(args, source: str) -> ModelConfig:
@@ -303,6 +303,14 @@ def export_megatron(load: str, save: str, tp: int = 1, spec: str = "te") -> str:
     state = read_checkpoint(load, parts=("model",))
     cfg, meta = state["config"], state["meta"]
     m = cfg.model
+    lacking = [what for what, has in (("experts (--num-experts)", m.num_experts),
+                                      ("multi-latent attention", m.multi_latent_attention),
+                                      ("multi-token prediction (--mtp-num-layers)", m.mtp_num_layers),
+                                      (f"--softmax-type {m.softmax_type}", m.softmax_type != "vanilla"),
+                                      ("--sliding-window", m.sliding_window)) if has]
+    if lacking:  # their tensors have no name here yet: refused before anything is written
+        raise MegatronFormatError(f"{state['path']}: megalm-export-megatron writes dense GPT layers; this model has "
+                                  f"{', '.join(lacking)}, which it does not export (use megalm-export-hf)")
     vocab = state["model"]["embedding.weight"].shape[0]
     multiple = m.make_vocab_size_divisible_by * tp
     padded_vocab = (vocab + multiple - 1) // multiple * multiple
