@@ -9,6 +9,10 @@ FLAVOURS = {
     "gpt2": {},
     "llama": dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, num_query_groups=4,
                   untie_embeddings_and_output_weights=True, add_bias_linear=False),
+    # multi-latent attention: replicated down-projections on the block's input, column-parallel up-projections
+    "mla": dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                untie_embeddings_and_output_weights=True, multi_latent_attention=True, q_lora_rank=12, kv_lora_rank=8,
+                qk_head_dim=4, qk_pos_emb_head_dim=4, v_head_dim=6),
 }
 
 

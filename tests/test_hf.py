@@ -82,6 +82,15 @@ def _logits_match(folder, save, ids):
         return (model(ids) - hf(ids).logits).abs().max().item()
 
 
+def _imported(theirs, tmp_path, bpe_dir):
+    """``theirs`` saved under ``tmp_path/in`` and imported into ``tmp_path/ck``, its logits on 24 random tokens
+    within 1e-4 of transformers'; returns (the imported model, those tokens)."""
+    _save_hf(theirs, tmp_path / "in", bpe_dir)
+    ids = torch.randint(0, 1024, (1, 24))
+    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
+    return load_for_inference(str(tmp_path / "ck"), Topology(), {})[0], ids
+
+
 def _same_greedy_tokens(model, theirs, ids, new=8):
     """megalm's KV-cached greedy continuation of ``ids`` equals transformers'."""
     with torch.no_grad():
@@ -317,10 +326,7 @@ def test_glm4_moe_both_ways(tmp_path, bpe_dir, qk_norm):
     the expert bias and a routed scaling factor, a shared expert, the first layer dense): import gives its logits
     within 1e-4 and its greedy tokens, export gives back the same weights and a model with the same logits."""
     glm = _glm(use_qk_norm=qk_norm)
-    _save_hf(glm, tmp_path / "in", bpe_dir)
-    ids = torch.randint(0, 1024, (1, 24))
-    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
-    model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
+    model, ids = _imported(glm, tmp_path, bpe_dir)
     m = model.cfg
     assert (m.rotary_percent, m.rotary_dim, m.add_qkv_bias, m.add_bias_linear, m.qk_layernorm) == \
         (0.5, 8, True, False, qk_norm)
@@ -385,10 +391,7 @@ def test_gpt_oss_both_ways(tmp_path, bpe_dir):
     with torch.no_grad():
         for name, p in oss.named_parameters():
             p.add_(torch.randn_like(p) * (3.0 if "experts" in name else 0.5 if "sinks" in name else 0.05))
-    _save_hf(oss, tmp_path / "in", bpe_dir)
-    ids = torch.randint(0, 1024, (1, 24))
-    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
-    model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
+    model, ids = _imported(oss, tmp_path, bpe_dir)
     m = model.cfg
     assert (m.softmax_type, m.quick_geglu, m.glu_linear_offset, m.activation_func_clamp_value, m.add_bias_linear,
             m.rope_type, m.yarn_correction_range_round_to_int, m.window_layers()) == \
@@ -418,10 +421,7 @@ def test_deepseek_v3_both_ways(tmp_path, bpe_dir, q_lora_rank):
             p.add_(torch.randn_like(p) * 0.05)
         for layer in ds.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
-    _save_hf(ds, tmp_path / "in", bpe_dir)
-    ids = torch.randint(0, 1024, (1, 24))
-    assert _logits_match(tmp_path / "in", tmp_path / "ck", ids) < 1e-4
-    model, _ = load_for_inference(str(tmp_path / "ck"), Topology(), {})
+    model, ids = _imported(ds, tmp_path, bpe_dir)
     m = model.cfg
     assert (m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim,
             m.v_head_dim, m.rope_type, m.mscale_all_dim, m.mtp_num_layers, m.moe_layers()) == \
