@@ -406,9 +406,9 @@ def test_gpt_oss_layout_matches_one_process(tmp_path, dataset_prefix, bpe_flags,
 
 
 def test_gpt_oss_resumes_across_a_layout_change(tmp_path, dataset_prefix, bpe_flags, oss_single):
-    """GPT-OSS saved at iteration 5 under EP 2, continued under PP 2: iterations 6..10 (losses 1e-5) and the final
-    parameters, sinks and biases among them (1e-4), are the uninterrupted one-process run's."""
-    _oss_run(tmp_path / "a", dataset_prefix, bpe_flags, 2, True, *EP2, "--save-interval", "5")
+    """GPT-OSS under EP 2 until iteration 5 (it saves and exits), continued under PP 2: iterations 6..10 (losses
+    1e-5) and the final parameters, sinks and biases among them (1e-4), are the uninterrupted one-process run's."""
+    _oss_run(tmp_path / "a", dataset_prefix, bpe_flags, 2, True, *EP2, "--exit-interval", "5")
     rows, params = _oss_run(tmp_path / "b", dataset_prefix, bpe_flags, 2, True, *PP2, "--load",
                             str(tmp_path / "a" / "ck" / "iter_0000005"))
     ref_rows, ref = oss_single[True]
