@@ -25,13 +25,14 @@ DEEPSEEK = ["--num-layers", "4", "--multi-latent-attention", "--q-lora-rank", "1
             "--mscale", "1", "--mscale-all-dim", "1", "--global-batch-size", "8", "--eval-interval", "100"]
 TP2SP, EP2, PP2 = (["--tensor-model-parallel-size", "2", "--sequence-parallel"], ["--expert-model-parallel-size", "2"],
                    ["--pipeline-model-parallel-size", "2"])
+CP2_RING_EP2 = EP2 + ["--context-parallel-size", "2", "--cp-comm-type", "p2p"]
 LAYOUTS = {  # name: (processes, layout flags); several features per launch, each covered once
     "tp2-sp": (2, TP2SP),
     "ep2-pp2-interleaved": (4, EP2 + PP2 + ["--num-layers-per-virtual-pipeline-stage", "1"]),  # MTP on the last
     "cp2-a2a-dp2-zero1": (4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--zero-stage", "1"]),
+    "cp2-p2p-ep2": (2, CP2_RING_EP2),
     "tp2-sp-ep2-pp2-dp2-zero1": (8, TP2SP + EP2 + PP2 + ["--zero-stage", "1"]),
-}  # EP 2 x CP 2 on the ring: test_deepseek_resumes_across_a_layout_change
-CP2_RING_EP2 = EP2 + ["--context-parallel-size", "2", "--cp-comm-type", "p2p"]
+}
 
 
 def _run(tmp, dataset_prefix, bpe_flags, nproc, *flags):
