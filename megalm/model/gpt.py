@@ -4,7 +4,8 @@ GPT-2 flavour: learned positions, LayerNorm, GELU, tied output. Llama flavour: R
 grouped-query attention, untied output, no biases. Both come from ``ModelConfig`` alone.
 
 Under pipeline parallelism one ``GPT`` holds one stage's layers, in one or more chunks (virtual stages); the
-embedding lives on the first stage, the final norm, output layer and loss on the last. Parameters keep their
+embedding lives on the first stage, the final norm, output layer and loss on the last, with the multi-token
+prediction modules (``megalm.model.mtp``) and, for them or a tied output layer, a copy of the embedding. Parameters keep their
 global names (``layers.7...``) on every layout, which is what checkpoints key on.
 """
 from __future__ import annotations
