@@ -27,8 +27,9 @@ from megalm.parallel.state import Topology
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated for ``capacity`` positions (so a
-    decoding step writes in place instead of copying the cache); ``length`` is how many positions it holds.
+    """Keys and values of every layer for incremental decoding (for multi-latent attention its latent and the
+    rotated key part the heads share), preallocated for ``capacity`` positions (so a decoding step writes in place
+    instead of copying the cache); ``length`` is how many positions it holds.
 
     ``valid`` (``[batch, capacity]``, optional) marks real positions in a batch of left-padded prompts: padding
     keys are masked out, so each sequence decodes as it would alone."""
