@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 
 
-def _repeat(k, v, heads: int):
+def repeat_groups(k, v, heads: int):
+    """Keys and values of grouped-query attention repeated to ``heads`` heads (as they are when already)."""
     rep = heads // k.shape[1]
     return (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
 
@@ -44,7 +45,7 @@ def _flash(q, v) -> bool:
 
 def attention_lse(q, k, v, causal: bool, scale: float, bias: Optional[torch.Tensor] = None):
     """``(out, lse)``: out in q's dtype, lse ``[b, heads, sq]`` in fp32."""
-    k, v = _repeat(k, v, q.shape[1])
+    k, v = repeat_groups(k, v, q.shape[1])
     if _flash(q, v):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
                                                                               scale=scale)
@@ -63,7 +64,7 @@ def attention_lse_backward(dout, q, k, v, out, lse, causal: bool, scale: float, 
     """Gradients of one block given the *final* (merged) ``out`` and ``lse`` of these queries: with those the
     block's probabilities are exactly its share of the full softmax."""
     groups = k.shape[1]
-    kr, vr = _repeat(k, v, q.shape[1])
+    kr, vr = repeat_groups(k, v, q.shape[1])
     if _flash(q, v):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, kr, vr, out.contiguous(), lse.contiguous(), 0.0, causal, attn_mask=bias,

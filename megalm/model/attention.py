@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.config import ModelConfig
+from megalm.kernels.attention_lse import repeat_groups
 from megalm.kernels.fused_softmax import fused_softmax
 from megalm.model.norm import Norm
 from megalm.model.recompute import recomputed
@@ -194,15 +195,13 @@ class Attention(nn.Module):
                 positions = torch.arange(past, past + s, device=q.device)
             mask = _window(positions, k.shape[2], self.window) & (mask if mask is not None else True)
         if self.cfg.softmax_type != "vanilla":
-            rep = q.shape[1] // k.shape[1]
-            k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+            k, v = repeat_groups(k, v, q.shape[1])
             if mask is None:
                 mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=past)
             sink = self.sinks[heads or slice(None)] if self.sinks is not None else q.new_zeros(q.shape[1])
             return sink_attention(q, k, v, sink, mask, dropout, self.training)
         if mask is not None:  # packed documents, a padded batch or a window: an explicit mask
-            rep = q.shape[1] // k.shape[1]
-            k, v = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+            k, v = repeat_groups(k, v, q.shape[1])
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if self.cfg.attention_backend == "sdpa":
             if past == 0:
@@ -213,9 +212,7 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                      enable_gqa=k.shape[1] != q.shape[1])
             return out
-        rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v = repeat_groups(k, v, q.shape[1])
         if self.cfg.attention_backend == "fused" and past == 0:
             probs = fused_softmax(torch.matmul(q, k.transpose(-1, -2)), 1.0 / math.sqrt(q.shape[-1]), causal=True)
             return torch.matmul(F.dropout(probs, dropout, self.training), v)
