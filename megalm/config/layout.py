@@ -164,8 +164,18 @@ def _deepspeed(cfg) -> None:
     if p.deepspeed and t.grad_reduce_in_bf16:
         raise ConfigError("--grad-reduce-in-bf16 is for megalm's optimizer; --deepspeed keeps the engine's own "
                           "mixed precision (set its reduction dtype in --deepspeed_config)")
-    if o.zero_stage == 3 and not p.deepspeed:
-        raise ConfigError("--zero-stage 3 (sharded parameters) needs --deepspeed; megalm's own optimizer does 0-2")
+    if o.zero_stage == 3 and not (p.deepspeed or p.use_torch_fsdp2):
+        raise ConfigError("--zero-stage 3 (sharded parameters) needs --use-torch-fsdp2 or --deepspeed; megalm's own "
+                          "optimizer does 0-2")
+    if p.use_torch_fsdp2 and p.deepspeed:
+        raise ConfigError("--use-torch-fsdp2 with --deepspeed: choose one (FSDP2 is megalm's own ZeRO 3; "
+                          "DeepSpeed's is --deepspeed with a stage-3 --deepspeed_config)")
+    if p.use_torch_fsdp2 and o.zero_stage in (1, 2):
+        raise ConfigError(f"--use-torch-fsdp2 shards parameters, gradients and optimizer state itself: drop "
+                          f"--zero-stage {o.zero_stage}" + (" / --use-distributed-optimizer"
+                                                            if o.use_distributed_optimizer else ""))
+    if not p.fsdp_reshard_after_forward and not p.use_torch_fsdp2:
+        raise ConfigError("--no-fsdp-reshard-after-forward needs --use-torch-fsdp2")
     if p.deepspeed and p.pipeline_model_parallel_size > 1:
         raise ConfigError("--deepspeed runs data parallelism (ZeRO 0-3) with optional tensor and sequence "
                           "parallelism: for --pipeline-model-parallel-size > 1 use megalm's own path (drop "

@@ -24,6 +24,12 @@ class ParallelConfig:
     deepspeed: bool = opt(False, "train with DeepSpeed's engine (launch with the deepspeed launcher or torchrun)")
     deepspeed_config: Optional[str] = opt(None, "DeepSpeed JSON config to add to the one rendered from the flags",
                                           flag="--deepspeed_config")
+    use_torch_fsdp2: bool = opt(False, "shard parameters, gradients and Adam state over data parallelism with "
+                                "PyTorch's FSDP2 (fully_shard per transformer block; megalm's ZeRO 3), under TP, "
+                                "SP, CP, PP and EP")
+    fsdp_reshard_after_forward: bool = opt(True, "with --use-torch-fsdp2: keep each block's gathered parameters "
+                                           "from forward to backward (more memory, one all-gather less per block)",
+                                           flag="--no-fsdp-reshard-after-forward", negate=True)
     pipeline_stage_layers: list = opt([], "uneven pipeline split: layers of each stage, e.g. 3 3 2 (default: "
                                       "--num-layers / --pipeline-model-parallel-size each)", nargs="+")
     context_parallel_size: int = opt(1, "ranks that split each sequence (CP), between TP and DP in the rank order; "

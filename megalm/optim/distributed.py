@@ -268,32 +268,13 @@ class DistributedOptimizer:
         return [self._piece_grad(pc) for pc in self.pieces]
 
     def global_grad_norm(self, grads: list) -> float:
-        """L2 norm of the whole model's gradient from this rank's slices: TP shards summed over TP, replicated
-        parameters once, slices summed over DP when sharded, experts summed over the expert-parallel ranks (and
-        their slices over the expert-data-parallel group), stages summed over the pipeline."""
+        """L2 norm of the whole model's gradient from this rank's slices (``global_norm``)."""
         device = self.buckets[0].data.device
-        sq_tp, sq_rep, sq_exp = (torch.zeros((), dtype=torch.float32, device=device) for _ in range(3))
-        for pc, g in zip(self.pieces, grads):
-            if pc.counted:
-                target = sq_exp if pc.expert else sq_tp if pc.tp_sharded else sq_rep
-                target += g.float().pow(2).sum()
-        if self.topo.tp > 1:
-            dist.all_reduce(sq_tp, group=self.topo.tp_group)
-        total = sq_tp + sq_rep
         dense = [b for b in self.buckets if not b.expert and b.slices > 1]
-        if dense:
-            dist.all_reduce(total, group=dense[0].group)
-        if any(b.expert for b in self.buckets):
-            if any(b.slices > 1 for b in self.buckets if b.expert):
-                dist.all_reduce(sq_exp, group=self.topo.edp_group)
-            if self.topo.ep > 1:
-                dist.all_reduce(sq_exp, group=self.topo.ep_group)
-            if self.topo.etp > 1:
-                dist.all_reduce(sq_exp, group=self.topo.etp_group)
-            total = total + sq_exp
-        if self.topo.pp > 1:
-            dist.all_reduce(total, group=self.topo.pp_group)
-        return float(total.sqrt())
+        return global_norm([(pc, g) for pc, g in zip(self.pieces, grads)], self.topo, device,
+                           dense[0].group if dense else None,
+                           any(b.slices > 1 for b in self.buckets if b.expert),
+                           any(b.expert for b in self.buckets))
 
     def step(self, lr: float, grad_scale: float = 1.0, timers=None) -> tuple:
         """Unscale, clip and apply AdamW at ``lr``; returns (grad norm before clipping, skipped). A non-finite norm
@@ -306,13 +287,9 @@ class DistributedOptimizer:
 
     def _update(self, lr: float, grad_scale: float) -> tuple:
         grads = self.grads()
-        if grad_scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / grad_scale)
-        norm = self.global_grad_norm(grads)
+        norm = unscale_and_clip(grads, grad_scale, self.global_grad_norm, self.cfg.clip_grad)
         if not math.isfinite(norm):
             return norm, True
-        if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
-            torch._foreach_mul_(grads, self.cfg.clip_grad / (norm + 1e-6))
         for pc, g in zip(self.pieces, grads):
             pc.values.grad = g
         for group in self.adam.param_groups:
@@ -413,3 +390,43 @@ class DistributedOptimizer:
                 "step": s["step"].clone().float(),
                 **{k: s[k].reshape(-1)[pc.start:pc.start + n].to(pc.values.device).clone()
                    for k in ("exp_avg", "exp_avg_sq")}}
+
+
+def unscale_and_clip(grads: list, grad_scale: float, norm_of, clip: float) -> float:
+    """Divide ``grads`` by the loss scale, measure their global norm (``norm_of(grads)``) and, when finite and
+    over ``clip`` (> 0), scale them down to it, in place; returns the norm before clipping."""
+    if grad_scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / grad_scale)
+    norm = norm_of(grads)
+    if math.isfinite(norm) and clip > 0 and norm > clip:
+        torch._foreach_mul_(grads, clip / (norm + 1e-6))
+    return norm
+
+
+def global_norm(pieces, topo: Topology, device, dense_group, experts_sliced: bool, has_experts: bool) -> float:
+    """L2 norm of the whole model's gradient from ``(piece, gradient)`` pairs of what this rank holds (``piece``
+    with ``tp_sharded``, ``expert`` and ``counted``): TP shards summed over TP, replicated parameters once,
+    slices summed over ``dense_group`` when the dense parameters are sharded over it, experts summed over the
+    expert-parallel ranks (and over the expert-data-parallel group when ``experts_sliced``), stages summed over
+    the pipeline."""
+    sq_tp, sq_rep, sq_exp = (torch.zeros((), dtype=torch.float32, device=device) for _ in range(3))
+    for pc, g in pieces:
+        if pc.counted:
+            target = sq_exp if pc.expert else sq_tp if pc.tp_sharded else sq_rep
+            target += g.float().pow(2).sum()
+    if topo.tp > 1:
+        dist.all_reduce(sq_tp, group=topo.tp_group)
+    total = sq_tp + sq_rep
+    if dense_group is not None:
+        dist.all_reduce(total, group=dense_group)
+    if has_experts:
+        if experts_sliced:
+            dist.all_reduce(sq_exp, group=topo.edp_group)
+        if topo.ep > 1:
+            dist.all_reduce(sq_exp, group=topo.ep_group)
+        if topo.etp > 1:
+            dist.all_reduce(sq_exp, group=topo.etp_group)
+        total = total + sq_exp
+    if topo.pp > 1:
+        dist.all_reduce(total, group=topo.pp_group)
+    return float(total.sqrt())

@@ -32,6 +32,7 @@ import yaml
 
 from megalm.config import Config, ConfigError, load_yaml, save_yaml
 from megalm.optim.snapshot import HostStaging, host_tensor
+from megalm.parallel.fsdp import copy_into
 from megalm.parallel.layers import shard_of
 from megalm.parallel.state import Topology, host_all_reduce
 
@@ -554,7 +555,7 @@ def load_model_state(model, state: dict, topo: Topology, source: str, local: boo
         if shard.shape != p.shape:
             raise CheckpointError(f"{source}: {name} has shape {tuple(state[name].shape)} in the checkpoint, "
                                   f"which does not fit {tuple(p.shape)} here; is the model config the same?")
-        p.copy_(shard)
+        copy_into(p, shard)
 
 
 def full_precision_values(model, state: dict, topo: Topology) -> dict:

@@ -24,11 +24,13 @@ from megalm.data.tokenizers import build_tokenizer
 from megalm.model.gpt import GPT
 from megalm.model.moe import finish_step as finish_moe_step
 from megalm.optim.distributed import DistributedOptimizer
+from megalm.optim.fsdp import FSDPOptimizer
 from megalm.optim.loss_scaler import LossScaler
 from megalm.optim.snapshot import HostStaging
 from megalm.optim.schedule import learning_rate
 from megalm.model.mtp import shifted_targets
 from megalm.parallel.context import split_batch
+from megalm.parallel.fsdp import reshard, shard_model
 from megalm.parallel.random import rank_seed
 from megalm.parallel.state import Topology, host_all_reduce
 from megalm.pipeline.layout import stage_chunks
@@ -138,8 +140,15 @@ class Trainer:
         return torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
 
     def build_optimizer(self):
-        o = self.cfg.optim
+        """megalm's distributed optimizer over gradient buckets (ZeRO 0-2), or with --use-torch-fsdp2 and more
+        than one data-parallel rank, FSDP2 over the model and AdamW over its shards."""
+        o, p = self.cfg.optim, self.cfg.parallel
         grad_dtype = torch.bfloat16 if self.cfg.train.grad_reduce_in_bf16 else torch.float32
+        if p.use_torch_fsdp2 and self.topo.dp * self.topo.cp > 1:
+            shard_model(self.model, self.topo, self.parameter_dtype(), grad_dtype, p.fsdp_reshard_after_forward)
+            return FSDPOptimizer(self.model, o, self.topo, self.parameter_dtype())
+        if p.use_torch_fsdp2:
+            log.info("--use-torch-fsdp2 at DP 1: nothing to shard, megalm's optimizer runs")
         return DistributedOptimizer(self.model, o, self.topo, o.zero_stage, self.num_micro, o.ddp_bucket_size,
                                     grad_dtype)
 
@@ -282,6 +291,7 @@ class Trainer:
         gbs, losses = self.cfg.train.global_batch_size, []
         for i in range(self.cfg.train.eval_iters):
             losses.append(self._run_micro_batches(self._micro_batches(self.valid_ds, i * gbs), forward_only=True))
+        reshard(self.model)  # FSDP2: nothing left gathered once no backward follows
         return self._mean_loss(torch.stack(losses).mean(0))[0]
 
     def train(self) -> None:
@@ -364,7 +374,8 @@ class Trainer:
                 "tokenizer": self.tokenizer.fingerprint,
                 "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep,
                            "cp": self.topo.cp,
-                           "zero_stage": self.cfg.optim.zero_stage}}
+                           "zero_stage": self.cfg.optim.zero_stage,
+                           **({"fsdp2": True} if isinstance(self.optimizer, FSDPOptimizer) else {})}}
 
     def save(self) -> None:
         with self.timers("checkpoint"):
