@@ -19,7 +19,8 @@ PP2 = ["--pipeline-model-parallel-size", "2"]
 # name: (processes, flavour, flags)
 LAYOUTS = {
     "fsdp2-gpt2": (2, "gpt2", FSDP),
-    "fsdp4-llama-deep": (4, "llama-deep", FSDP),
+    "fsdp4-llama-deep-no-reshard": (4, "llama-deep", FSDP + ["--no-fsdp-reshard-after-forward"]),
+    "cp2-fsdp2-llama": (4, "llama", FSDP + ["--context-parallel-size", "2"]),  # sharded over DP x CP
     "tp2-sp-fsdp2-llama": (4, "llama", FSDP + TP2),
     "pp2-fsdp2-gpt2-deep": (4, "gpt2-deep", FSDP + PP2),
     "ep2-moe": (2, "moe", FSDP + ["--expert-model-parallel-size", "2"]),  # experts whole: one rank each
@@ -86,3 +87,39 @@ def test_fsdp2_bf16_matches_one_process_and_holds_16_bytes_per_parameter(tmp_pat
     assert first["main_param_bytes"] == 0
     for key, per_param in (("param_bytes", 4), ("grad_bytes", 4), ("optimizer_state_bytes", 8)):
         assert abs(first[key] / (n / 2) - per_param) < 0.05 * per_param, (key, first[key], n)
+
+
+def test_fsdp2_checkpoints_resume_under_zero1_and_one_process_and_back(tmp_path, dataset_prefix, bpe_flags):
+    """An FSDP2 run (DP 2, 15 iterations, saved every 5) is continued from its iteration-5 checkpoint by ZeRO 1
+    at DP 2 and by one process, and FSDP2 continues from the ZeRO 1 run's iteration 10: each repeats the
+    uninterrupted run's losses and grad norms (to the parity tolerances: the layouts sum in other orders)."""
+    base = [*FLAVOURS["llama"], "--eval-interval", "100", "--save-interval", "5"]
+
+    def resumed(name, nproc, load, *flags):  # the same 15-iteration schedule, stopped at 10 or run to the end
+        rows, _ = run(tmp_path / name, dataset_prefix, bpe_flags, nproc, *base, "--load", load, *flags, iters=15)
+        return rows
+
+    full, _ = run(tmp_path / "full", dataset_prefix, bpe_flags, 2, *base, *FSDP, iters=15)
+    zero1 = resumed("zero1", 2, tmp_path / "full" / "ck" / "iter_0000005", "--zero-stage", "1", "--exit-interval", "10")
+    one = resumed("one", 1, tmp_path / "full" / "ck" / "iter_0000005", "--exit-interval", "10")
+    back = resumed("back", 2, tmp_path / "zero1" / "ck" / "iter_0000010", *FSDP)
+    for what, rows, start in (("ZeRO 1", zero1, 5), ("one process", one, 5), ("FSDP2 from ZeRO 1", back, 10)):
+        assert [r["iteration"] for r in rows] == list(range(start + 1, start + 6)), what
+        for a, b in zip(full[start:start + 5], rows, strict=True):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (what, a["iteration"])
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (what, a["iteration"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (FSDP + ["--deepspeed"], "--use-torch-fsdp2 with --deepspeed: choose one"),
+    (FSDP + ["--zero-stage", "1"], "--use-torch-fsdp2 shards parameters, gradients and optimizer state itself: "
+                                   "drop --zero-stage 1"),
+    (FSDP + ["--use-distributed-optimizer"], "drop --zero-stage 1 / --use-distributed-optimizer"),
+    (["--no-fsdp-reshard-after-forward"], "--no-fsdp-reshard-after-forward needs --use-torch-fsdp2"),
+    (["--zero-stage", "3"], "--zero-stage 3 \\(sharded parameters\\) needs --use-torch-fsdp2 or --deepspeed"),
+])
+def test_fsdp2_refusals(argv, message):
+    from megalm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--tokenizer-type", "NullTokenizer", "--vocab-size", "100", *argv], world_size=2)

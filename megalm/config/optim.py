@@ -21,7 +21,7 @@ class OptimConfig:
     adam_beta2: float = opt(0.999, "Adam beta2")
     adam_eps: float = opt(1e-8, "Adam epsilon")
     zero_stage: int = opt(0, "shard over data parallelism: 0 nothing, 1 optimizer state, 2 also gradients, "
-                          "3 also parameters (with --deepspeed)", choices=(0, 1, 2, 3))
+                          "3 also parameters (with --use-torch-fsdp2 or --deepspeed)", choices=(0, 1, 2, 3))
     use_distributed_optimizer: bool = opt(False, "Megatron's name for --zero-stage 1")
     ddp_bucket_size: int = opt(1 << 22, "parameters per gradient-reduction bucket")
     loss_scale: Optional[float] = opt(None, "static loss scale for --fp16 (default: dynamic)")
