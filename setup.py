@@ -49,7 +49,8 @@ setup(
         "tensorboard",
     ],
     extras_require={"test": ["pytest", "megatron-core", "transformers", "safetensors", "tiktoken", "matplotlib",
-                             "wandb"],
+                             "wandb", "torchao>=0.12"],
+                    "fp8": ["torchao>=0.12"],  # --fp8-format: torchao's float8 training
                     "deepspeed": ["deepspeed>=0.14"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

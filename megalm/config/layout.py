@@ -25,6 +25,7 @@ def validate_layout(cfg, world_size: Optional[int] = None) -> None:
     _experts(cfg, world_size)
     _batch(cfg, world_size)
     _deepspeed(cfg)
+    _fp8(cfg)
 
 
 def _tensor_parallel(cfg, world_size: Optional[int]) -> None:
@@ -182,3 +183,24 @@ def _deepspeed(cfg) -> None:
                           "--deepspeed; --zero-stage 1/2 shards the optimizer there)")
     if ck.async_save and p.deepspeed:
         raise ConfigError("--async-save with --deepspeed: DeepSpeed writes its engine state itself, synchronously")
+
+
+def _fp8(cfg) -> None:
+    """FP8 matmuls take local widths that are multiples of 16 (32, the block, for MXFP8), along every dimension
+    of the three matmuls: the model width, the MLP's and attention's widths per TP rank, and the tokens of a
+    micro-batch."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if not t.fp8_format:
+        return
+    need = 32 if t.fp8_recipe == "mxfp8" else 16
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    head = m.kv_channels or m.hidden_size // m.num_attention_heads
+    widths = [("--hidden-size", m.hidden_size, m.hidden_size),
+              ("--ffn-hidden-size / TP", m.ffn_hidden_size // tp, m.ffn_hidden_size),
+              ("attention heads x head width / TP", m.num_attention_heads * head // tp, m.num_attention_heads * head),
+              ("--micro-batch-size x --seq-length / CP", t.micro_batch_size * m.seq_length // cp,
+               t.micro_batch_size * m.seq_length)]
+    for what, local, whole in widths:
+        if local % need:
+            raise ConfigError(f"--fp8-format with --fp8-recipe {t.fp8_recipe}: {what} is {local} (of {whole}), not a "
+                              f"multiple of {need}; FP8 matmuls cannot take it")

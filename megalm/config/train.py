@@ -22,7 +22,13 @@ class TrainConfig:
     fp16: bool = opt(False, "float16 parameters and compute as --bf16, with a dynamic loss scale")
     grad_reduce_in_bf16: bool = opt(False, "with --bf16: gradient buffers accumulate and reduce in bf16 (half "
                                     "the gradient memory and traffic, coarser sums)")
-    compile: bool = opt(False, "torch.compile each transformer block (GPU runs; the first steps compile)",
+    fp8_format: Optional[str] = opt(None, "FP8 matmuls in the transformer blocks' linear layers (torchao): e4m3 "
+                                    "everywhere, or hybrid (e4m3 forward, e5m2 gradients); emulated where the "
+                                    "device has no FP8 matmuls", choices=("e4m3", "hybrid"))
+    fp8_recipe: str = opt("tensorwise", "with --fp8-format: scaling per tensor (tensorwise), per row (rowwise), or "
+                          "per 32-element block (mxfp8)", choices=("tensorwise", "rowwise", "mxfp8"))
+    compile: bool = opt(False, "torch.compile each transformer block (inductor: CPU and GPU; the first steps "
+                        "compile)",
                         flag="--torch-compile")
     exit_interval: Optional[int] = opt(None, "save and exit after an iteration that is a multiple of this")
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit once the run has trained this long")
@@ -67,6 +73,8 @@ def validate_train(t: TrainConfig) -> None:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
     if t.grad_reduce_in_bf16 and not t.bf16:
         raise ConfigError("--grad-reduce-in-bf16 needs --bf16")
+    if t.fp8_recipe != "tensorwise" and not t.fp8_format:
+        raise ConfigError(f"--fp8-recipe {t.fp8_recipe} needs --fp8-format e4m3 or hybrid")
     if t.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0, got {t.eval_iters}")
     positive_if_set([(t.global_batch_size, "--global-batch-size"), (t.exit_interval, "--exit-interval"),

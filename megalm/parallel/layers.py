@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalm.parallel.fp8 import linear
 from megalm.parallel.mappings import (copy_to_tp, gather_from_sequence_parallel, reduce_from_tp,
                                       reduce_scatter_to_sequence_parallel)
 from megalm.parallel.state import Topology
@@ -70,9 +71,10 @@ class ColumnParallelLinear(nn.Module):
         self.topo, self.input_entered = topo, input_entered
         self.weight = _param((out_features // topo.tp, in_features), 0)
         self.bias = _param((out_features // topo.tp,), 0) if bias else None
+        self.fp8 = None  # an ``fp8.FP8Spec`` under --fp8-format
 
     def forward(self, x):
-        return F.linear(x if self.input_entered else enter_tp_region(x, self.topo), self.weight, self.bias)
+        return linear(x if self.input_entered else enter_tp_region(x, self.topo), self.weight, self.bias, self.fp8)
 
 
 class RowParallelLinear(nn.Module):
@@ -83,9 +85,10 @@ class RowParallelLinear(nn.Module):
         self.topo = topo
         self.weight = _param((out_features, in_features // topo.tp), 1)
         self.bias = _param((out_features,), None, topo.sequence_parallel) if bias else None
+        self.fp8 = None  # an ``fp8.FP8Spec`` under --fp8-format
 
     def forward(self, x):
-        y = leave_tp_region(F.linear(x, self.weight), self.topo)
+        y = leave_tp_region(linear(x, self.weight, None, self.fp8), self.topo)
         return y + self.bias if self.bias is not None else y
 
 

@@ -30,6 +30,7 @@ from megalm.optim.snapshot import HostStaging
 from megalm.optim.schedule import learning_rate
 from megalm.model.mtp import shifted_targets
 from megalm.parallel.context import split_batch
+from megalm.parallel.fp8 import enable_fp8
 from megalm.parallel.fsdp import reshard, shard_model
 from megalm.parallel.random import rank_seed
 from megalm.parallel.state import Topology, host_all_reduce
@@ -71,6 +72,9 @@ class Trainer:
         with torch.device("meta"):  # no memory yet: each parameter is created on the device as it is initialised
             self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo, chunks)
         self.model.init_weights(t.seed, self.device, self.parameter_dtype())
+        if t.fp8_format:
+            count = enable_fp8(self.model, t.fp8_recipe, t.fp8_format, topo, self.device)
+            log.info("FP8: %d linear layers in %s, %s scaling (torchao)", count, t.fp8_format, t.fp8_recipe)
         if t.compile:
             for block in self.model.layers.values():
                 block.compile()
