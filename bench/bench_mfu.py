@@ -42,6 +42,26 @@ def random_dataset(workdir, vocab, tokens):
     return prefix
 
 
+def measure(flags: list, iters: int, autocast: bool = False):
+    """(the Trainer, its median step time in seconds over the last two thirds of ``iters`` steps) for ``flags``
+    (``autocast``: each step under bf16 autocast)."""
+    cfg = load_config(flags)
+    trainer = Trainer(cfg, Topology())
+    device = trainer.device.type
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            trainer.last_loss = trainer.train_step(trainer._micro_batches(trainer.train_ds,
+                                                                          trainer.consumed_samples))["loss"]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        trainer.iteration += 1
+        trainer.consumed_samples += cfg.train.global_batch_size
+    return trainer, statistics.median(times[len(times) // 3:])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
@@ -51,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--attention-backend", default="sdpa")
     ap.add_argument("--recompute", default=None, choices=("full", "selective"))
+    ap.add_argument("--fp8-recipe", default=None, choices=("tensorwise", "rowwise", "mxfp8"),
+                    help="FP8 matmuls in the blocks (hybrid format) with this scaling")
     ap.add_argument("--precision", default=None, choices=("bf16", "autocast", "fp32"),
                     help="bf16 parameters (the default on GPU), bf16 autocast over fp32 parameters, or fp32 (the "
                          "default with --smoke)")
@@ -72,30 +94,18 @@ def main(argv=None):
                  "NullTokenizer", "--vocab-size", str(vocab - 1), "--make-vocab-size-divisible-by", "128",
                  "--lr", "1e-4", "--attention-backend", args.attention_backend, "--log-interval", "1000",
                  *(["--bf16"] if precision == "bf16" else []), *(["--torch-compile"] if args.compile else []),
-                 *(["--recompute-granularity", args.recompute] if args.recompute else [])]
-        cfg = load_config(flags)
-        trainer = Trainer(cfg, Topology())
+                 *(["--recompute-granularity", args.recompute] if args.recompute else []),
+                 *(["--fp8-format", "hybrid", "--fp8-recipe", args.fp8_recipe] if args.fp8_recipe else [])]
         device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-        times = []
-        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "autocast")
-        for i in range(iters):
-            start = time.perf_counter()
-            with autocast:
-                trainer.train_step(trainer._micro_batches(trainer.train_ds, trainer.consumed_samples))
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            trainer.iteration += 1
-            trainer.consumed_samples += gbs
-        steady = statistics.median(times[len(times) // 3:])
+        trainer, steady = measure(flags, iters, precision == "autocast")
         row = trainer.throughput(gbs * seq, steady)
         params = trainer.model.num_parameters()
         print(f"device: {name}; model {params / 1e9:.3f}B parameters, seq {seq}, micro batch {mbs}, global {gbs}, "
               f"{precision}, attention {args.attention_backend}"
-              f"{', compiled' if args.compile else ''}")
+              f"{', compiled' if args.compile else ''}{f', FP8 {args.fp8_recipe}' if args.fp8_recipe else ''}")
         print(f"median step {1000 * steady:.1f} ms | {row['tokens_per_sec']:,.0f} tokens/s | "
-              f"{row['tflops_per_device']:.1f} TFLOP/s")
+              f"{row['tflops_per_device']:.1f} TFLOP/s | loss after {iters} steps {trainer.last_loss:.4f}")
         if "mfu" in row:
             print(f"MFU {100 * row['mfu']:.1f}% (target {100 * TARGET_MFU:.0f}%; ratio "
                   f"{row['mfu'] / TARGET_MFU:.2f})")

@@ -181,8 +181,10 @@ class GroupedExperts(nn.Module):
             else tokens.dtype
         x = tokens.to(dtype)
         w = {name: getattr(self, name).to(dtype) for name in (("w1", "w3", "w2") if self.swiglu else ("w1", "w2"))}
-        # grouped matmuls need rows of a multiple of 16 bytes; other widths take the loop
-        aligned = all(d * x.element_size() % 16 == 0 for d in w["w1"].shape[1:])
+        # grouped matmuls need rows of a multiple of 16 bytes; other widths take the loop, and so does fp32 under
+        # torch.compile (the grouped matmul's shape function takes bf16 only, its CPU kernel fp32 too)
+        aligned = all(d * x.element_size() % 16 == 0 for d in w["w1"].shape[1:]) and not (
+            torch.compiler.is_compiling() and x.dtype == torch.float32)
         if self.cfg.moe_grouped_gemm and aligned:
             offs = torch.cumsum(counts, 0).to(torch.int32)
 

@@ -330,6 +330,8 @@ class Trainer:
                 row["loss_scale"] = self.scaler.scale
             if self.iteration == 1:  # measured, not estimated: the Adam moments this rank allocated
                 row.update(self.memory_row())
+                if t.compile:  # what dynamo could not trace in the blocks it compiled (kept at zero by the tests)
+                    row["compile_graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
             if self.comm:  # this rank's stage (rank 0: the first): time blocked on its neighbours, activations held
                 row["pipeline_wait_ms"] = 1000 * (self.comm.wait_seconds - waited)
                 if self.live:  # measured in the first step
