@@ -4,7 +4,7 @@ optimizer settings, in one run; prints tokens/s of both and the ratio (target: m
 The plain loop is written here from scratch (a nanoGPT-style GPT and torch's AdamW) and gets its batches
 pre-built, so its data loading costs nothing; megalm's time includes reading its dataset.
 
-python bench/bench_overhead.py [--iters 40] [--threads 2]
+python bench/bench_overhead.py [--iters 40] [--threads 2] [--reference plain|transformers]
 """
 import argparse
 import os
@@ -63,9 +63,25 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
-def plain_loop(cfg, vocab, batches):
+class HFGPT2(nn.Module):
+    """transformers' GPT-2 of the same shape, its loss on megalm's (already shifted) labels."""
+
+    def __init__(self, vocab, h, layers, heads, seq):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=h, n_layer=layers,
+                                                n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    def forward(self, idx, targets):
+        logits = self.model(input_ids=idx).logits
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def plain_loop(cfg, vocab, batches, reference="plain"):
     m, o = cfg.model, cfg.optim
-    model = PlainGPT(vocab, m.hidden_size, m.num_layers, m.num_attention_heads, m.seq_length)
+    model = (HFGPT2 if reference == "transformers" else PlainGPT)(vocab, m.hidden_size, m.num_layers,
+                                                                  m.num_attention_heads, m.seq_length)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0}],
@@ -87,6 +103,8 @@ def main():
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--reference", default="plain", choices=("plain", "transformers"),
+                   help="the nanoGPT-style loop, or transformers' GPT2LMHeadModel with torch AdamW")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="megalm-bench-")
@@ -100,18 +118,20 @@ def main():
     metrics = os.path.join(work, "metrics.jsonl")
     cfg = load_config(["--config", "configs/gpt_tiny.yaml", "--data-path", os.path.join(work, "c_text_document"),
                        "--train-iters", str(args.iters), "--eval-iters", "0", "--log-interval", "1000",
-                       "--metrics-file", metrics, *tok])
+                       "--metrics-file", metrics, "--timing-log-level", "1", *tok])
     trainer = Trainer(cfg, Topology())
     t = cfg.train
     batches = [global_batch(trainer.train_ds, i * t.global_batch_size, t.global_batch_size, t.micro_batch_size)
                for i in range(args.iters)]
-    plain_before = plain_loop(cfg, trainer.tokenizer.vocab_size, batches)
+    plain_before = plain_loop(cfg, trainer.tokenizer.vocab_size, batches, args.reference)
     trainer.train()
-    plain_after = plain_loop(cfg, trainer.tokenizer.vocab_size, batches)  # the reference runs on both sides
+    plain_after = plain_loop(cfg, trainer.tokenizer.vocab_size, batches, args.reference)  # on both sides
     import json
 
     with open(metrics) as fh:
-        ours = [r["ms_per_iter"] / 1000 for r in map(json.loads, fh) if "ms_per_iter" in r]
+        rows = [r for r in map(json.loads, fh) if "ms_per_iter" in r]
+    ours = [r["ms_per_iter"] / 1000 for r in rows]
+    parts = {k[5:-3]: statistics.median(r[k] for r in rows[args.warmup:]) for k in rows[-1] if k.startswith("time_")}
     tokens = t.global_batch_size * cfg.model.seq_length
     ours_tps = tokens / statistics.median(ours[args.warmup:])
     plain_tps = max(tokens / statistics.median(run[args.warmup:]) for run in (plain_before, plain_after))
@@ -119,9 +139,12 @@ def main():
     print(f"model: configs/gpt_tiny.yaml ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
           f"seq {cfg.model.seq_length}, vocab {trainer.tokenizer.vocab_size}), global batch {t.global_batch_size}, "
           f"micro batch {t.micro_batch_size}; median of iterations {args.warmup + 1}..{args.iters}")
-    print(f"plain PyTorch loop: {plain_tps:8.0f} tokens/s (the better of a run before and one after megalm's)")
+    name = "transformers GPT-2 loop" if args.reference == "transformers" else "plain PyTorch loop"
+    print(f"{name}: {plain_tps:8.0f} tokens/s (the better of a run before and one after megalm's)")
     print(f"megalm Trainer:     {ours_tps:8.0f} tokens/s")
-    print(f"ratio megalm / plain: {ours_tps / plain_tps:.3f} (target >= 0.95)")
+    print("megalm step's parts (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+          + f"; whole step {1000 * statistics.median(ours[args.warmup:]):.1f}")
+    print(f"ratio megalm / {args.reference}: {ours_tps / plain_tps:.3f} (target >= 0.95)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def test_gpu_check_script_smoke(tmp_path):
                          timeout=600, env=dict(os.environ, GPU_CHECK_SMOKE="1", PYTHON=PYTHON))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     text = results.read_text()
-    for step in ("train", "training throughput", "bench/bench_mfu.py", "generate from the trained checkpoint"):
+    for step in ("train", "training throughput", "bench/bench_mfu.py", "bench/bench_mfu.py --fp8-recipe mxfp8",
+                 "generate from the trained checkpoint"):
         assert re.search(rf"^== {re.escape(step)}.*: exit 0, \d+ s$", text, re.M), step
     assert "tokens_per_sec" in text and "--- prompt: '1 2 3 4 5'" in text
     assert text.rstrip().endswith(f"all steps passed; results in {results}")
@@ -71,3 +72,11 @@ def test_checkpoint_benchmark_small():
     row = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["2"]][0]
     sync, background, shares = float(row[1]), float(row[2]), row[7:]
     assert sync > 0 and background > 0 and len(shares) == 2 and all(float(s) > 0 for s in shares), res.stdout
+
+
+def test_race_against_megatron_core_small():
+    """bench/bench_vs_megatron.py runs both frameworks at one rank and prints the ratio."""
+    res = subprocess.run([PYTHON, "bench/bench_vs_megatron.py", "--layouts", "1", "--shapes", "gpt", "--iters", "3",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "slowest ratio megalm / megatron-core:" in res.stdout and "\ngpt    1 " in res.stdout

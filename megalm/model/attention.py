@@ -22,7 +22,7 @@ from megalm.model.norm import Norm
 from megalm.model.recompute import recomputed
 from megalm.model.rope import apply_rope
 from megalm.parallel.context import context_attention
-from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
+from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, column_parallel
 from megalm.parallel.random import RNGTracker
 from megalm.parallel.state import Topology
 
@@ -135,8 +135,8 @@ class Attention(nn.Module):
         """This rank's queries ``[b, heads, s, d]`` and the keys and values they attend to (with a cache: all
         of them so far)."""
         hd = self.cfg.head_dim
-        x = enter_tp_region(x, self.topo)  # the whole sequence, also when x was a sequence-parallel shard
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        # the whole sequence, also when x was a sequence-parallel shard
+        q, k, v = column_parallel(x, (self.wq, self.wk, self.wv), self.topo)
         b, s = q.shape[:2]
         q, k = q.view(b, s, self.n_heads, hd), k.view(b, s, self.n_kv, hd)
         if self.cfg.qk_layernorm:

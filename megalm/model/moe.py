@@ -71,7 +71,7 @@ def _sum_over_token_ranks(x: torch.Tensor, topo: Topology) -> torch.Tensor:
     """Sum over the ranks that split the micro-batch's tokens (TP under sequence parallelism, CP; each routed its
     own part): autograd-aware, the gradient flows to each rank's own part. Unchanged when a rank has them all."""
     group, size = topo.token_split
-    return reduce_from_tp(x, group) if size > 1 else x
+    return reduce_from_tp(x.clone(), group) if size > 1 else x  # summed in place: not into what x is
 
 
 class Router(nn.Module):

@@ -18,7 +18,7 @@ from megalm.model.activations import gated
 from megalm.model.attention import Attention, KVCache
 from megalm.model.mla import MultiLatentAttention
 from megalm.model.norm import Norm
-from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp_region
+from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, column_parallel
 from megalm.parallel.random import RNGTracker
 from megalm.parallel.state import Topology
 
@@ -37,10 +37,9 @@ class MLP(nn.Module):
         self.w2 = RowParallelLinear(ffn, cfg.hidden_size, topo, bias)
 
     def forward(self, x):
-        x = enter_tp_region(x, self.topo)
         if self.swiglu:
-            return self.w2(gated(self.cfg, self.w1(x), self.w3(x)))
-        return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
+            return self.w2(gated(self.cfg, *column_parallel(x, (self.w1, self.w3), self.topo)))
+        return self.w2(F.gelu(column_parallel(x, (self.w1,), self.topo)[0], approximate=self.approximate))
 
 
 def hidden_dropout(x, p: float, training: bool, topo: Topology, rng: RNGTracker):

@@ -409,11 +409,12 @@ def global_norm(pieces, topo: Topology, device, dense_group, experts_sliced: boo
     slices summed over ``dense_group`` when the dense parameters are sharded over it, experts summed over the
     expert-parallel ranks (and over the expert-data-parallel group when ``experts_sliced``), stages summed over
     the pipeline."""
-    sq_tp, sq_rep, sq_exp = (torch.zeros((), dtype=torch.float32, device=device) for _ in range(3))
+    kinds = ([], [], [])  # TP-sharded, replicated, experts: one fused norm kernel per kind
     for pc, g in pieces:
-        if pc.counted:
-            target = sq_exp if pc.expert else sq_tp if pc.tp_sharded else sq_rep
-            target += g.float().pow(2).sum()
+        if pc.counted and g.numel():
+            kinds[2 if pc.expert else 0 if pc.tp_sharded else 1].append(g.float())
+    sq_tp, sq_rep, sq_exp = (torch.stack(torch._foreach_norm(gs)).pow(2).sum() if gs else
+                             torch.zeros((), dtype=torch.float32, device=device) for gs in kinds)
     if topo.tp > 1:
         dist.all_reduce(sq_tp, group=topo.tp_group)
     total = sq_tp + sq_rep

@@ -77,6 +77,48 @@ class ColumnParallelLinear(nn.Module):
         return linear(x if self.input_entered else enter_tp_region(x, self.topo), self.weight, self.bias, self.fp8)
 
 
+def column_parallel(x, layers, topo: Topology) -> list:
+    """Several column-parallel layers applied to one input, which enters the TP region once: their outputs.
+    Without sequence parallelism (and FP8) one autograd function does it all, so that backward starts the
+    all-reduce of the input's gradient as soon as that gradient is computed and computes the weights' gradients
+    while it runs (Megatron's overlap of the TP all-reduce with the weight-gradient GEMM)."""
+    if topo.tp == 1 or topo.sequence_parallel or any(layer.fp8 is not None for layer in layers):
+        x = enter_tp_region(x, topo)
+        return [linear(x, layer.weight, layer.bias, layer.fp8) for layer in layers]
+    params = [t for layer in layers for t in (layer.weight, layer.bias)]
+    return list(_SharedInputLinears.apply(x, topo.tp_group, *params))
+
+
+class _SharedInputLinears(torch.autograd.Function):
+    """``x W_i^T + b_i`` for each (weight, bias) pair; backward sums the input's gradient over the TP group
+    asynchronously while the weights' gradients are computed."""
+
+    @staticmethod
+    def forward(ctx, x, group, *params):
+        ctx.group, ctx.biased = group, [b is not None for b in params[1::2]]
+        weights = params[0::2]
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, params[1::2]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        width = x.shape[-1]
+        grads = [g.reshape(-1, g.shape[-1]) for g in grads]
+        grad_x = grads[0] @ weights[0]
+        for g, w in zip(grads[1:], weights[1:]):
+            grad_x.addmm_(g, w)
+        compiling = torch.compiler.is_compiling()  # dynamo traces no async collective: the compiler orders it
+        work = dist.all_reduce(grad_x, group=ctx.group, async_op=not compiling)
+        flat = x.reshape(-1, width)
+        out = []
+        for g, biased in zip(grads, ctx.biased):
+            out += [g.t() @ flat, g.sum(0) if biased else None]
+        if not compiling:
+            work.wait()
+        return (grad_x.view(x.shape), None, *out)
+
+
 class RowParallelLinear(nn.Module):
     """``y = x A^T + b`` with A split by input columns: partial products are summed over the TP group."""
 

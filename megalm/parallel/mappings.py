@@ -20,6 +20,16 @@ def _all_reduce(x, group):
     return x
 
 
+def _all_reduce_in_place(x, group):
+    """For a forward whose input is a fresh product nothing else holds (a row-parallel matmul's partial sums):
+    no copy (autograd would refuse the change if anything had saved it)."""
+    if _size(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
 def _split_last(x, group):
     n = _size(group)
     if n == 1:
@@ -64,8 +74,9 @@ def copy_to_tp(x, group):
 
 
 def reduce_from_tp(x, group):
-    """All-reduce forward, identity backward: leaves a row-parallel region."""
-    return _pair(x, group, _all_reduce, _identity)
+    """All-reduce forward (in place: the row-parallel partial sums), identity backward: leaves a row-parallel
+    region."""
+    return _pair(x, group, _all_reduce_in_place, _identity)
 
 
 def gather_from_tp(x, group):
