@@ -286,17 +286,10 @@ class DistributedOptimizer:
             return self._update(lr, grad_scale)
 
     def _update(self, lr: float, grad_scale: float) -> tuple:
-        grads = self.grads()
-        norm = unscale_and_clip(grads, grad_scale, self.global_grad_norm, self.cfg.clip_grad)
-        if not math.isfinite(norm):
+        norm, skipped = adam_step(self.adam, [pc.values for pc in self.pieces], self.grads(), lr, grad_scale,
+                                  self.global_grad_norm, self.cfg.clip_grad)
+        if skipped:
             return norm, True
-        for pc, g in zip(self.pieces, grads):
-            pc.values.grad = g
-        for group in self.adam.param_groups:
-            group["lr"] = lr
-        self.adam.step()
-        for pc in self.pieces:
-            pc.values.grad = None
         for b in self.buckets:
             lo, hi = self._slice_range(b)
             if b.main is not None:
@@ -392,15 +385,25 @@ class DistributedOptimizer:
                    for k in ("exp_avg", "exp_avg_sq")}}
 
 
-def unscale_and_clip(grads: list, grad_scale: float, norm_of, clip: float) -> float:
-    """Divide ``grads`` by the loss scale, measure their global norm (``norm_of(grads)``) and, when finite and
-    over ``clip`` (> 0), scale them down to it, in place; returns the norm before clipping."""
+def adam_step(adam, tensors: list, grads: list, lr: float, grad_scale: float, norm_of, clip: float) -> tuple:
+    """One AdamW step of ``adam`` over ``tensors`` with ``grads``: divided by the loss scale, their global norm
+    measured (``norm_of(grads)``) and, over ``clip`` (> 0), scaled down to it; a non-finite norm skips the step.
+    Returns (the norm before clipping, skipped)."""
     if grad_scale != 1.0:
         torch._foreach_mul_(grads, 1.0 / grad_scale)
     norm = norm_of(grads)
-    if math.isfinite(norm) and clip > 0 and norm > clip:
+    if not math.isfinite(norm):
+        return norm, True
+    if clip > 0 and norm > clip:
         torch._foreach_mul_(grads, clip / (norm + 1e-6))
-    return norm
+    for t, g in zip(tensors, grads):
+        t.grad = g
+    for group in adam.param_groups:
+        group["lr"] = lr
+    adam.step()
+    for t in tensors:
+        t.grad = None
+    return norm, False
 
 
 def global_norm(pieces, topo: Topology, device, dense_group, experts_sliced: bool, has_experts: bool) -> float:

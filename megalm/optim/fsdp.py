@@ -11,7 +11,6 @@ runs, and the moments), and read back from whole TP-local tensors, so any layout
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import OptimConfig
-from megalm.optim.distributed import global_norm, unscale_and_clip
+from megalm.optim.distributed import adam_step, global_norm
 from megalm.optim.optimizer import adamw, decays
 from megalm.optim.snapshot import HostStaging, host_tensor
 from megalm.parallel.fsdp import is_sharded, local, shard_range, shard_values
@@ -85,17 +84,8 @@ class FSDPOptimizer:
             grads = self.grads()
             self.finish_gradients(grads)
         with timers("optimizer") if timers else contextlib.nullcontext():
-            norm = unscale_and_clip(grads, grad_scale, self.global_grad_norm, self.cfg.clip_grad)
-            if not math.isfinite(norm):
-                return norm, True
-            for s, g in zip(self.shards, grads):
-                s.values.grad = g
-            for group in self.adam.param_groups:
-                group["lr"] = lr
-            self.adam.step()
-            for s in self.shards:
-                s.values.grad = None
-            return norm, False
+            return adam_step(self.adam, [s.values for s in self.shards], grads, lr, grad_scale,
+                             self.global_grad_norm, self.cfg.clip_grad)
 
     # ---- memory and checkpoints ----------------------------------------------------------------------------
 

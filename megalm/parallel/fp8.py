@@ -114,8 +114,6 @@ class _Float8Matmul(torch.autograd.Function):
 def enable_fp8(model: torch.nn.Module, recipe: str, fmt: str, topo, device: torch.device) -> int:
     """Give every column- and row-parallel linear of the transformer blocks (and the MTP modules) an
     ``FP8Spec``; returns how many. The output layer is not in the blocks and stays in high precision."""
-    from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear
-
     emulate = not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
     if recipe == "mxfp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (10, 0):
         emulate = True  # MX matmuls need Blackwell: emulated elsewhere, same numbers
@@ -130,8 +128,7 @@ def enable_fp8(model: torch.nn.Module, recipe: str, fmt: str, topo, device: torc
     count = 0
     for block in blocks:
         for name, module in block.named_modules():
-            split = "out" if isinstance(module, ColumnParallelLinear) else \
-                "in" if isinstance(module, RowParallelLinear) else None
+            split = getattr(type(module), "fp8_split", None)  # the TP layers say which side TP splits
             if split is not None:
                 if any(n % need for n in module.weight.shape):
                     from megalm.config import ConfigError

@@ -64,6 +64,7 @@ class ColumnParallelLinear(nn.Module):
     ``input_entered``: the caller already passed ``x`` through ``enter_tp_region`` (several projections of one
     input share that collective, and its backward sums their gradients once).
     """
+    fp8_split = "out"  # what TP splits, for FP8's scales: the outputs
 
     def __init__(self, in_features: int, out_features: int, topo: Topology, bias: bool = True,
                  input_entered: bool = False):
@@ -121,6 +122,7 @@ class _SharedInputLinears(torch.autograd.Function):
 
 class RowParallelLinear(nn.Module):
     """``y = x A^T + b`` with A split by input columns: partial products are summed over the TP group."""
+    fp8_split = "in"  # what TP splits, for FP8's scales: the contraction
 
     def __init__(self, in_features: int, out_features: int, topo: Topology, bias: bool = True):
         super().__init__()
