@@ -246,11 +246,7 @@ class DistributedOptimizer:
             if b.grad is None:  # ZeRO 2, and no gradient reached the bucket
                 b.grad = self._new_grad(b)
             for p, off in zip(b.params, b.offsets):
-                grad = b.grad[off:off + p.numel()]
-                if getattr(p, "sequence_parallel", False) and self.topo.tp > 1:
-                    dist.all_reduce(grad, group=self.topo.tp_group)
-                if getattr(p, "shared_embedding", False):
-                    dist.all_reduce(grad, group=self.topo.embedding_group)
+                sum_outside_dp(p, b.grad[off:off + p.numel()], self.topo)
             self._launch(b)
         for b in self.buckets:
             if b.ready:  # some parameter got no gradient this step
@@ -383,6 +379,16 @@ class DistributedOptimizer:
                 "step": s["step"].clone().float(),
                 **{k: s[k].reshape(-1)[pc.start:pc.start + n].to(pc.values.device).clone()
                    for k in ("exp_avg", "exp_avg_sq")}}
+
+
+def sum_outside_dp(p, grad: torch.Tensor, topo: Topology) -> None:
+    """Sum, in place, what ``p``'s gradient needs beyond data parallelism: over TP for a sequence-parallel
+    replicated parameter (each rank saw its part of the sequence), over the first and last stage for the tied
+    embedding's two copies."""
+    if getattr(p, "sequence_parallel", False) and topo.tp > 1:
+        dist.all_reduce(grad, group=topo.tp_group)
+    if getattr(p, "shared_embedding", False):
+        dist.all_reduce(grad, group=topo.embedding_group)
 
 
 def adam_step(adam, tensors: list, grads: list, lr: float, grad_scale: float, norm_of, clip: float) -> tuple:

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megalm.config import OptimConfig
-from megalm.optim.distributed import adam_step, global_norm
+from megalm.optim.distributed import adam_step, global_norm, sum_outside_dp
 from megalm.optim.optimizer import adamw, decays
 from megalm.optim.snapshot import HostStaging, host_tensor
 from megalm.parallel.fsdp import is_sharded, local, shard_range, shard_values
@@ -69,10 +68,7 @@ class FSDPOptimizer:
         """Sum the gradients that FSDP's reduction over DP does not: sequence-parallel norm weights over TP (each
         rank saw its part of the sequence), the tied embedding's copies over the first and last stage."""
         for s, g in zip(self.shards, grads):
-            if getattr(s.param, "sequence_parallel", False) and self.topo.tp > 1:
-                dist.all_reduce(g, group=self.topo.tp_group)
-            if getattr(s.param, "shared_embedding", False):
-                dist.all_reduce(g, group=self.topo.embedding_group)
+            sum_outside_dp(s.param, g, self.topo)
 
     def global_grad_norm(self, grads: list) -> float:
         return global_norm(list(zip(self.shards, grads)), self.topo, self.device, self.dense_group,

@@ -17,14 +17,15 @@ reduction. Under FSDP2 a block's weights are gathered before its forward, so the
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-RECIPES = ("tensorwise", "rowwise", "mxfp8")
-FORMATS = ("e4m3", "hybrid")
+from megalm.parallel.fsdp import mesh_of
+
 MX_BLOCK = 32
 
 
@@ -48,6 +49,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     return y if bias is None else y + bias
 
 
+@functools.lru_cache(maxsize=None)  # asked at every cast: built once per setting
 def _mm_config(emulate: bool):
     from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
 
@@ -117,11 +119,7 @@ def enable_fp8(model: torch.nn.Module, recipe: str, fmt: str, topo, device: torc
     emulate = not (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
     if recipe == "mxfp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (10, 0):
         emulate = True  # MX matmuls need Blackwell: emulated elsewhere, same numbers
-    mesh = None
-    if topo.tp > 1:
-        from torch.distributed.device_mesh import DeviceMesh
-
-        mesh = DeviceMesh.from_group(topo.tp_group, device.type)
+    mesh = mesh_of(topo.tp_group) if topo.tp > 1 else None
     grad_dtype = torch.float8_e5m2 if fmt == "hybrid" else torch.float8_e4m3fn
     blocks = list(model.layers.values()) + (list(model.mtp.values()) if hasattr(model, "mtp") else [])
     need = MX_BLOCK if recipe == "mxfp8" else 16

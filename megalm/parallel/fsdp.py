@@ -37,7 +37,9 @@ from megalm.parallel.state import Topology
 log = logging.getLogger("megalm")
 
 
-def _mesh(group):
+def mesh_of(group):
+    """A one-dimensional device mesh over an existing process group (what FSDP and torchao's scale reduction
+    take)."""
     from torch.distributed.device_mesh import DeviceMesh
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,8 +100,8 @@ def shard_model(model: nn.Module, topo: Topology, compute_dtype: torch.dtype, re
             p.data = p.data.float()
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
     dense_group = topo.dp_cp_group if topo.cp > 1 else topo.dp_group
-    dense = _mesh(dense_group)
-    experts = _mesh(topo.edp_group) if topo.edp_group is not None else None
+    dense = mesh_of(dense_group)
+    experts = mesh_of(topo.edp_group) if topo.edp_group is not None else None
     gloo = dist.get_backend() == "gloo"
     units = []
 
