@@ -8,6 +8,8 @@
 #
 # Slurm sends SIGUSR1 120 s before the time limit (--signal); every rank finishes its iteration, the job saves to
 # $SAVE and exits 0, leaving $SAVE/requeue_requested, and this script requeues the job, which resumes from $SAVE.
+# A hung or dead rank (--hang-timeout-seconds) ends every live rank with exit code 75: requeued the same way,
+# resuming from the last complete checkpoint.
 #SBATCH --job-name=megalm
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -43,10 +45,15 @@ fi
 rm -f "$SAVE/requeue_requested"
 
 echo "job ${SLURM_JOB_ID:-?}: $NNODES node(s) x $TASKS_PER_NODE tasks, master $MASTER_ADDR:$MASTER_PORT"
+rc=0
 srun --kill-on-bad-exit=1 --ntasks-per-node="$TASKS_PER_NODE" \
-  "$PYTHON" -m megalm.pretrain "$@" --save "$SAVE" "${LOAD[@]}"
+  "$PYTHON" -m megalm.pretrain "$@" --save "$SAVE" "${LOAD[@]}" || rc=$?
 
-if [ -f "$SAVE/requeue_requested" ]; then
-  echo "stopped early ($(cat "$SAVE/requeue_requested")): requeueing job $SLURM_JOB_ID"
+# 75: a rank found a hang or a dead peer (megalm.training.watchdog.REQUEUE_EXIT); the marker: a stop on a signal,
+# a time limit, a straggler, or that same failure (written by whichever rank saw it first)
+if [ "$rc" -eq 75 ] || [ -f "$SAVE/requeue_requested" ]; then
+  echo "stopped early (exit code $rc: $(cat "$SAVE/requeue_requested" 2>/dev/null || echo "no marker")): requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
+  exit 0
 fi
+exit "$rc"

@@ -19,7 +19,8 @@ from megalm.data.tokenizers import TokenizerError
 from megalm.parallel.state import LayoutError, Topology, destroy_distributed, init_distributed, launch_environment
 from megalm.training.checkpoint import CheckpointError
 from megalm.training.logging import setup_logging
-from megalm.training.stopping import TrainingDiverged
+from megalm.training.stopping import TrainingDiverged, request_requeue
+from megalm.training.watchdog import REQUEUE_EXIT, Watchdog
 
 log = logging.getLogger("megalm")
 
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
         return 2
     init_distributed(cfg.parallel.distributed_timeout_minutes, single=cfg.parallel.deepspeed)
+    multi = launch["world_size"] > 1
+    watchdog = Watchdog(cfg.resilience.hang_timeout_seconds, launch["rank"], launch["world_size"],
+                        (launch["master_addr"], launch["master_port"]) if multi else None, cfg.checkpoint.save)
     try:
         if cfg.parallel.deepspeed:
             from megalm.training.deepspeed_trainer import DeepSpeedTrainer as Trainer
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
                               p.expert_model_parallel_size, experts=bool(cfg.model.num_experts),
                               etp=p.expert_tensor_parallel_size, cp=p.context_parallel_size,
                               cp_comm_type=p.cp_comm_type)
-        Trainer(cfg, topo).train()
+        Trainer(cfg, topo, watchdog).train()
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
         destroy_distributed(barrier=False)
@@ -72,12 +76,15 @@ def main(argv=None) -> int:
         if not _is_collective_failure(exc):
             destroy_distributed(barrier=False)
             raise
-        print(f"megalm-pretrain: error: rank {launch['rank']}: communication with the other ranks failed "
-              f"(a rank died, or a collective waited longer than --distributed-timeout-minutes "
-              f"{cfg.parallel.distributed_timeout_minutes}): {str(exc).strip().splitlines()[0][:300]}",
+        watchdog.stop()
+        peers = watchdog.describe_peers() if multi else "no other ranks"
+        print(f"megalm-pretrain: error: rank {launch['rank']}: communication with the other ranks failed at "
+              f"iteration {watchdog.iteration + 1}, {watchdog.phase_name}: {peers} "
+              f"({str(exc).strip().splitlines()[0][:300]}); exiting with code {REQUEUE_EXIT} for a requeue",
               file=sys.stderr)
+        request_requeue(cfg.checkpoint.save, f"rank {launch['rank']}: communication failed: {peers}")
         destroy_distributed(barrier=False)
-        return 1
+        return REQUEUE_EXIT
     except BaseException:
         destroy_distributed(barrier=False)
         raise

@@ -82,11 +82,12 @@ def test_exit_interval_and_duration(tmp_path, dataset_prefix, bpe_flags):
 
 def test_divergence_stops_with_the_iteration(tmp_path, dataset_prefix, bpe_flags):
     flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "10", "--lr", "1e30", "--clip-grad", "0",
-                             "--lr-warmup-iters", "0", "--nonfinite-patience", "1")
+                             "--lr-warmup-iters", "0", "--max-skipped-steps", "1")
     res = subprocess.run([PYTHON, "-m", "megalm.pretrain", *map(str, flags)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 3, res.stderr[-2000:]
-    assert "consecutive steps without a finite loss and gradient" in res.stderr
+    assert "consecutive steps skipped (more than --max-skipped-steps 1)" in res.stderr
+    assert "no checkpoint under --save to roll back to" in res.stderr
     assert "iteration " in res.stderr
 
 

@@ -95,8 +95,9 @@ def test_save_flags_go_through_the_collective_device(monkeypatch):
     monkeypatch.setattr(state, "_to_host", lambda t: [1.0] * t.numel())
     pending = PendingSave.__new__(PendingSave)
     pending.thread, pending.error, pending.tmp = None, "disk full", "/ckpt/iter_0000002.tmp"
+    pending.topo, pending.iteration, pending.root = state.Topology(), 2, "/ckpt"
     assert pending.done_everywhere()
-    with pytest.raises(CheckpointError, match="writing the checkpoint failed on this rank: disk full"):
+    with pytest.raises(CheckpointError, match=r"iteration 2 failed on rank\(s\) 0 \(disk full\)"):
         pending.finish()
 
 
@@ -231,7 +232,7 @@ def _drop_checksum(folder, name):
 def test_prune_with_a_bad_pointer_removes_nothing(saved, tmp_path, caplog):
     import shutil
 
-    from megalm.training.checkpoint import LATEST, prune
+    from megalm.training.checkpoint_dirs import LATEST, prune
 
     root, it = _copy(saved, tmp_path)
     shutil.copytree(it, root / "iter_0000000")

@@ -21,6 +21,7 @@ from megalm.config.layout import data_parallel_size, validate_layout
 from megalm.config.model import ModelConfig, fill_model_defaults, validate_model
 from megalm.config.optim import OptimConfig, fill_optim_defaults, validate_optim
 from megalm.config.parallel import ParallelConfig, validate_parallel
+from megalm.config.resilience import ResilienceConfig, validate_resilience
 from megalm.config.train import (CheckpointConfig, LoggingConfig, TrainConfig, validate_checkpoint, validate_logging,
                                  validate_train)
 
@@ -34,6 +35,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(_flag(f), dest=dest, action=action, help=meta["help"])
             elif typ is list:
                 group.add_argument(_flag(f), dest=dest, nargs=meta.get("nargs") or "+", choices=meta.get("choices"),
-                                   help=meta["help"])
+                                   help=meta["help"], **({} if meta.get("choices") else {"metavar": f.name.upper()}))
             else:
                 group.add_argument(_flag(f), dest=dest, type=typ, choices=meta.get("choices"),
                                    help=meta["help"], metavar=f.name.upper())
@@ -164,6 +166,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     validate_optim(cfg.optim)
     validate_data(cfg.data)
     validate_checkpoint(cfg.checkpoint)
+    validate_resilience(cfg.resilience)
     validate_layout(cfg, world_size)
 
 

@@ -32,8 +32,6 @@ class TrainConfig:
                         flag="--torch-compile")
     exit_interval: Optional[int] = opt(None, "save and exit after an iteration that is a multiple of this")
     exit_duration_in_mins: Optional[float] = opt(None, "save and exit once the run has trained this long")
-    nonfinite_patience: int = opt(10, "stop after more than this many consecutive steps with a non-finite loss or "
-                                  "gradient (each such step is skipped)")
 
 
 @dataclass
@@ -79,8 +77,6 @@ def validate_train(t: TrainConfig) -> None:
         raise ConfigError(f"--eval-iters must be >= 0, got {t.eval_iters}")
     positive_if_set([(t.global_batch_size, "--global-batch-size"), (t.exit_interval, "--exit-interval"),
                      (t.exit_duration_in_mins, "--exit-duration-in-mins")])
-    if t.nonfinite_patience < 0:
-        raise ConfigError(f"--nonfinite-patience must be >= 0, got {t.nonfinite_patience}")
 
 
 def validate_logging(lg: LoggingConfig) -> None:

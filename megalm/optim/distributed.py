@@ -101,6 +101,8 @@ class DistributedOptimizer:
         self.pieces = [piece for b in self.buckets for piece in self._pieces(b)]
         self.adam = adamw([pc.values for pc in self.pieces if decays(pc.param)],
                           [pc.values for pc in self.pieces if not decays(pc.param)], cfg, device.type == "cuda")
+        self.check_finite = False  # --check-for-nan-in-loss-and-grad: each bucket's norms before it is reduced
+        self._local_norms = []
         self._owner, self._offset = {}, {}
         for b in self.buckets:
             for p, off in zip(b.params, b.offsets):
@@ -187,6 +189,7 @@ class DistributedOptimizer:
     # ---- gradients -------------------------------------------------------------------------------------------
 
     def zero_grad(self) -> None:
+        self._local_norms = []
         for b in self.buckets:
             b.ready = 0
             if b.shard_grad is not None:
@@ -222,6 +225,9 @@ class DistributedOptimizer:
         """Average over data parallelism: divide by DP and sum over the bucket's group (for experts the
         expert-data-parallel ranks; their gradients already hold the other expert-parallel ranks' tokens)."""
         b.ready = 0
+        if self.check_finite:  # this rank's own gradients, before the reduction spreads a NaN to every replica
+            self._local_norms.append((b, torch.stack(torch._foreach_norm(
+                [b.grad[off:off + p.numel()] for p, off in zip(b.params, b.offsets)]))))
         if self.topo.dp > 1:
             b.grad.mul_(1.0 / self.topo.dp)
         if b.size == 1:
@@ -276,8 +282,23 @@ class DistributedOptimizer:
         """Unscale, clip and apply AdamW at ``lr``; returns (grad norm before clipping, skipped). A non-finite norm
         (an fp16 overflow) skips the update on every rank alike. ``timers`` (``megalm.training.timers``) time the
         gradient reductions still running after backward apart from the update."""
+        self.reduce_gradients(timers)
+        return self.update(lr, grad_scale, timers)
+
+    def reduce_gradients(self, timers=None) -> None:
         with timers("grads-reduce") if timers else contextlib.nullcontext():
             self.finish_gradients()
+
+    def nonfinite_params(self) -> list:
+        """This rank's parameters whose own gradient (before any reduction) was NaN or Inf in this step, with
+        ``check_finite`` set and the gradients reduced."""
+        out = []
+        for b, norms in self._local_norms:
+            if not bool(torch.isfinite(norms).all()):
+                out += [p for p, ok in zip(b.params, torch.isfinite(norms).tolist()) if not ok]
+        return out
+
+    def update(self, lr: float, grad_scale: float = 1.0, timers=None) -> tuple:
         with timers("optimizer") if timers else contextlib.nullcontext():
             return self._update(lr, grad_scale)
 

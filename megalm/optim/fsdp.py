@@ -48,6 +48,7 @@ class FSDPOptimizer:
                           [s.values for s in self.shards if not decays(s.param)], cfg, self.device.type == "cuda")
         self.dense_group = topo.dp_cp_group if topo.cp > 1 else topo.dp_group
         self.has_experts = any(s.expert for s in self.shards)
+        self.check_finite, self._grads = False, []
 
     def zero_grad(self) -> None:
         for s in self.shards:
@@ -76,9 +77,22 @@ class FSDPOptimizer:
 
     def step(self, lr: float, grad_scale: float = 1.0, timers=None) -> tuple:
         """As ``DistributedOptimizer.step``: (grad norm before clipping, skipped)."""
+        self.reduce_gradients(timers)
+        return self.update(lr, grad_scale, timers)
+
+    def reduce_gradients(self, timers=None) -> None:
         with timers("grads-reduce") if timers else contextlib.nullcontext():
-            grads = self.grads()
-            self.finish_gradients(grads)
+            self._grads = self.grads()
+            self.finish_gradients(self._grads)
+
+    def nonfinite_params(self) -> list:
+        """Parameters whose shard of the reduced gradient on this rank is NaN or Inf (FSDP reduces inside
+        backward, so this names the rank that holds the shard, not always the one whose data caused it)."""
+        norms = torch.stack(torch._foreach_norm(self._grads)) if self._grads else torch.zeros(0)
+        return [s.param for s, ok in zip(self.shards, torch.isfinite(norms).tolist()) if not ok]
+
+    def update(self, lr: float, grad_scale: float = 1.0, timers=None) -> tuple:
+        grads, self._grads = self._grads, []
         with timers("optimizer") if timers else contextlib.nullcontext():
             return adam_step(self.adam, [s.values for s in self.shards], grads, lr, grad_scale,
                              self.global_grad_norm, self.cfg.clip_grad)

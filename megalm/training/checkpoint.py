@@ -35,19 +35,13 @@ from megalm.optim.snapshot import HostStaging, host_tensor
 from megalm.parallel.fsdp import copy_into
 from megalm.parallel.layers import shard_of
 from megalm.parallel.state import Topology, host_all_reduce
+from megalm.training.checkpoint_dirs import (LATEST, CheckpointDamaged, CheckpointError, SaveFailed, iteration_dir,
+                                            pointed_iteration, resolve)
+from megalm.training.drills import Drills
 
 log = logging.getLogger("megalm")
 
-LATEST = "latest_checkpointed_iteration.txt"
 FORMAT = 2  # 2: ZeRO-sliced Adam state written by every rank (``optimizer_slices``); 1 (no key): gathered first
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def _pad(full, param, topo):
@@ -208,12 +202,15 @@ class PendingSave:
         import time
 
         start = time.perf_counter()
+        drills = Drills(self.topo.rank)
         try:
             for fname, obj in self.files.items():
                 path = os.path.join(self.tmp, fname)
+                drills.before_write(self.iteration, path)
                 torch.save(obj, path)
                 _fsync_file(path)
                 self.checksums[fname] = _sha256(path)
+                drills.on_file_written(self.iteration)
         except Exception as exc:  # reported to every rank by ``finish``
             self.error = f"{type(exc).__name__}: {exc}"
         self.files = None  # the host copies go as soon as they are on disk
@@ -233,10 +230,15 @@ class PendingSave:
     def finish(self) -> str:
         if self.thread is not None:
             self.thread.join()
-        if host_all_reduce([1.0 if self.error else 0.0], op=dist.ReduceOp.MAX)[0]:
-            raise CheckpointError(f"{self.tmp}: writing the checkpoint failed"
-                                  + (f" on this rank: {self.error}" if self.error else " on another rank")
-                                  + "; the previous checkpoint is intact")
+        flags = [0.0] * self.topo.world_size
+        flags[self.topo.rank] = 1.0 if self.error else 0.0
+        failed = [r for r, f in enumerate(host_all_reduce(flags)) if f]
+        if failed:
+            if self.topo.rank == 0:  # the space the partial files hold goes back at once
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise SaveFailed(f"{self.tmp}: writing the checkpoint of iteration {self.iteration} failed on rank(s) "
+                             f"{', '.join(map(str, failed))}" + (f" ({self.error})" if self.error else "")
+                             + f"; the previous checkpoint{self._previous()} and the pointer are intact")
         parts = [None] * self.topo.world_size if self.topo.rank == 0 else None
         mine = (self.index, self.checksums)
         if dist.is_initialized():
@@ -249,6 +251,13 @@ class PendingSave:
         if dist.is_initialized():
             dist.barrier()
         return final
+
+    def _previous(self) -> str:
+        try:
+            iteration = pointed_iteration(self.root)
+        except CheckpointError:
+            return ""
+        return f" ({iteration_dir(self.root, iteration)})" if iteration is not None else ""
 
     def _publish(self, parts: list, final: str) -> None:
         shards, checksums = {"model": {}, "optimizer": {}, "model_slices": {}, "optimizer_slices": {}}, {}
@@ -269,11 +278,10 @@ class PendingSave:
             json.dump(meta, fh, indent=1)
         for f in ("config.yaml", "meta.json"):
             _fsync_file(os.path.join(self.tmp, f))
-        if os.path.exists(final):  # re-saving an iteration: move the old one aside first
-            old = final + ".old"
+        old = final + ".old"
+        if os.path.exists(final):  # re-saving an iteration: the old copy stays (as .old) until the new one is in
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            shutil.rmtree(old)
         os.replace(self.tmp, final)
         pointer_tmp = os.path.join(self.root, LATEST + ".tmp")
         with open(pointer_tmp, "w") as fh:
@@ -286,47 +294,10 @@ class PendingSave:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        shutil.rmtree(old, ignore_errors=True)
         log.info("saved checkpoint %s (rank 0 wrote %.1f MB in %.2f s%s)", final,
                  sum(os.path.getsize(os.path.join(final, f)) for f in self.checksums) / 1e6, self.seconds,
                  ", in the background" if self.thread is not None else "")
-
-
-def prune(root: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` iteration directories (never the one the pointer names)."""
-    iters = sorted(d for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
-    try:
-        current = pointed_iteration(root)
-    except CheckpointError as exc:  # which checkpoint is current is unknown: delete nothing
-        log.warning("%s; no old checkpoint removed", exc)
-        return
-    current = iteration_dir(root, current) if current is not None else None
-    for d in iters[:-keep]:
-        path = os.path.join(root, d)
-        if path != current:
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("removed old checkpoint %s (--keep-last-n %d)", path, keep)
-
-
-def pointed_iteration(root: str) -> Optional[int]:
-    """The iteration ``root``'s pointer names, None without a pointer; a pointer that is not a number stops."""
-    pointer = os.path.join(root, LATEST)
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as fh:
-        text = fh.read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{pointer}: expected an iteration number, found {text[:40]!r}")
-    return int(text)
-
-
-def resolve(path: str) -> str:
-    """``path`` may be a save root (follow its pointer) or an ``iter_*`` directory itself."""
-    iteration = pointed_iteration(path)
-    if iteration is not None:
-        path = iteration_dir(path, iteration)
-    if not os.path.exists(os.path.join(path, "meta.json")):
-        raise CheckpointError(f"{path}: not a megalm checkpoint (no meta.json, and no {LATEST} pointing to one)")
-    return path
 
 
 def _read_meta(path: str) -> dict:
@@ -336,11 +307,11 @@ def _read_meta(path: str) -> dict:
         with open(where) as fh:
             meta = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: unreadable ({exc}); the checkpoint is damaged") from None
+        raise CheckpointDamaged(f"{where}: unreadable ({exc}); the checkpoint is damaged") from None
     shapes = {"checksums": dict, "shards": dict, "iteration": int}
     missing = [k for k, kind in shapes.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
     if missing:
-        raise CheckpointError(f"{where}: lacks {', '.join(missing)}; the checkpoint is damaged")
+        raise CheckpointDamaged(f"{where}: lacks {', '.join(missing)}; the checkpoint is damaged")
     return meta
 
 
@@ -348,11 +319,11 @@ def _verified(path: str, meta: dict, names) -> None:
     for fname in sorted(names):
         fpath = os.path.join(path, fname)
         if not os.path.exists(fpath):
-            raise CheckpointError(f"{fpath}: missing from the checkpoint")
+            raise CheckpointDamaged(f"{fpath}: missing from the checkpoint")
         if fname not in meta["checksums"]:
-            raise CheckpointError(f"{fpath}: meta.json records no checksum for it, so it cannot be verified")
+            raise CheckpointDamaged(f"{fpath}: meta.json records no checksum for it, so it cannot be verified")
         if _sha256(fpath) != meta["checksums"][fname]:
-            raise CheckpointError(f"{fpath}: checksum mismatch, the file is corrupted")
+            raise CheckpointDamaged(f"{fpath}: checksum mismatch, the file is truncated or corrupted")
 
 
 def read_checkpoint(path: str, parts=("model", "optimizer"), model=None, topo: Optional[Topology] = None) -> dict:

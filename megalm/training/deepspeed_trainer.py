@@ -26,6 +26,7 @@ from megalm.optim.optimizer import build_optimizer
 from megalm.optim.schedule import learning_rate
 from megalm.parallel.layers import sum_sequence_parallel_grads_in_backward
 from megalm.training import checkpoint as ckpt
+from megalm.training.checkpoint_dirs import prune
 from megalm.training.trainer import Trainer
 
 log = logging.getLogger("megalm")
@@ -194,10 +195,10 @@ class DeepSpeedTrainer(Trainer):
             ckpt.save_checkpoint(self.cfg.checkpoint.save, self.iteration, self.model, {}, self.cfg, self.topo,
                                  self.checkpoint_meta(), self.rng_state(), write_extra=engine_state)
         if self.cfg.checkpoint.keep_last_n and self.topo.rank == 0:
-            ckpt.prune(self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last_n)
+            prune(self.cfg.checkpoint.save, self.cfg.checkpoint.keep_last_n)
 
-    def load(self, path: str) -> None:
-        state = self.read_and_check(path, parts=())
+    def load(self, path: str, resume: bool = False) -> None:
+        state = self.read_loadable(path, parts=())
         engine_dir, tag = state["path"], ENGINE_DIR
         if not os.path.isdir(os.path.join(engine_dir, tag)):  # written before the engine state moved inside
             engine_dir, tag = os.path.join(os.path.dirname(state["path"]), ENGINE_DIR), os.path.basename(state["path"])
@@ -205,4 +206,4 @@ class DeepSpeedTrainer(Trainer):
             raise ckpt.CheckpointError(f"{state['path']}: no DeepSpeed engine state ({ENGINE_DIR}/); a checkpoint "
                                        f"from megalm's own path loads without --deepspeed")
         self.engine.load_checkpoint(engine_dir, tag=tag)
-        self.restore_progress(state)
+        self.restore_progress(state, resume)

@@ -3,13 +3,11 @@
 and is agreed on by all ranks (a signal may reach them at different moments), so every rank stops after the same
 iteration, saves and exits 0. A stop before the end leaves ``SAVE/requeue_requested`` for the Slurm launcher.
 
-Also the guard against divergence: stop with a message naming the iteration after too many consecutive steps with
-a non-finite loss or gradient (fp16 overflow skips count too, but a few are normal while the loss scale settles).
+``TrainingDiverged`` is what the bad-step rules (``health.py``) raise when no rollback can help.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -30,12 +28,10 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopConditions:
-    def __init__(self, exit_interval: Optional[int], exit_duration_mins: Optional[float], nonfinite_patience: int):
+    def __init__(self, exit_interval: Optional[int], exit_duration_mins: Optional[float]):
         self.exit_interval, self.exit_duration_mins = exit_interval, exit_duration_mins
-        self.nonfinite_patience = nonfinite_patience
         self.start = time.monotonic()
         self.received: Optional[int] = None
-        self.bad_steps = 0
         self._previous = {}
 
     def install(self) -> None:
@@ -52,16 +48,6 @@ class StopConditions:
             log.warning("received %s: finishing this iteration, then saving and exiting",
                         signal.Signals(signum).name)
         self.received = signum
-
-    def check_finite(self, iteration: int, loss: float, grad_norm: float) -> None:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.bad_steps = 0
-            return
-        self.bad_steps += 1
-        if self.bad_steps > self.nonfinite_patience:
-            raise TrainingDiverged(f"iteration {iteration}: loss {loss}, gradient norm {grad_norm}; "
-                                   f"{self.bad_steps} consecutive steps without a finite loss and gradient "
-                                   f"(more than --nonfinite-patience {self.nonfinite_patience}): stopping")
 
     def reason(self, iteration: int) -> Optional[str]:
         """Why to stop after ``iteration`` (the same answer on every rank), or None."""
@@ -82,7 +68,13 @@ class StopConditions:
         return None
 
 
-def request_requeue(save_dir: str, reason: str) -> None:
-    os.makedirs(save_dir, exist_ok=True)
-    with open(os.path.join(save_dir, REQUEUE_MARKER), "w") as fh:
-        fh.write(reason + "\n")
+def request_requeue(save_dir: Optional[str], reason: str) -> None:
+    """``SAVE/requeue_requested``: the launcher requeues the job when it finds it (any rank may write it)."""
+    if not save_dir:
+        return
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        with open(os.path.join(save_dir, REQUEUE_MARKER), "w") as fh:
+            fh.write(reason + "\n")
+    except OSError as exc:
+        log.warning("could not leave %s: %s", os.path.join(save_dir, REQUEUE_MARKER), exc)

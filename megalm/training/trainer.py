@@ -37,20 +37,16 @@ from megalm.parallel.state import Topology, host_all_reduce
 from megalm.pipeline.layout import stage_chunks
 from megalm.pipeline.p2p import PipeComm
 from megalm.pipeline.schedules import LiveActivations, bubble_fraction, run_schedule
-from megalm.training import checkpoint as ckpt
+from megalm.training.resume import Checkpointing
+from megalm.training.drills import Drills
 from megalm.training.flops import Throughput, peak_tflops
+from megalm.training.health import StepHealth, StragglerMonitor
 from megalm.training.logging import MetricsLogger
 from megalm.training.stopping import StopConditions, request_requeue
 from megalm.training.timers import Timers
+from megalm.training.watchdog import Watchdog
 
 log = logging.getLogger("megalm")
-
-# model fields that may differ between the run that saved a checkpoint and the one that loads it
-_RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropout", "seq_length",
-                         "recompute_granularity", "recompute_method", "recompute_num_layers",
-                         "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-                         "moe_router_load_balancing_type", "moe_router_bias_update_rate",
-                         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_pad_expert_input_to_capacity"}
 
 
 def pick_device() -> torch.device:
@@ -59,9 +55,17 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-class Trainer:
-    def __init__(self, cfg: Config, topo: Topology):
+class Trainer(Checkpointing):
+    def __init__(self, cfg: Config, topo: Topology, watchdog: Optional[Watchdog] = None):
+        """``watchdog``: the hang watchdog ``pretrain.main`` started (None: none)."""
         self.cfg, self.topo = cfg, topo
+        self.watchdog = watchdog or Watchdog(0.0, topo.rank, topo.world_size)
+        self.drills = Drills(topo.rank)
+        r = cfg.resilience
+        self.health = StepHealth(r, topo, cfg.train.fp16)
+        self.straggler = StragglerMonitor(r, topo) if r.log_straggler else None
+        self.skip_iterations, self.rollbacks = set(r.iterations_to_skip), 0
+        self.compute_seconds, self.skip_reason = 0.0, None
         t = cfg.train
         torch.manual_seed(rank_seed(t.seed, topo))  # dropout on replicated activations
         self.device = pick_device()
@@ -89,6 +93,8 @@ class Trainer:
                                  self.device)
         o = cfg.optim
         self.optimizer = self.build_optimizer()
+        if hasattr(self.optimizer, "check_finite"):  # fp16 overflows are the loss scaler's to skip
+            self.optimizer.check_finite = r.check_for_nan_in_loss_and_grad and not t.fp16
         self.staging = None  # --async-save: host memory for the snapshots, set aside now so saves copy quickly
         if cfg.checkpoint.async_save:
             self.staging = HostStaging(pin=self.device.type == "cuda")
@@ -260,6 +266,8 @@ class Trainer:
             if not self.model.is_last_chunk(chunk):
                 return out
             loss, reported = self.training_loss(out, batch)
+            if not forward_only:
+                loss, reported = (self.drills.loss(self.iteration + 1, v) for v in (loss, reported))
             loss = loss / len(micro_batches)
             total.add_(reported / len(micro_batches))
             return loss if forward_only else loss * self.scaler.scale
@@ -276,13 +284,32 @@ class Trainer:
         if moe is not None:  # MoE layers' losses get the gradient the training loss gets
             moe.reset()
             moe.loss_scale = self.scaler.scale / len(micro_batches)
+        iteration = self.iteration + 1
+        hooks = self.drills.in_step(iteration, self.model)
         with self.timers("forward-backward"):
+            start, waited = time.perf_counter(), self.comm.wait_seconds if self.comm else 0.0
             total = self._run_micro_batches(micro_batches, forward_only=False)
-        lr = learning_rate(self.cfg.optim, self.iteration + 1)
-        grad_norm, skipped = self.optimizer.step(lr, self.scaler.scale, self.timers)
+            self.compute_seconds = time.perf_counter() - start - ((self.comm.wait_seconds - waited) if self.comm
+                                                                  else 0.0)
+        for hook in hooks:
+            hook.remove()
+        self.optimizer.reduce_gradients(self.timers)
+        row = self._loss_row(total)
+        names = {p: n for n, p in self.model.named_parameters()}
+        bad = [names.get(p, "?") for p in self.optimizer.nonfinite_params()] if self.optimizer.check_finite else []
+        why = self.health.verdict(iteration, float(total[0]), bad, row["loss"])
+        lr = learning_rate(self.cfg.optim, iteration)
+        if why:  # nothing of this step reaches the weights, the Adam state or the routers
+            if self.topo.rank == 0:
+                log.warning("iteration %d: step skipped on every rank, weights and optimizer state untouched: %s",
+                            iteration, why)
+            grad_norm, skipped = float("nan"), True
+        else:
+            grad_norm, skipped = self.optimizer.update(lr, self.scaler.scale, self.timers)
         self.scaler.update(skipped)
-        row = {**self._loss_row(total), "grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)}
-        if moe is not None:
+        row.update({"grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)})
+        self.skip_reason = why
+        if moe is not None and not why:
             row.update(finish_moe_step(self.model, self.topo, self.cfg.model.moe_router_bias_update_rate))
         return row
 
@@ -301,11 +328,13 @@ class Trainer:
     def train(self) -> None:
         t = self.cfg.train
         tokens_per_iter = t.global_batch_size * self.cfg.model.seq_length
-        stop = StopConditions(t.exit_interval, t.exit_duration_in_mins, t.nonfinite_patience)
+        stop = StopConditions(t.exit_interval, t.exit_duration_in_mins)
         stop.install()
+        self.watchdog.start()
         try:
             self._train_loop(stop, tokens_per_iter)
         finally:
+            self.watchdog.stop()
             stop.uninstall()
         self.metrics.close()
 
@@ -313,15 +342,22 @@ class Trainer:
         t, lg, ck = self.cfg.train, self.cfg.logging, self.cfg.checkpoint
         saved_at = None
         while self.iteration < t.train_iters:
-            self.finish_save(blocking=False)
+            if self.iteration + 1 in self.skip_iterations:
+                self._skip_batch()
+                continue
+            with self.watchdog.phase("saving (background writer)", self.iteration):
+                self.finish_save(blocking=False)
             start = time.perf_counter()
             waited = self.comm.wait_seconds if self.comm else 0.0
-            with self.timers("data"):
+            with self.timers("data"), self.watchdog.phase("data"):
                 micro_batches = self._micro_batches(self.train_ds, self.consumed_samples)
-            step = self.train_step(micro_batches)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+            with self.watchdog.phase("forward-backward and optimizer step"):
+                step = self.train_step(micro_batches)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
+            if self.iteration == 0:  # startup is over: collectives now time out just after the watchdog
+                self.watchdog.shorten_collective_timeouts()
             self.iteration += 1
             self.consumed_samples += t.global_batch_size
             row = {"iteration": self.iteration, **step, **self.throughput(tokens_per_iter, elapsed),
@@ -339,26 +375,55 @@ class Trainer:
             self.metrics.record(row)
             if self.iteration % lg.log_interval == 0 or self.iteration == 1:
                 self.metrics.progress(row, t.train_iters)
+            rollback = self.health.after(self.iteration, step["loss"], bool(step["skipped"]), self.skip_reason)
+            if rollback:
+                self.rollback(rollback)
+                saved_at = self.iteration
+                continue
             if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
-                self.log_validation()
-            stop.check_finite(self.iteration, step["loss"], step["grad_norm"])
+                with self.watchdog.phase("validation"):
+                    self.log_validation()
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
                 saved_at = self.iteration
-            reason = stop.reason(self.iteration)
+            reason = self._straggler_report(elapsed)
+            reason = stop.reason(self.iteration) or reason
             if reason and self.iteration < t.train_iters:
                 log.info("stopping after iteration %d: %s", self.iteration, reason)
                 if ck.save and saved_at != self.iteration:
-                    self.save()
-                self.finish_save()  # written and visible before the job is requeued or ends
+                    self.save(final=True)
+                self.finish_save(final=True)  # written and visible before the job is requeued or ends
                 if ck.save and self.topo.rank == 0:
                     request_requeue(ck.save, reason)
                 if not ck.save:
                     log.warning("no --save: the progress of this run is not kept")
                 return
         if ck.save and saved_at != self.iteration:
-            self.save()
-        self.finish_save()
+            self.save(final=True)
+        self.finish_save(final=True)
+
+    def _skip_batch(self) -> None:
+        """An iteration whose batch is consumed without a step (``--iterations-to-skip``, or a rollback's)."""
+        gbs = self.cfg.train.global_batch_size
+        self.iteration += 1
+        if self.topo.rank == 0:
+            log.warning("iteration %d: batch skipped (samples %d to %d), no step", self.iteration,
+                        self.consumed_samples, self.consumed_samples + gbs - 1)
+        self.consumed_samples += gbs
+        self.metrics.record({"iteration": self.iteration, "skipped_batch": 1, "consumed_samples": self.consumed_samples})
+
+    def _straggler_report(self, elapsed: float) -> Optional[str]:
+        """``--log-straggler`` every ``--log-interval`` iterations: the row for the metrics, and a reason to stop
+        when one rank stays too slow."""
+        if self.straggler is None:
+            return None
+        self.straggler.add(self.compute_seconds, elapsed)
+        if self.iteration % self.cfg.logging.log_interval:
+            return None
+        with self.watchdog.phase("straggler report"):
+            row, reason = self.straggler.report(self.iteration)
+        self.metrics.record(row)
+        return reason
 
     def log_validation(self) -> None:
         valid = self.evaluate()
@@ -368,111 +433,3 @@ class Trainer:
         self.metrics.record({"iteration": self.iteration, "valid_loss": valid, "valid_ppl": ppl})
         if self.metrics.enabled:
             log.info("validation at iter %d | loss %.4f | perplexity %.2f", self.iteration, valid, ppl)
-
-    def rng_state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "tracker": self.model.rng_tracker.state_dict()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        return rng
-
-    def checkpoint_meta(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
-                "tokenizer": self.tokenizer.fingerprint,
-                "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep,
-                           "cp": self.topo.cp,
-                           "zero_stage": self.cfg.optim.zero_stage,
-                           **({"fsdp2": True} if isinstance(self.optimizer, FSDPOptimizer) else {})}}
-
-    def save(self) -> None:
-        with self.timers("checkpoint"):
-            self.finish_save()  # the previous background save completes first
-            self._save()
-
-    def _save(self) -> None:
-        ck = self.cfg.checkpoint
-        if self.staging is not None:
-            self.staging.reset()  # the previous save's writer is done: its snapshot memory is reused
-        optimizer_state = self.optimizer.checkpoint_state(self.staging)
-        written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, optimizer_state, self.cfg, self.topo,
-                                       self.checkpoint_meta(), self.rng_state(), staging=self.staging)
-        if ck.async_save:
-            self.pending_save = written
-        else:
-            self._saved()
-
-    def _saved(self) -> None:
-        ck = self.cfg.checkpoint
-        if ck.keep_last_n and self.topo.rank == 0:
-            ckpt.prune(ck.save, ck.keep_last_n)
-
-    def finish_save(self, blocking: bool = True) -> None:
-        """Make a background save visible: at once (``blocking``, every rank waiting for its writer), or only if
-        every rank's writer is already done (asked at each iteration, so checkpoints appear soon)."""
-        pending = getattr(self, "pending_save", None)
-        if pending is None or (not blocking and not pending.done_everywhere()):
-            return
-        self.pending_save = None
-        pending.finish()
-        self._saved()
-
-    def read_and_check(self, path: str, parts) -> dict:
-        """Read this rank's part of a checkpoint, once its model and tokenizer are known to be this run's."""
-        state = ckpt.read_checkpoint(path, ())
-        saved, here = state["config"].model.__dict__, self.cfg.model.__dict__
-        differ = sorted(k for k in here if k not in _RUNTIME_MODEL_FIELDS and saved.get(k) != here[k])
-        if differ:
-            raise ckpt.CheckpointError(f"{state['path']}: model config differs from this run in "
-                                       + ", ".join(f"{k} ({saved.get(k)} there, {here[k]} here)" for k in differ))
-        if state["meta"].get("tokenizer") != self.tokenizer.fingerprint:
-            raise ckpt.CheckpointError(f"{state['path']}: saved with tokenizer {state['meta'].get('tokenizer')}, "
-                                       f"this run uses {self.tokenizer.fingerprint}")
-        return ckpt.read_checkpoint(path, parts, self.model, self.topo) if parts else state
-
-    def load(self, path: str) -> None:
-        """Weights always; optimizer state, loss scale, RNG and progress unless --finetune (weights only, from
-        iteration 0), --no-load-optim or --no-load-rng say otherwise."""
-        ck = self.cfg.checkpoint
-        parts = ["model"]
-        if not (ck.finetune or ck.no_load_optim):
-            parts.append("optimizer")
-        state = self.read_and_check(path, parts)
-        ckpt.load_model_state(self.model, state["model"], self.topo, state["path"], local=True)
-        if "optimizer" in parts:
-            if not state["optimizer"]:
-                log.warning("%s holds no optimizer state (saved by the DeepSpeed path or before the first step): "
-                            "Adam starts afresh", state["path"])
-            self.optimizer.load_full_state(ckpt.load_optimizer_state(self.model, state["optimizer"], self.topo,
-                                                                     local=True))
-        self.optimizer.load_main_params(ckpt.full_precision_values(self.model, state, self.topo))
-        if ck.finetune:
-            log.info("fine-tuning from the weights of %s, starting at iteration 0", state["path"])
-            return
-        self.restore_progress(state)
-
-    def restore_progress(self, state: dict) -> None:
-        meta = state["meta"]
-        self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
-        if meta.get("scaler") and not self.cfg.checkpoint.no_load_optim:
-            self.scaler.load_state_dict(meta["scaler"])
-        if not self.cfg.checkpoint.no_load_rng:
-            self.restore_rng(state)
-        log.info("resumed from %s at iteration %d (%d samples consumed)", state["path"], self.iteration,
-                 self.consumed_samples)
-
-    def restore_rng(self, state: dict) -> None:
-        """This rank's own random streams (see ``checkpoint.read_rng``). Under another TP size the saved TP
-        trackers no longer match this run's TP ranks one to one: each rank's tracker is seeded afresh from the
-        seed, the iteration and its TP rank, so TP ranks keep distinct streams."""
-        rng, same_layout = ckpt.read_rng(state["path"], state["meta"], self.topo)
-        torch.set_rng_state(rng["torch"])
-        saved_tp = state["meta"].get("layout", {}).get("tp", 1)
-        if "tracker" in rng and saved_tp == self.topo.tp:
-            self.model.rng_tracker.load_state_dict(rng["tracker"])
-        else:
-            seed = rank_seed(self.cfg.train.seed + self.iteration, self.topo)
-            self.model.rng_tracker.seed(seed, self.topo.tp_rank)
-        if self.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
-        if not same_layout and self.topo.rank == 0:
-            log.info("resumed under another layout than the checkpoint's: dropout draws continue from the saved "
-                     "ranks' generators, not bit for bit as the saving layout would have drawn them")

@@ -1,0 +1,209 @@
+"""Hang detection (``--hang-timeout-seconds``): a thread per rank that ends the job when the loop stops moving.
+
+The loop names what it is doing (``phase``: a step's data, forward-backward, optimizer, a save, validation). The
+thread beats: it bumps this rank's counter and records its iteration and phase in the process group's key-value
+store (a client connection of its own, with short timeouts, so a stopped store cannot stop it). When one phase has
+lasted longer than the timeout, every live rank prints the step and phase it waits in, the collective its main
+thread is blocked in (the innermost ``torch.distributed`` call on its stack), every thread's stack, and the ranks
+that did not arrive: those whose counter stopped (stopped or dead) and those waiting in another step or phase;
+then it leaves ``SAVE/requeue_requested`` and exits with ``REQUEUE_EXIT``, which ``launch/pretrain_gpt.sh``
+requeues. The same report of the peers names a dead rank when a collective fails outright (``pretrain.main``).
+
+Once the first step is done the process groups' own timeout is set just above the watchdog's (torchtitan's
+habit): startup (index building, a load) keeps ``--distributed-timeout-minutes``, training never waits the
+default 30 minutes."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import faulthandler
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Optional
+
+import torch.distributed as dist
+
+from megalm.training.stopping import request_requeue
+
+log = logging.getLogger("megalm")
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again"; launch/pretrain_gpt.sh requeues the job on it
+
+
+def beat_interval(timeout: float) -> float:
+    return max(0.2, min(5.0, timeout / 12))
+
+
+class Watchdog:
+    def __init__(self, timeout: float, rank: int, world_size: int, master: Optional[tuple] = None,
+                 save_dir: Optional[str] = None):
+        """``master``: (address, port) of the store the process group was formed with (None: one process, no
+        peers to report on)."""
+        self.timeout, self.rank, self.world_size, self.save_dir = timeout, rank, world_size, save_dir
+        self.interval = beat_interval(timeout)
+        self.iteration, self.phase_name, self.since = 0, "startup", None  # ``since`` None: not timed
+        self._store, self._master = None, master
+        self._beats, self._stop = 0, threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._main = threading.main_thread().ident
+        self.store_error: Optional[str] = None
+
+    # ---- the loop's side ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.timeout <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="megalm-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.since = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str, iteration: Optional[int] = None):
+        """Time ``name`` against the timeout; phases nest (a save inside a step): the outer one resumes after."""
+        outer = (self.phase_name, self.since)
+        if iteration is not None:
+            self.iteration = iteration
+        self.phase_name, self.since = name, time.monotonic()
+        try:
+            yield
+        finally:
+            self.phase_name = outer[0]
+            self.since = time.monotonic() if outer[1] is not None else None
+
+    def shorten_collective_timeouts(self) -> None:
+        """The process groups' timeout to just above the watchdog's (after the first step; startup keeps the
+        flag's). Collectives then fail soon after a hang even if the watchdog thread itself were stuck."""
+        if self.timeout <= 0 or not dist.is_initialized():
+            return
+        timeout = datetime.timedelta(seconds=self.timeout + 4 * self.interval + 10)
+        for group in list(getattr(dist.distributed_c10d._world, "pg_map", {})):
+            try:
+                dist.distributed_c10d._set_pg_timeout(timeout, group)
+            except (ValueError, AssertionError, AttributeError):
+                pass  # a group of another backend: the watchdog still covers it
+
+    # ---- the thread --------------------------------------------------------------------------------------------
+
+    def _connect(self):
+        if self._store is None and self._master is not None:
+            host, port = self._master
+            self._store = dist.TCPStore(host, int(port), self.world_size, is_master=False,
+                                        timeout=datetime.timedelta(seconds=max(2.0, 2 * self.interval)),
+                                        wait_for_workers=False)
+        return self._store
+
+    def _beat(self) -> None:
+        self._beats += 1
+        try:
+            store = self._connect()
+            if store is not None:
+                store.set(f"megalm/beat/{self.rank}", json.dumps([self._beats, self.iteration, self.phase_name]))
+            self.store_error = None
+        except Exception as exc:  # the store's host (rank 0's process) is stopped or gone
+            self.store_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            self._store = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+            since = self.since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self.fire(f"iteration {self.iteration + 1}, {self.phase_name}: no progress for "
+                          f"{time.monotonic() - since:.0f} s (--hang-timeout-seconds {self.timeout:g})")
+
+    def peers(self, settle: Optional[float] = None) -> dict:
+        """What each other rank last said: ``{rank: (iteration, phase) or None}`` for ranks that beat, and the
+        sets ``stalled`` (their counter did not move over ``settle`` seconds: stopped or dead) and ``silent``
+        (never beat)."""
+        store = None
+        try:
+            store = self._connect()
+        except Exception as exc:
+            self.store_error = f"{type(exc).__name__}: {exc}"
+        if store is None:
+            return {"unreachable": self.store_error}
+
+        def read():
+            out = {}
+            for r in range(self.world_size):
+                key = f"megalm/beat/{r}"
+                try:
+                    out[r] = json.loads(store.get(key)) if store.check([key]) else None
+                except Exception:
+                    out[r] = None
+            return out
+
+        try:
+            first = read()
+            time.sleep(settle if settle is not None else 2.5 * self.interval)
+            second = read()
+        except Exception as exc:
+            return {"unreachable": f"{type(exc).__name__}: {exc}"}
+        stalled = sorted(r for r in range(self.world_size) if r != self.rank and first[r] is not None
+                         and second[r] is not None and second[r][0] == first[r][0])
+        silent = sorted(r for r in range(self.world_size) if r != self.rank and second[r] is None)
+        return {"ranks": {r: tuple(v[1:]) for r, v in second.items() if v is not None}, "stalled": stalled,
+                "silent": silent}
+
+    def describe_peers(self, settle: Optional[float] = None) -> str:
+        """One line naming the ranks that did not arrive (see ``peers``)."""
+        if self._master is None:
+            return "no other ranks"
+        info = self.peers(settle)
+        if "unreachable" in info:
+            return (f"the store on rank 0's host does not answer ({info['unreachable']}): rank 0 is stopped or "
+                    "dead")
+        mine = (self.iteration, self.phase_name)
+        elsewhere = sorted(r for r, where in info["ranks"].items() if r not in info["stalled"] and r != self.rank
+                           and tuple(where) != mine)
+        parts = []
+        if info["stalled"]:
+            parts.append(f"rank(s) {', '.join(map(str, info['stalled']))} stopped answering (stopped or dead; "
+                         "last at " + "; ".join(f"rank {r}: iteration {info['ranks'][r][0] + 1}, "
+                                                 f"{info['ranks'][r][1]}" for r in info["stalled"]) + ")")
+        if info["silent"]:
+            parts.append(f"rank(s) {', '.join(map(str, info['silent']))} never reported")
+        if elsewhere:
+            parts.append("elsewhere: " + "; ".join(f"rank {r} at iteration {info['ranks'][r][0] + 1}, "
+                                                    f"{info['ranks'][r][1]}" for r in elsewhere))
+        return "; ".join(parts) or "every other rank is alive and waits too (a collective that never completes)"
+
+    def blocked_in(self) -> str:
+        """The innermost ``torch.distributed`` call on the main thread's stack, e.g. ``all_reduce`` from
+        ``megalm/optim/distributed.py:280``."""
+        frame = sys._current_frames().get(self._main)
+        if frame is None:
+            return "unknown"
+        stack = traceback.extract_stack(frame)
+        calls = [i for i, f in enumerate(stack) if os.sep + "distributed" + os.sep in f.filename
+                 and os.sep + "torch" + os.sep in f.filename]
+        if not calls:
+            return f"not in a collective ({stack[-1].name} at {stack[-1].filename}:{stack[-1].lineno})"
+        first = calls[0]
+        caller = stack[first - 1] if first else stack[first]
+        name = next((stack[i].name for i in reversed(calls) if not stack[i].name.startswith("_")
+                     and stack[i].name not in ("wrapper", "inner")), stack[calls[-1]].name)
+        return f"{name} called from {caller.filename}:{caller.lineno} ({caller.name})"
+
+    def fire(self, what: str) -> None:
+        """Report and exit with ``REQUEUE_EXIT`` (from the watchdog thread: the main thread may be blocked)."""
+        try:
+            where = self.blocked_in()
+            peers = self.describe_peers()
+            message = (f"megalm-pretrain: error: rank {self.rank}: hang detected at {what}; main thread blocked in "
+                       f"{where}; {peers}; exiting with code {REQUEUE_EXIT} for a requeue")
+            print(message, file=sys.stderr, flush=True)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            request_requeue(self.save_dir, f"hang on rank {self.rank}: {what}")
+        finally:
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(REQUEUE_EXIT)
