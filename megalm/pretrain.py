@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a script (torchrun megalm/pretrain.py): make the package importable
     import os
@@ -76,13 +77,16 @@ def main(argv=None) -> int:
         if not _is_collective_failure(exc):
             destroy_distributed(barrier=False)
             raise
-        watchdog.stop()
+        if watchdog.fired:  # the watchdog reports and exits: the peers that left broke this collective
+            time.sleep(3600)
+        watchdog.reporting()
         peers = watchdog.describe_peers() if multi else "no other ranks"
         print(f"megalm-pretrain: error: rank {launch['rank']}: communication with the other ranks failed at "
               f"iteration {watchdog.iteration + 1}, {watchdog.phase_name}: {peers} "
               f"({str(exc).strip().splitlines()[0][:300]}); exiting with code {REQUEUE_EXIT} for a requeue",
               file=sys.stderr)
         request_requeue(cfg.checkpoint.save, f"rank {launch['rank']}: communication failed: {peers}")
+        watchdog.leave()
         destroy_distributed(barrier=False)
         return REQUEUE_EXIT
     except BaseException:

@@ -132,11 +132,14 @@ class Checkpointing:
         next older one; every rank agrees on which (a rank may find its own files damaged)."""
         tried = []
         for candidate in dirs.candidates(path):
-            error = None
-            try:
-                state = self.read_and_check(candidate, parts)
-            except ckpt.CheckpointDamaged as exc:
-                error, state = str(exc), None
+            error, state = None, None
+            if candidate != path and not os.path.isfile(os.path.join(candidate, "meta.json")):
+                error = f"{candidate}: missing or incomplete (no meta.json)"
+            else:
+                try:
+                    state = self.read_and_check(candidate, parts)
+                except ckpt.CheckpointDamaged as exc:
+                    error = str(exc)
             damaged = host_all_reduce([1.0 if error else 0.0], op=dist.ReduceOp.MAX)[0]
             if not damaged:
                 if tried and self.topo.rank == 0:

@@ -285,9 +285,9 @@ class Trainer(Checkpointing):
             moe.reset()
             moe.loss_scale = self.scaler.scale / len(micro_batches)
         iteration = self.iteration + 1
-        hooks = self.drills.in_step(iteration, self.model)
         with self.timers("forward-backward"):
             start, waited = time.perf_counter(), self.comm.wait_seconds if self.comm else 0.0
+            hooks = self.drills.in_step(iteration, self.model)  # a drill's slow rank works in this time
             total = self._run_micro_batches(micro_batches, forward_only=False)
             self.compute_seconds = time.perf_counter() - start - ((self.comm.wait_seconds - waited) if self.comm
                                                                   else 0.0)
@@ -333,9 +333,12 @@ class Trainer(Checkpointing):
         self.watchdog.start()
         try:
             self._train_loop(stop, tokens_per_iter)
+        except BaseException:
+            self.watchdog.reporting()  # no longer timed; still beating while pretrain.main names the peers
+            raise
         finally:
-            self.watchdog.stop()
             stop.uninstall()
+        self.watchdog.stop()
         self.metrics.close()
 
     def _train_loop(self, stop: StopConditions, tokens_per_iter: int) -> None:

@@ -47,6 +47,7 @@ class Watchdog:
         self.timeout, self.rank, self.world_size, self.save_dir = timeout, rank, world_size, save_dir
         self.interval = beat_interval(timeout)
         self.iteration, self.phase_name, self.since = 0, "startup", None  # ``since`` None: not timed
+        self.fired = self.leaving = False
         self._store, self._master = None, master
         self._beats, self._stop = 0, threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -56,14 +57,31 @@ class Watchdog:
     # ---- the loop's side ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Beat once here (so every rank is known to the store before the loop), then from the thread; every
+        moment from now on is timed, between phases too (a collective outside one still counts)."""
         if self.timeout <= 0 or self._thread is not None:
             return
+        self.phase_name, self.since = "training loop", time.monotonic()
+        self._beat()
         self._thread = threading.Thread(target=self._run, name="megalm-watchdog", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.since = None
+
+    def reporting(self) -> None:
+        """A collective failed: stop timing, but go on beating while this rank names the missing peers."""
+        self.since = None
+
+    def leave(self) -> None:
+        """Say in the store that this rank exits after the failure (the ranks still reading do not take it for
+        the one that died), then, on rank 0 (the store's host), wait while they read."""
+        self._stop.set()
+        self.leaving = True
+        self._beat()
+        if self.rank == 0 and self._master is not None:
+            time.sleep(3 * self.interval)
 
     @contextlib.contextmanager
     def phase(self, name: str, iteration: Optional[int] = None):
@@ -72,11 +90,9 @@ class Watchdog:
         if iteration is not None:
             self.iteration = iteration
         self.phase_name, self.since = name, time.monotonic()
-        try:
-            yield
-        finally:
-            self.phase_name = outer[0]
-            self.since = time.monotonic() if outer[1] is not None else None
+        yield  # an exception leaves the phase named: the failure report says where it happened
+        self.phase_name = outer[0]
+        self.since = time.monotonic() if outer[1] is not None else None
 
     def shorten_collective_timeouts(self) -> None:
         """The process groups' timeout to just above the watchdog's (after the first step; startup keeps the
@@ -93,6 +109,8 @@ class Watchdog:
     # ---- the thread --------------------------------------------------------------------------------------------
 
     def _connect(self):
+        if self.store_error:  # its host (rank 0's process) is gone: trying again only repeats the timeout
+            raise ConnectionError(self.store_error)
         if self._store is None and self._master is not None:
             host, port = self._master
             self._store = dist.TCPStore(host, int(port), self.world_size, is_master=False,
@@ -105,10 +123,12 @@ class Watchdog:
         try:
             store = self._connect()
             if store is not None:
-                store.set(f"megalm/beat/{self.rank}", json.dumps([self._beats, self.iteration, self.phase_name]))
+                store.set(f"megalm/beat/{self.rank}",
+                          json.dumps([self._beats, self.iteration, self.phase_name, self.leaving]))
             self.store_error = None
         except Exception as exc:  # the store's host (rank 0's process) is stopped or gone
-            self.store_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if not self.store_error:
+                self.store_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             self._store = None
 
     def _run(self) -> None:
@@ -135,23 +155,24 @@ class Watchdog:
             out = {}
             for r in range(self.world_size):
                 key = f"megalm/beat/{r}"
-                try:
-                    out[r] = json.loads(store.get(key)) if store.check([key]) else None
-                except Exception:
-                    out[r] = None
+                out[r] = json.loads(store.get(key)) if store.check([key]) else None  # raises: store gone
             return out
 
         try:
             first = read()
-            time.sleep(settle if settle is not None else 2.5 * self.interval)
+            end = time.monotonic() + (settle if settle is not None else 2.5 * self.interval)
+            while time.monotonic() < end:  # beating on: the other ranks may be reading this one's counter now
+                time.sleep(min(self.interval, max(0.0, end - time.monotonic())))
+                self._beat()
             second = read()
         except Exception as exc:
-            return {"unreachable": f"{type(exc).__name__}: {exc}"}
+            self.store_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            return {"unreachable": self.store_error}
         stalled = sorted(r for r in range(self.world_size) if r != self.rank and first[r] is not None
-                         and second[r] is not None and second[r][0] == first[r][0])
+                         and second[r] is not None and second[r][0] == first[r][0] and not second[r][3])
         silent = sorted(r for r in range(self.world_size) if r != self.rank and second[r] is None)
-        return {"ranks": {r: tuple(v[1:]) for r, v in second.items() if v is not None}, "stalled": stalled,
-                "silent": silent}
+        return {"ranks": {r: tuple(v[1:3]) for r, v in second.items() if v is not None}, "stalled": stalled,
+                "silent": silent, "left": sorted(r for r, v in second.items() if v is not None and v[3])}
 
     def describe_peers(self, settle: Optional[float] = None) -> str:
         """One line naming the ranks that did not arrive (see ``peers``)."""
@@ -163,7 +184,7 @@ class Watchdog:
                     "dead")
         mine = (self.iteration, self.phase_name)
         elsewhere = sorted(r for r, where in info["ranks"].items() if r not in info["stalled"] and r != self.rank
-                           and tuple(where) != mine)
+                           and r not in info["left"] and tuple(where) != mine)
         parts = []
         if info["stalled"]:
             parts.append(f"rank(s) {', '.join(map(str, info['stalled']))} stopped answering (stopped or dead; "
@@ -185,8 +206,9 @@ class Watchdog:
         stack = traceback.extract_stack(frame)
         calls = [i for i, f in enumerate(stack) if os.sep + "distributed" + os.sep in f.filename
                  and os.sep + "torch" + os.sep in f.filename]
-        if not calls:
-            return f"not in a collective ({stack[-1].name} at {stack[-1].filename}:{stack[-1].lineno})"
+        if not calls:  # waiting on an asynchronous collective's handle, or not in one
+            last = stack[-1]
+            return f"{last.name} at {last.filename}:{last.lineno} ({(last.line or '').strip()})"
         first = calls[0]
         caller = stack[first - 1] if first else stack[first]
         name = next((stack[i].name for i in reversed(calls) if not stack[i].name.startswith("_")
@@ -195,6 +217,7 @@ class Watchdog:
 
     def fire(self, what: str) -> None:
         """Report and exit with ``REQUEUE_EXIT`` (from the watchdog thread: the main thread may be blocked)."""
+        self.fired = True
         try:
             where = self.blocked_in()
             peers = self.describe_peers()
@@ -203,6 +226,7 @@ class Watchdog:
             print(message, file=sys.stderr, flush=True)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             request_requeue(self.save_dir, f"hang on rank {self.rank}: {what}")
+            self.leave()
         finally:
             sys.stderr.flush()
             sys.stdout.flush()
