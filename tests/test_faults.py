@@ -228,3 +228,31 @@ def test_straggler_is_named_and_stops_the_run_for_a_requeue(tmp_path, dataset_pr
     assert all(r["straggler_slowdown"] > 2 for r in reports)
     assert "stopping after iteration 4: straggler: rank 2" in out
     assert (tmp_path / "ck" / "requeue_requested").exists() and open(tmp_path / "ck" / LATEST).read() == "4"
+
+
+@pytest.mark.parametrize("change", ["delete", "rewrite"])
+def test_dataset_deleted_or_rewritten_under_the_run_stops_it_naming_the_file(tmp_path, dataset_prefix, bpe_flags,
+                                                                           change):
+    prefix = tmp_path / "data"
+    for ext in (".bin", ".idx"):
+        shutil.copy(dataset_prefix + ext, str(prefix) + ext)
+    args = tiny_train_flags(str(prefix), bpe_flags, "--train-iters", 100_000, "--eval-interval", 100_000,
+                            "--metrics-file", tmp_path / "m.jsonl", "--data-cache-path", tmp_path / "cache")
+    proc = subprocess.Popen([PYTHON, "-m", "megalm.pretrain", *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not (tmp_path / "m.jsonl").exists() or len(losses(tmp_path / "m.jsonl")) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    victim = str(prefix) + ".bin"
+    if change == "delete":
+        os.unlink(victim)
+    else:  # the same size, other tokens: only the sample indices would not notice
+        data = bytearray(open(victim, "rb").read())
+        data[:64] = bytes(64)
+        with open(victim + ".new", "wb") as fh:
+            fh.write(data)
+        os.replace(victim + ".new", victim)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2, out[-2000:]
+    assert f"megalm-pretrain: error: {victim}: " + ("deleted" if change == "delete" else "replaced") in out

@@ -28,7 +28,7 @@ class ResilienceConfig:
                                                flag="--no-check-for-nan-in-loss-and-grad", negate=True)
     max_skipped_steps: int = opt(10, "after more than this many consecutive skipped steps (non-finite loss or "
                                  "gradient) roll back to the last checkpoint under --save and skip the data "
-                                 "of those steps; without one, stop")
+                                 "since it; without one, stop")
     loss_spike_factor: Optional[float] = opt(None, "a loss above this many times the mean of the last "
                                              "--loss-spike-window steps is not applied: the run rolls back to the "
                                              "last checkpoint and skips the data since it")

@@ -185,6 +185,13 @@ def split_sample_counts(train_iters: int, global_batch_size: int, eval_iters: in
     return [train_iters * global_batch_size, eval_iters * global_batch_size, 0]
 
 
+def indexed_datasets(dataset) -> list:
+    """The indexed datasets a (blended) GPT dataset reads from (none for other datasets)."""
+    if isinstance(dataset, BlendedDataset):
+        return [d for part in dataset.datasets for d in indexed_datasets(part)]
+    return [dataset.indexed] if isinstance(dataset, GPTDataset) else []
+
+
 def build_datasets(blend: Sequence[Tuple[float, str]], split: Sequence[float], sample_counts: Sequence[int],
                    seq_length: int, seed: int, fingerprint: str, cache: IndexCache, vocab_size: Optional[int] = None):
     """Train, valid and test datasets (None where the split or the sample count is zero); with ``vocab_size``,

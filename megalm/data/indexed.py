@@ -192,6 +192,7 @@ class IndexedDataset:
         self.modes = (np.frombuffer(self._idx, dtype=np.int8, count=n_seq, offset=need)
                       if idx_size > need else None)
         self._check(ipath, bpath, n_seq)
+        self._opened = {path: _identity(path) for path in (ipath, bpath)}
         if os.path.getsize(bpath):
             self._bin = np.memmap(bpath, dtype=self.dtype, mode="r")
         else:
@@ -214,6 +215,17 @@ class IndexedDataset:
         if actual != expected:
             raise IndexedFormatError(f"{bpath}: {actual} bytes, but {ipath} describes {expected} "
                               f"({'truncated' if actual < expected else 'extra data'})")
+
+    def check_unchanged(self) -> None:
+        """Stop, naming the file, when the .bin or .idx was deleted, replaced, truncated or rewritten since it was
+        opened: reads past a truncation would kill the process (SIGBUS), and a file rewritten in place would give
+        other samples than the indices were built for."""
+        for path, opened in self._opened.items():
+            now = _identity(path)
+            if now != opened:
+                what = "deleted" if now is None else "replaced or rewritten (size, inode or modification time changed)"
+                raise IndexedFormatError(f"{path}: {what} while the run was reading it; restore the file (or "
+                                         "preprocess again and restart: its sample indices are rebuilt)")
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -261,6 +273,14 @@ class IndexedDataset:
 
     def document(self, doc: int) -> Iterable[np.ndarray]:
         return [self.get(i) for i in range(int(self.doc_index[doc]), int(self.doc_index[doc + 1]))]
+
+
+def _identity(path: str):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def exists(prefix: str) -> bool:

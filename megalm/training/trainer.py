@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config, num_micro_batches, parse_data_path, parse_split
-from megalm.data.gpt_dataset import IndexCache, build_datasets, split_sample_counts
+from megalm.data.gpt_dataset import IndexCache, build_datasets, indexed_datasets, split_sample_counts
 from megalm.data.loader import global_batch
 from megalm.data.sft import build_sft_datasets
 from megalm.data.tokenizers import build_tokenizer
@@ -126,6 +126,8 @@ class Trainer(Checkpointing):
                 self.valid_ds = datasets(d.valid_data_path, [0.0, 1.0, 0.0])[1] if d.valid_data_path else None
             else:
                 self.train_ds, self.valid_ds, _ = datasets(d.data_path, parse_split(d.split))
+        self.data_files = {id(d): d for ds in (self.train_ds, self.valid_ds) for d in indexed_datasets(ds)}
+        self.data_files = list(self.data_files.values())
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.throughput = Throughput(cfg.model, layer_params, output_params, topo.world_size,
                                      peak_tflops(device_name, cfg.logging.peak_tflops))
@@ -187,6 +189,9 @@ class Trainer(Checkpointing):
         return [int(v) for v in host_all_reduce(list(values), group=self.topo.pp_group)]
 
     def _micro_batches(self, dataset, consumed: int):
+        if self.iteration % self.cfg.logging.log_interval == 0 or len(self.data_files) <= 64:
+            for indexed in self.data_files:  # a file deleted or rewritten under the run stops it, named
+                indexed.check_unchanged()
         t = self.cfg.train
         d = self.cfg.data
         sft = bool(d.sft_data)  # packed examples: positions and attention restart at every end of document
