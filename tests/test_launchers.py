@@ -3,6 +3,7 @@ stand-in ``srun`` and ``scontrol`` on PATH for machines where Slurm cannot start
 ``scontrol show hostnames``, one task per rank, automatic resume from $SAVE and requeue after an early stop."""
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -84,11 +85,42 @@ def read_iterations(path):
         return [json.loads(line)["iteration"] for line in fh if '"loss"' in line]
 
 
+def task_pid(job: str, procid: int):
+    """The pid of task ``procid`` of Slurm job ``job`` (its environment says which), or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(v.split(b"=", 1) for v in fh.read().split(b"\0") if b"=" in v)
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except OSError:
+            continue
+        if env.get(b"SLURM_JOB_ID") == job.encode() and env.get(b"SLURM_PROCID") == str(procid).encode() \
+                and b"megalm.pretrain" in cmd:
+            return int(pid)
+    return None
+
+
+def release_requeued(cluster, job: str, env) -> None:
+    """Slurm holds a requeued job until a begin time a couple of minutes ahead; start it as soon as it is
+    pending again (what an operator's ``scontrol update`` does)."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        info = cluster.job(job)
+        if info["JobState"] == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=60)
+            return
+        if info["JobState"] == "RUNNING" and info.get("Restarts") not in (None, "0"):
+            return
+        time.sleep(0.5)
+
+
 def test_sbatch_under_real_slurm_preempts_requeues_and_finishes(tmp_path, dataset_prefix, bpe_flags):
     """launch/pretrain_gpt.sh submitted with sbatch to a real Slurm (2 tasks), preempted with
     ``scancel --signal=USR1``: both ranks save and exit, the script requeues the job, Slurm starts it again, it
-    resumes from the checkpoint and finishes. Slurm gives a requeued job a begin time a couple of minutes ahead;
-    the test waits for it."""
+    resumes from the checkpoint; then one rank is stopped (SIGSTOP): the other's watchdog exits with the requeue
+    code within the hang timeout, the script requeues again, and the third start resumes from the last save and
+    finishes."""
     from slurm_cluster import Cluster, SlurmUnavailable
 
     cluster, job = Cluster(str(tmp_path / "slurm")), None
@@ -102,7 +134,8 @@ def test_sbatch_under_real_slurm_preempts_requeues_and_finishes(tmp_path, datase
         save, metrics, out = tmp_path / "ck", tmp_path / "m.jsonl", tmp_path / "job.out"
         flags = [str(f) for f in tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "300",
                                                    "--eval-interval", "1000", "--log-interval", "50",
-                                                   "--metrics-file", metrics)]
+                                                   "--metrics-file", metrics, "--save-interval", "5",
+                                                   "--hang-timeout-seconds", "10")]
         env = dict(cluster.env, SAVE=str(save), PYTHON=sys.executable, MEGALM_ROOT=ROOT,
                    MASTER_PORT=str(free_port()))
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
@@ -118,16 +151,29 @@ def test_sbatch_under_real_slurm_preempts_requeues_and_finishes(tmp_path, datase
             assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), out.read_text()[-3000:]
             time.sleep(0.2)
         subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=60)
-        deadline = time.time() + 420  # the requeued job's begin time is a couple of minutes ahead
+        release_requeued(cluster, job, env)
+        deadline = time.time() + 180
+        while "resuming from" not in out.read_text() or len(read_iterations(metrics)) < 2 + \
+                int(out.read_text().split("resuming from")[1].split("(iteration ")[1].split(")")[0]):
+            assert time.time() < deadline, (cluster.job(job), out.read_text()[-3000:])
+            time.sleep(0.2)
+        hung = task_pid(job, 1)
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)
+        release_requeued(cluster, job, env)
+        deadline = time.time() + 300
         while (info := cluster.job(job))["JobState"] != "COMPLETED":
             assert time.time() < deadline, (info, out.read_text()[-3000:])
             assert info["JobState"] in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"), out.read_text()[-3000:]
             time.sleep(1)
         log = out.read_text()
-        assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
+        assert info["Restarts"] == "2" and info["ExitCode"] == "0:0", info
         stopped = int(log.split("stopping after iteration ")[1].split(":")[0])
         assert 3 <= stopped < 300 and "signal SIGUSR1" in log
         assert f"requeueing job {job}" in log and f"resuming from {save} (iteration {stopped})" in log
+        assert "rank 0: hang detected" in log and "rank(s) 1 stopped answering" in log
+        assert "stopped early (exit code 75" in log or "hang on rank 0" in log
+        assert log.count("resuming from") == 2
         assert (save / "latest_checkpointed_iteration.txt").read_text() == "300"
         assert read_iterations(metrics)[-1] == 300 and not (save / "requeue_requested").exists()
     finally:
