@@ -131,10 +131,9 @@ def measure(a, prefix: str, fault: str) -> dict:
         restored = pointed(work)
         row["lost_iterations"] = reached - restored
         row["resume_s"] = round(resume(a, prefix, work), 2)
-    else:  # the run goes on: what it lost is what it did not apply or trained again
+    else:  # the run goes on: it loses the steps it skipped, or after a rollback the iterations it discarded
         rows = [json.loads(line) for line in open(os.path.join(work, "m.jsonl"))]
-        row["lost_iterations"] = sum(1 for r in rows if r.get("skipped")) if fault != "spike" else \
-            len([r for r in rows if "loss" in r]) - a.iters
+        row["lost_iterations"] = sum(1 for r in rows if r.get("skipped_batch" if fault == "spike" else "skipped"))
         row["resume_s"] = 0.0
     return row
 

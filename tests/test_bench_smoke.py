@@ -74,6 +74,19 @@ def test_checkpoint_benchmark_small():
     assert sync > 0 and background > 0 and len(shares) == 2 and all(float(s) > 0 for s in shares), res.stdout
 
 
+def test_fault_benchmark_small():
+    """bench/bench_faults.py with a 10 s hang timeout, for a rank killed mid-step and a NaN gradient: a row each,
+    the dead rank's run exits 75 and resumes, the NaN run loses the one step it skipped."""
+    res = subprocess.run([PYTHON, "bench/bench_faults.py", "--faults", "die", "nan_grad", "--hang-timeout", "10",
+                          "--save-interval", "4", "--iters", "12"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r[1].strip(): [c.strip() for c in r[2:-1]] for r in (line.split("|") for line in res.stdout.splitlines())
+            if len(r) > 5 and r[1].strip() in ("die", "nan_grad")}
+    assert rows["die"][0] == "-9 75" and float(rows["die"][2]) > 0 and rows["die"][3] == "1", res.stdout
+    assert rows["nan_grad"][0] == "0" and rows["nan_grad"][3] == "1", res.stdout
+
+
 def test_race_against_megatron_core_small():
     """bench/bench_vs_megatron.py runs both frameworks at one rank and prints the ratio."""
     res = subprocess.run([PYTHON, "bench/bench_vs_megatron.py", "--layouts", "1", "--shapes", "gpt", "--iters", "3",

@@ -91,23 +91,6 @@ def test_divergence_stops_with_the_iteration(tmp_path, dataset_prefix, bpe_flags
     assert "iteration " in res.stderr
 
 
-def test_dead_rank_ends_the_job(tmp_path, dataset_prefix, bpe_flags):
-    """Kill -9 one rank of four: the others fail fast with a message, instead of hanging."""
-    metrics = tmp_path / "m.jsonl"
-    flags = tiny_train_flags(dataset_prefix, bpe_flags, "--train-iters", "100000", "--eval-interval", "100000",
-                             "--global-batch-size", "8", "--metrics-file", metrics,
-                             "--distributed-timeout-minutes", "1")
-    procs = spawn_ranks(4, flags)
-    wait_for_iteration(metrics, 2, procs)
-    start = time.time()
-    procs[3].kill()
-    outs = [p.communicate(timeout=90)[0] for p in procs[:3]]
-    assert time.time() - start < 90
-    assert all(p.returncode not in (0, None) for p in procs[:3]), outs
-    for out in outs:  # every survivor says so, none hangs or dies without a word
-        assert "communication with the other ranks failed" in out, out[-2000:]
-
-
 CRASH_MID_SAVE = """
 import os, sys, time, torch
 sys.path.insert(0, {root!r})

@@ -300,8 +300,10 @@ class Trainer(Checkpointing):
             hook.remove()
         self.optimizer.reduce_gradients(self.timers)
         row = self._loss_row(total)
-        names = {p: n for n, p in self.model.named_parameters()}
-        bad = [names.get(p, "?") for p in self.optimizer.nonfinite_params()] if self.optimizer.check_finite else []
+        bad = self.optimizer.nonfinite_params() if self.optimizer.check_finite else []
+        if bad:
+            names = {p: n for n, p in self.model.named_parameters()}
+            bad = [names.get(p, "?") for p in bad]
         why = self.health.verdict(iteration, float(total[0]), bad, row["loss"])
         lr = learning_rate(self.cfg.optim, iteration)
         if why:  # nothing of this step reaches the weights, the Adam state or the routers

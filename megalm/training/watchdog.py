@@ -36,7 +36,7 @@ REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again"; launch/pretrain_gpt.sh requeues t
 
 
 def beat_interval(timeout: float) -> float:
-    return max(0.2, min(5.0, timeout / 12))
+    return max(0.2, min(2.0, timeout / 12))
 
 
 class Watchdog:
