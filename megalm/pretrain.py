@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     except BaseException:
         destroy_distributed(barrier=False)
         raise
+    finally:
+        watchdog.stop()  # an in-process caller (a test) keeps no watchdog thread of a finished run
     destroy_distributed()
     return 0
 

@@ -4,7 +4,8 @@ path through the real entry point. ``MEGALM_FAULTS`` names them; unset (every re
     MEGALM_FAULTS="nan_grad@5:rank=1;die_save@4:rank=2"
 
 Entries are ``KIND@ITERATION[:rank=R][:arg=X]`` separated by ``;`` (no rank: every rank):
-``nan_grad`` a NaN in the first parameter's gradient in that step's backward; ``nan_loss`` a NaN loss;
+``nan_grad`` a NaN in the first parameter's gradient in that step's backward, ``nan_loss`` a NaN loss (both for
+``arg`` steps in a row, default 1);
 ``spike`` the loss times ``arg`` (default 100); ``slow`` ``arg`` ms (default 200) of extra work in every step
 from ITERATION on; ``hang`` the rank sleeps in that step's forward and never arrives; ``die`` SIGKILL in that
 step's forward-backward; ``die_save`` SIGKILL once the first file of that iteration's checkpoint is written;
@@ -56,6 +57,12 @@ class Drills:
             return default if arg is None else arg
         return None
 
+    def _streak(self, kind: str, iteration: int) -> bool:
+        if kind not in self.faults:
+            return False
+        when, arg = self.faults[kind]
+        return when <= iteration < when + int(arg or 1)
+
     def in_step(self, iteration: int, model) -> list:
         """Faults of the step about to run forward and backward; returns hooks to remove after it."""
         if self.at("die", iteration):
@@ -68,13 +75,13 @@ class Drills:
             busy = time.perf_counter() + slow / 1000
             while time.perf_counter() < busy:  # work, not sleep: as a slow device keeps its rank busy
                 pass
-        if self.at("nan_grad", iteration):
+        if self._streak("nan_grad", iteration):
             p = next(p for p in model.parameters() if p.requires_grad)
             return [p.register_hook(lambda g: g * float("nan"))]
         return []
 
     def loss(self, iteration: int, loss):
-        if self.at("nan_loss", iteration):
+        if self._streak("nan_loss", iteration):
             return loss * float("nan")
         factor = self.at("spike", iteration, default=100.0)
         return loss * factor if factor else loss

@@ -48,6 +48,7 @@ class Watchdog:
         self.interval = beat_interval(timeout)
         self.iteration, self.phase_name, self.since = 0, "startup", None  # ``since`` None: not timed
         self.fired = self.leaving = False
+        self._frozen = None  # where the main thread was when this rank began to report a failure
         self._store, self._master = None, master
         self._beats, self._stop = 0, threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -73,6 +74,7 @@ class Watchdog:
     def reporting(self) -> None:
         """A collective failed: stop timing, but go on beating while this rank names the missing peers."""
         self.since = None
+        self._frozen = self._frozen or (True, "a collective that failed")
 
     def leave(self) -> None:
         """Say in the store that this rank exits after the failure (the ranks still reading do not take it for
@@ -123,8 +125,9 @@ class Watchdog:
         try:
             store = self._connect()
             if store is not None:
-                store.set(f"megalm/beat/{self.rank}",
-                          json.dumps([self._beats, self.iteration, self.phase_name, self.leaving]))
+                waiting, where = self._frozen or self.main_thread_at()
+                store.set(f"megalm/beat/{self.rank}", json.dumps([self._beats, self.iteration, self.phase_name,
+                                                                  self.leaving, waiting, where]))
             self.store_error = None
         except Exception as exc:  # the store's host (rank 0's process) is stopped or gone
             if not self.store_error:
@@ -172,7 +175,8 @@ class Watchdog:
                          and second[r] is not None and second[r][0] == first[r][0] and not second[r][3])
         silent = sorted(r for r in range(self.world_size) if r != self.rank and second[r] is None)
         return {"ranks": {r: tuple(v[1:3]) for r, v in second.items() if v is not None}, "stalled": stalled,
-                "silent": silent, "left": sorted(r for r, v in second.items() if v is not None and v[3])}
+                "silent": silent, "left": sorted(r for r, v in second.items() if v is not None and v[3]),
+                "working": {r: v[5] for r, v in second.items() if v is not None and not v[4]}}
 
     def describe_peers(self, settle: Optional[float] = None) -> str:
         """One line naming the ranks that did not arrive (see ``peers``)."""
@@ -183,8 +187,9 @@ class Watchdog:
             return (f"the store on rank 0's host does not answer ({info['unreachable']}): rank 0 is stopped or "
                     "dead")
         mine = (self.iteration, self.phase_name)
-        elsewhere = sorted(r for r, where in info["ranks"].items() if r not in info["stalled"] and r != self.rank
-                           and r not in info["left"] and tuple(where) != mine)
+        alive = [r for r in info["ranks"] if r not in info["stalled"] and r != self.rank]
+        elsewhere = sorted(r for r in alive if tuple(info["ranks"][r]) != mine and r not in info["left"])
+        outside = sorted(r for r in alive if tuple(info["ranks"][r]) == mine and r in info["working"])
         parts = []
         if info["stalled"]:
             parts.append(f"rank(s) {', '.join(map(str, info['stalled']))} stopped answering (stopped or dead; "
@@ -192,34 +197,40 @@ class Watchdog:
                                                  f"{info['ranks'][r][1]}" for r in info["stalled"]) + ")")
         if info["silent"]:
             parts.append(f"rank(s) {', '.join(map(str, info['silent']))} never reported")
+        if outside:  # alive, in this step and phase, but not waiting in a collective: the ones the others wait for
+            parts.append("not in a collective (the others wait for them): " + "; ".join(
+                f"rank {r} at {info['working'][r]}" for r in outside))
         if elsewhere:
             parts.append("elsewhere: " + "; ".join(f"rank {r} at iteration {info['ranks'][r][0] + 1}, "
                                                     f"{info['ranks'][r][1]}" for r in elsewhere))
         return "; ".join(parts) or "every other rank is alive and waits too (a collective that never completes)"
 
-    def blocked_in(self) -> str:
-        """The innermost ``torch.distributed`` call on the main thread's stack, e.g. ``all_reduce`` from
-        ``megalm/optim/distributed.py:280``."""
+    def main_thread_at(self) -> tuple:
+        """(whether the main thread waits in a collective, where it is): the innermost ``torch.distributed`` call
+        on its stack, e.g. ``all_reduce called from megalm/parallel/state.py:207``, or its innermost frame (an
+        asynchronous collective's ``wait()`` counts as waiting)."""
         frame = sys._current_frames().get(self._main)
         if frame is None:
-            return "unknown"
+            return False, "unknown"
         stack = traceback.extract_stack(frame)
         calls = [i for i, f in enumerate(stack) if os.sep + "distributed" + os.sep in f.filename
                  and os.sep + "torch" + os.sep in f.filename]
-        if not calls:  # waiting on an asynchronous collective's handle, or not in one
+        if not calls:
             last = stack[-1]
-            return f"{last.name} at {last.filename}:{last.lineno} ({(last.line or '').strip()})"
+            line = (last.line or "").strip()
+            return ".wait(" in line, f"{last.name} at {last.filename}:{last.lineno} ({line})"
         first = calls[0]
         caller = stack[first - 1] if first else stack[first]
         name = next((stack[i].name for i in reversed(calls) if not stack[i].name.startswith("_")
                      and stack[i].name not in ("wrapper", "inner")), stack[calls[-1]].name)
-        return f"{name} called from {caller.filename}:{caller.lineno} ({caller.name})"
+        return True, f"{name} called from {caller.filename}:{caller.lineno} ({caller.name})"
 
     def fire(self, what: str) -> None:
         """Report and exit with ``REQUEUE_EXIT`` (from the watchdog thread: the main thread may be blocked)."""
         self.fired = True
+        self._frozen = self.main_thread_at()
         try:
-            where = self.blocked_in()
+            where = self._frozen[1]
             peers = self.describe_peers()
             message = (f"megalm-pretrain: error: rank {self.rank}: hang detected at {what}; main thread blocked in "
                        f"{where}; {peers}; exiting with code {REQUEUE_EXIT} for a requeue")
