@@ -14,6 +14,8 @@ import torch.distributed as dist
 log = logging.getLogger("megalm")
 
 LATEST = "latest_checkpointed_iteration.txt"
+
+
 class CheckpointError(RuntimeError):
     pass
 
@@ -111,5 +113,3 @@ def skipped_iterations(root: str) -> list:
     if not isinstance(value, list) or not all(isinstance(i, int) for i in value):
         raise CheckpointError(f"{where}: expected a list of iteration numbers")
     return value
-
-

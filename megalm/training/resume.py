@@ -9,9 +9,9 @@ import os
 import torch
 import torch.distributed as dist
 
+from megalm.optim.fsdp import FSDPOptimizer
 from megalm.parallel.random import rank_seed
 from megalm.parallel.state import host_all_reduce
-from megalm.optim.fsdp import FSDPOptimizer
 from megalm.training import checkpoint as ckpt
 from megalm.training import checkpoint_dirs as dirs
 from megalm.training.stopping import TrainingDiverged
