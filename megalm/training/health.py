@@ -23,8 +23,8 @@ class StepHealth:
     """The bad-step rules of ``ResilienceConfig``: ``verdict`` (before the optimizer: skip this step?) and
     ``after`` (a rollback due?)."""
 
-    def __init__(self, r: ResilienceConfig, topo: Topology, fp16: bool):
-        self.r, self.topo, self.fp16 = r, topo, fp16
+    def __init__(self, r: ResilienceConfig, topo: Topology):
+        self.r, self.topo = r, topo
         self.consecutive = 0
         self.losses = deque(maxlen=r.loss_spike_window)
 

@@ -62,7 +62,7 @@ class Trainer(Checkpointing):
         self.watchdog = watchdog or Watchdog(0.0, topo.rank, topo.world_size)
         self.drills = Drills(topo.rank)
         r = cfg.resilience
-        self.health = StepHealth(r, topo, cfg.train.fp16)
+        self.health = StepHealth(r, topo)
         self.straggler = StragglerMonitor(r, topo) if r.log_straggler else None
         self.skip_iterations, self.rollbacks = set(r.iterations_to_skip), 0
         self.compute_seconds, self.skip_reason = 0.0, None
