@@ -208,6 +208,16 @@ def host_all_reduce(values: list, op=dist.ReduceOp.SUM, group=None) -> list:
     return _to_host(t)
 
 
+def host_all_gather(values: list, rank: int, world_size: int) -> list:
+    """Every rank's ``values`` (a few floats: flags, timings), ``[[rank 0's], [rank 1's], ...]``, through one
+    all-reduce of a vector in which each rank fills its own slots (gloo has no uneven all-gather)."""
+    n = len(values)
+    slots = [0.0] * (n * world_size)
+    slots[rank * n:(rank + 1) * n] = values
+    total = host_all_reduce(slots)
+    return [total[r * n:(r + 1) * n] for r in range(world_size)]
+
+
 def _to_host(t: torch.Tensor) -> list:
     return t.tolist()
 

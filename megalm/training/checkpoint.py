@@ -34,7 +34,7 @@ from megalm.config import Config, ConfigError, load_yaml, save_yaml
 from megalm.optim.snapshot import HostStaging, host_tensor
 from megalm.parallel.fsdp import copy_into
 from megalm.parallel.layers import shard_of
-from megalm.parallel.state import Topology, host_all_reduce
+from megalm.parallel.state import Topology, host_all_gather, host_all_reduce
 from megalm.training.checkpoint_dirs import (LATEST, CheckpointDamaged, CheckpointError, SaveFailed, iteration_dir,
                                             pointed_iteration, resolve)
 from megalm.training.drills import Drills
@@ -230,9 +230,8 @@ class PendingSave:
     def finish(self) -> str:
         if self.thread is not None:
             self.thread.join()
-        flags = [0.0] * self.topo.world_size
-        flags[self.topo.rank] = 1.0 if self.error else 0.0
-        failed = [r for r, f in enumerate(host_all_reduce(flags)) if f]
+        flags = host_all_gather([1.0 if self.error else 0.0], self.topo.rank, self.topo.world_size)
+        failed = [r for r, (f,) in enumerate(flags) if f]
         if failed:
             if self.topo.rank == 0:  # the space the partial files hold goes back at once
                 shutil.rmtree(self.tmp, ignore_errors=True)

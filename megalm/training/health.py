@@ -11,10 +11,8 @@ import statistics
 from collections import deque
 from typing import Optional
 
-import torch.distributed as dist
-
 from megalm.config import ResilienceConfig
-from megalm.parallel.state import Topology, host_all_reduce
+from megalm.parallel.state import Topology, host_all_gather
 
 log = logging.getLogger("megalm")
 
@@ -36,18 +34,15 @@ class StepHealth:
         """Why step ``iteration`` must not be applied (the same answer on every rank), or None. ``local_loss``:
         this rank's loss before any reduction (the last stage's; 0 elsewhere); ``bad_params``: names of this
         rank's parameters with a non-finite gradient before reduction; ``loss``: the step's reported loss."""
-        world = self.topo.world_size
-        flags = [0.0] * (2 * world)
-        flags[2 * self.topo.rank] = 0.0 if math.isfinite(local_loss) else 1.0
-        flags[2 * self.topo.rank + 1] = 1.0 if bad_params else 0.0
+        mine = [0.0 if math.isfinite(local_loss) else 1.0, 1.0 if bad_params else 0.0]
         if bad_params:  # named here, by the rank that holds them
             log.error("iteration %d: rank %d: non-finite gradient in %s before the data-parallel reduction",
                       iteration, self.topo.rank, ", ".join(bad_params[:4]) + (" ..." if len(bad_params) > 4 else ""))
         if not math.isfinite(local_loss):
             log.error("iteration %d: rank %d: non-finite loss %s", iteration, self.topo.rank, local_loss)
-        flags = host_all_reduce(flags, op=dist.ReduceOp.MAX) if world > 1 else flags
-        loss_ranks = [r for r in range(world) if flags[2 * r]]
-        grad_ranks = [r for r in range(world) if flags[2 * r + 1]]
+        flags = host_all_gather(mine, self.topo.rank, self.topo.world_size)
+        loss_ranks = [r for r, (loss_bad, _) in enumerate(flags) if loss_bad]
+        grad_ranks = [r for r, (_, grad_bad) in enumerate(flags) if grad_bad]
         what = []
         if loss_ranks:
             what.append(f"non-finite loss on rank(s) {', '.join(map(str, loss_ranks))}")
@@ -96,19 +91,17 @@ class StragglerMonitor:
     def report(self, iteration: int) -> tuple:
         """(metrics row, reason to stop or None): a collective, called by every rank at the same iteration."""
         world = self.topo.world_size
-        values = [0.0] * (2 * world)
         n = max(self.steps, 1)
-        values[2 * self.topo.rank], values[2 * self.topo.rank + 1] = 1000 * self.compute / n, 1000 * self.step / n
-        values = host_all_reduce(values) if world > 1 else values
+        values = host_all_gather([1000 * self.compute / n, 1000 * self.step / n], self.topo.rank, world)
         self.compute, self.step, self.steps = 0.0, 0.0, 0
-        compute = values[0::2]
+        compute = [c for c, _ in values]
         median = statistics.median(compute)
         order = sorted(range(world), key=lambda r: -compute[r])
         slowest = order[0]
         slowdown = compute[slowest] / median if median > 0 else 1.0
         row = {"iteration": iteration, "straggler_rank": slowest, "straggler_slowdown": slowdown,
                "compute_ms_median": median, "compute_ms_max": compute[slowest], "compute_ms_min": min(compute),
-               "step_ms_max": max(values[1::2])}
+               "step_ms_max": max(s for _, s in values)}
         log.info("stragglers at iteration %d: compute ms per step median %.1f; slowest %s", iteration, median,
                  ", ".join(f"rank {r} {compute[r]:.1f} ({compute[r] / median if median else 1:.2f}x)"
                            for r in order[:3]))

@@ -420,7 +420,8 @@ class Trainer(Checkpointing):
             log.warning("iteration %d: batch skipped (samples %d to %d), no step", self.iteration,
                         self.consumed_samples, self.consumed_samples + gbs - 1)
         self.consumed_samples += gbs
-        self.metrics.record({"iteration": self.iteration, "skipped_batch": 1, "consumed_samples": self.consumed_samples})
+        self.metrics.record({"iteration": self.iteration, "skipped_batch": 1,
+                             "consumed_samples": self.consumed_samples})
 
     def _straggler_report(self, elapsed: float) -> Optional[str]:
         """``--log-straggler`` every ``--log-interval`` iterations: the row for the metrics, and a reason to stop

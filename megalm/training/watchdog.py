@@ -5,9 +5,10 @@ thread beats: it bumps this rank's counter and records its iteration and phase i
 store (a client connection of its own, with short timeouts, so a stopped store cannot stop it). When one phase has
 lasted longer than the timeout, every live rank prints the step and phase it waits in, the collective its main
 thread is blocked in (the innermost ``torch.distributed`` call on its stack), every thread's stack, and the ranks
-that did not arrive: those whose counter stopped (stopped or dead) and those waiting in another step or phase;
-then it leaves ``SAVE/requeue_requested`` and exits with ``REQUEUE_EXIT``, which ``launch/pretrain_gpt.sh``
-requeues. The same report of the peers names a dead rank when a collective fails outright (``pretrain.main``).
+that did not arrive: those whose counter stopped (stopped or dead), those alive but outside any collective while
+the others wait in one, and those in another step or phase; then it leaves ``SAVE/requeue_requested`` and exits
+with ``REQUEUE_EXIT``, which ``launch/pretrain_gpt.sh`` requeues. The same report of the peers names a dead rank
+when a collective fails outright (``pretrain.main``).
 
 Once the first step is done the process groups' own timeout is set just above the watchdog's (torchtitan's
 habit): startup (index building, a load) keeps ``--distributed-timeout-minutes``, training never waits the
@@ -128,7 +129,6 @@ class Watchdog:
                 waiting, where = self._frozen or self.main_thread_at()
                 store.set(f"megalm/beat/{self.rank}", json.dumps([self._beats, self.iteration, self.phase_name,
                                                                   self.leaving, waiting, where]))
-            self.store_error = None
         except Exception as exc:  # the store's host (rank 0's process) is stopped or gone
             if not self.store_error:
                 self.store_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
