@@ -43,9 +43,10 @@ def main(argv=None) -> int:
     setup_logging(launch["rank"])
     try:
         cfg = load_config(argv, world_size=launch["world_size"])
-        if not (cfg.data.data_path or cfg.data.train_data_path or cfg.data.sft_data):
-            raise ConfigError("--data-path is required (a prefix written by megalm-preprocess), or --sft-data "
-                              "for fine-tuning")
+        d = cfg.data
+        if not (d.data_path or d.train_data_path or d.sft_data or d.dpo_data):
+            raise ConfigError("--data-path is required (a prefix written by megalm-preprocess), or --sft-data / "
+                              "--dpo-data for fine-tuning")
     except USER_ERRORS as exc:
         print(f"megalm-pretrain: error: {exc}", file=sys.stderr)
         return 2

@@ -116,6 +116,13 @@ REFUSED = [
     (["--async-save", "--save", "/tmp/x", "--deepspeed"], None),
     (["--finetune"], None), (["--no-load-optim"], None), (["--save-interval", "0"], None),
     (["--save-interval", "10"], None), (["--load", "/nonexistent/ckpt"], None),
+    (["--pretrained-checkpoint", "/nonexistent/ckpt"], None),
+    (["--dpo-data", "/nonexistent/pairs.jsonl"], None), (["--sft-data", "README.md", "--dpo-data", "README.md"], None),
+    (["--dpo-data", "README.md", "--deepspeed"], None), (["--dpo-reference-file", "/tmp/ref.pt"], None),
+    (["--dpo-beta", "0"], None), (["--dpo-loss", "hinge"], None), (["--sft-format", "csv"], None),
+    (["--lora-rank", "-1"], None), (["--lora-rank", "4", "--lora-alpha", "0"], None),
+    (["--lora-rank", "4", "--lora-dropout", "1"], None), (["--lora-rank", "4", "--lora-target-modules", "qkv"], None),
+    (["--lora-rank", "4", "--deepspeed"], None), (["--lora-rank", "4", "--use-torch-fsdp2"], None),
 ]
 # tokenizer rules: argv without NULL
 REFUSED_TOKENIZER = [

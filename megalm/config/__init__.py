@@ -1,6 +1,7 @@
 """megalm's configuration: one tree of dataclass sections (``model``, ``parallel``, ``optim``, ``data``,
-``train``, ``logging``, ``checkpoint``, ``resilience``), each in the module named for it with its own rules; ``layout.py`` holds
-the rules that span sections and ``loader.py`` reads YAML and flags into the tree. No torch is imported here.
+``train``, ``logging``, ``checkpoint``, ``resilience``, ``posttrain``), each in the module named for it with its own
+rules; ``layout.py`` holds the rules that span sections and ``loader.py`` reads YAML and flags into the tree. No
+torch is imported here.
 """
 from megalm.config.data import (MEGATRON_ONLY_TOKENIZERS, TOKENIZER_TYPES, DataConfig, parse_data_path,
                                 parse_split, validate_tokenizer)
@@ -12,11 +13,12 @@ from megalm.config.model import ModelConfig
 from megalm.config.moe import parse_layer_freq
 from megalm.config.optim import OptimConfig
 from megalm.config.parallel import CP_COMM_TYPES, ParallelConfig
+from megalm.config.posttrain import LORA_TARGETS, PostTrainConfig
 from megalm.config.resilience import ResilienceConfig
 from megalm.config.train import CheckpointConfig, LoggingConfig, TrainConfig
 
-__all__ = ["CP_COMM_TYPES", "MEGATRON_ONLY_TOKENIZERS", "SECTIONS", "TOKENIZER_TYPES", "CheckpointConfig", "Config",
-           "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "ResilienceConfig",
+__all__ = ["CP_COMM_TYPES", "LORA_TARGETS", "MEGATRON_ONLY_TOKENIZERS", "SECTIONS", "TOKENIZER_TYPES", "CheckpointConfig", "Config",
+           "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PostTrainConfig", "ResilienceConfig",
            "TrainConfig",
            "apply_tree", "build_parser", "data_parallel_size", "finalize", "load_config", "load_yaml",
            "num_micro_batches", "opt", "parse_data_path", "parse_layer_freq", "parse_split", "save_yaml", "validate",

@@ -39,8 +39,11 @@ class DataConfig:
     eod_mask_loss: bool = opt(False, "no loss on positions whose input token is the end-of-document id")
     reset_position_ids: bool = opt(False, "restart position ids after every end-of-document token")
     reset_attention_mask: bool = opt(False, "attention does not cross end-of-document tokens (packed documents)")
-    sft_data: Optional[str] = opt(None, "supervised fine-tuning: JSON lines of prompt/response pairs or chat "
-                                  "messages (instead of --data-path); loss on responses only, packed documents")
+    sft_data: Optional[str] = opt(None, "supervised fine-tuning: JSON lines of conversations (rendered with the "
+                                  "chat template) or prompt/response pairs (--sft-format), instead of --data-path; "
+                                  "the loss on what the assistant writes, examples packed")
+    dpo_data: Optional[str] = opt(None, "preference optimisation (DPO): JSON lines of {prompt, chosen, rejected} "
+                                  "(text or messages), or chosen/rejected conversations, instead of --data-path")
 
 
 def parse_split(split: str) -> list:
@@ -87,11 +90,15 @@ def validate_data(d: DataConfig) -> None:
         raise ConfigError("give --data-path (split by --split) or --train-data-path/--valid-data-path, not both")
     if d.valid_data_path and not d.train_data_path:
         raise ConfigError("--valid-data-path needs --train-data-path")
-    if d.sft_data is not None:
-        if not os.path.isfile(d.sft_data):
-            raise ConfigError(f"--sft-data: no such file {d.sft_data}")
-        if d.data_path:
-            raise ConfigError("give --data-path (pretraining) or --sft-data (fine-tuning), not both")
+    for flag, path in (("--sft-data", d.sft_data), ("--dpo-data", d.dpo_data)):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise ConfigError(f"{flag}: no such file {path}")
+        if d.data_path or d.train_data_path:
+            raise ConfigError(f"give --data-path (pretraining) or {flag} (fine-tuning), not both")
+    if d.sft_data and d.dpo_data:
+        raise ConfigError("give --sft-data (supervised fine-tuning) or --dpo-data (preference optimisation), not both")
 
 
 def validate_tokenizer(d: DataConfig) -> None:

@@ -21,6 +21,7 @@ from megalm.config.layout import data_parallel_size, validate_layout
 from megalm.config.model import ModelConfig, fill_model_defaults, validate_model
 from megalm.config.optim import OptimConfig, fill_optim_defaults, validate_optim
 from megalm.config.parallel import ParallelConfig, validate_parallel
+from megalm.config.posttrain import PostTrainConfig, validate_posttrain, validate_posttrain_layout
 from megalm.config.resilience import ResilienceConfig, validate_resilience
 from megalm.config.train import (CheckpointConfig, LoggingConfig, TrainConfig, validate_checkpoint, validate_logging,
                                  validate_train)
@@ -36,6 +37,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,7 +169,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     validate_data(cfg.data)
     validate_checkpoint(cfg.checkpoint)
     validate_resilience(cfg.resilience)
+    validate_posttrain(cfg.posttrain)
     validate_layout(cfg, world_size)
+    validate_posttrain_layout(cfg)
 
 
 def save_yaml(cfg: Config, path: str) -> None:

@@ -58,6 +58,9 @@ class CheckpointConfig:
     no_load_optim: bool = opt(False, "with --load: fresh optimizer state and loss scale")
     no_load_rng: bool = opt(False, "with --load: do not restore the random generators")
     finetune: bool = opt(False, "with --load: weights only, iteration and samples start at 0")
+    pretrained_checkpoint: Optional[str] = opt(None, "the model's weights to start from (weights only, as --load "
+                                               "--finetune); with --lora-rank the frozen base under the adapters, "
+                                               "which --load then resumes")
     keep_last_n: Optional[int] = opt(None, "delete older checkpoints, keeping this many")
     async_save: bool = opt(False, "write checkpoints in the background: the loop waits only for the host copy of "
                            "each rank's share; the checkpoint appears once every rank has written it")
@@ -97,3 +100,5 @@ def validate_checkpoint(ck: CheckpointConfig) -> None:
             raise ConfigError("--save-interval needs --save")
     if ck.load and not os.path.isdir(ck.load):
         raise ConfigError(f"--load: no checkpoint directory {ck.load}")
+    if ck.pretrained_checkpoint and not os.path.isdir(ck.pretrained_checkpoint):
+        raise ConfigError(f"--pretrained-checkpoint: no checkpoint directory {ck.pretrained_checkpoint}")

@@ -1,42 +1,139 @@
-"""Supervised fine-tuning data: JSON lines of ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role":
-..., "content": ...}, ...]}``, tokenized, packed into fixed-length samples, with loss only on response tokens.
+"""Supervised fine-tuning data: JSON lines in the common shapes (``--sft-format``), tokenized with the model's chat
+template where they hold conversations, the loss on what the assistant writes, packed without padding between
+examples.
 
-Each example becomes ``prompt tokens + response tokens + eod``; the loss weight is 1 on the response and the eod
-(what the model must produce) and 0 on the prompt. Chat messages are rendered ``role: content`` one per line, and
-assistant turns carry the loss. Examples are packed greedily into samples of ``seq_length + 1`` tokens (an example
-longer than that is cut); the trainer then resets positions and masks attention at every eod, so packed examples
-do not see each other. A sample is an array ``[2, seq_length + 1]``: token ids and loss weights for the token
-predicted at each position.
+Shapes (``auto`` tells them apart line by line):
+
+- ``messages``: ``{"messages": [{"role", "content"}, ...]}`` (optional ``tools`` and ``chat_template_kwargs``),
+  rendered by the chat template (``megalm.data.chat_template``): ids equal transformers' ``apply_chat_template``,
+  the loss on the assistant's tokens;
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}]}``, the same once its roles
+  are renamed;
+- ``alpaca``: ``{"instruction", "input"?, "output", "system"?}``: one user turn (instruction, then the input after a
+  blank line) and the answer, through the chat template; without one, the Alpaca prompt of its authors;
+- ``prompt-response``: ``{"prompt", "response"}`` (or ``completion``) as plain text, the response ended by the end of
+  document; the response starts where the tokens of the prompt and of prompt + response part (as TRL does, so a
+  token that merges across the boundary belongs to the response).
+
+Packing: examples (cut to ``seq_length + 1`` tokens) go into samples of ``seq_length + 1`` tokens by best-fit
+decreasing, so padding is only what no example fits into, at the end of a sample. Each example is its own document:
+positions restart at its first token and attention stays inside it; a document's first token is never a target.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+import logging
+from typing import List, Optional, Tuple
 
 import numpy as np
 
+from megalm.data.chat_template import ChatTemplateError
 from megalm.data.gpt_dataset import DatasetError
 from megalm.data.jsonl import JsonlError, check_text, has_surrogate_escape, iter_lines, parse_object
 
+log = logging.getLogger("megalm")
 
-def render(example: dict, where: str) -> List[Tuple[str, bool]]:
-    """(text, carries loss) pieces of one example."""
-    if "messages" in example:
-        pieces = []
-        for m in example["messages"]:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DatasetError(f"{where}: every message needs 'role' and 'content'")
-            assistant = m["role"] == "assistant"
-            pieces.append((f"{m['role']}: ", False))
-            pieces.append((str(m["content"]) + "\n", assistant))
-        if not any(loss for _, loss in pieces):
-            raise DatasetError(f"{where}: no assistant message to learn from")
-        return pieces
-    if "prompt" in example and "response" in example:
-        return [(str(example["prompt"]), False), (str(example["response"]), True)]
-    raise DatasetError(f"{where}: expected 'prompt' and 'response', or 'messages'")
+FORMATS = ("auto", "messages", "prompt-response", "alpaca", "sharegpt")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "system": "system", "tool": "tool", "observation": "tool",
+                  "function_call": "assistant"}
+ALPACA = {True: ("Below is an instruction that describes a task, paired with an input that provides further "
+                 "context. Write a response that appropriately completes the request.\n\n### Instruction:\n{}\n\n"
+                 "### Input:\n{}\n\n### Response:\n"),
+          False: ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                  "request.\n\n### Instruction:\n{}\n\n### Response:\n")}
+KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+        "prompt-response": ("prompt",)}
 
 
-def tokenize_examples(path: str, tokenizer) -> List[Tuple[np.ndarray, np.ndarray]]:
+def shape_of(example: dict, fmt: str, where: str) -> str:
+    """The shape of one line: ``fmt`` itself, checked, or under ``auto`` the one its keys say."""
+    if fmt == "auto":
+        for shape, keys in KEYS.items():
+            if all(k in example for k in keys):
+                return shape
+        raise DatasetError(f"{where}: not an example of any --sft-format (expected 'messages', 'conversations', "
+                           f"'instruction' and 'output', or 'prompt' and 'response'; keys here: "
+                           f"{', '.join(list(example)[:8])})")
+    missing = [k for k in KEYS[fmt] if k not in example]
+    if missing:
+        raise DatasetError(f"{where}: no {', '.join(map(repr, missing))} (--sft-format {fmt})")
+    return fmt
+
+
+def _text(value, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: {what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def conversation(example: dict, shape: str, where: str) -> Optional[List[dict]]:
+    """The example's messages (None for plain text: ``prompt-response``, and ``alpaca`` without a template)."""
+    if shape == "messages":
+        messages = example["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     for m in messages):
+            raise DatasetError(f"{where}: 'messages' must be a list of objects, each with a 'role'")
+        return messages
+    if shape == "sharegpt":
+        turns = example["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise DatasetError(f"{where}: 'conversations' must be a list of objects")
+        messages = [{"role": "system", "content": example["system"]}] if example.get("system") else []
+        for turn in turns:
+            role = SHAREGPT_ROLES.get(turn.get("from"))
+            if role is None:
+                raise DatasetError(f"{where}: unknown speaker {turn.get('from')!r} (known: "
+                                   f"{', '.join(SHAREGPT_ROLES)})")
+            messages.append({"role": role, "content": _text(turn.get("value"), "a turn's 'value'", where)})
+        return messages
+    instruction, extra = _text(example["instruction"], "'instruction'", where), example.get("input") or ""
+    messages = [{"role": "system", "content": example["system"]}] if example.get("system") else []
+    return messages + [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")},
+                       {"role": "assistant", "content": _text(example["output"], "'output'", where)}]
+
+
+def completion_split(tokenizer, prompt: str, completion: str) -> Tuple[List[int], int]:
+    """Plain text: the ids of ``prompt + completion`` and the end of the end of document, and where the
+    completion starts (where the prompt's own ids stop being a prefix: a token may merge across the boundary)."""
+    prompt_ids = tokenizer.tokenize(prompt)
+    full = tokenizer.tokenize(prompt + completion) + [tokenizer.eod]
+    start = 0
+    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
+        start += 1
+    return full, start
+
+
+def tokenize_example(example: dict, shape: str, tokenizer, template, where: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids, 0/1 targets) of one example."""
+    messages = conversation(example, shape, where) if shape != "prompt-response" else None
+    if shape == "alpaca" and template is None:
+        instruction, extra = example["instruction"], example.get("input") or ""
+        prompt = ALPACA[bool(extra)].format(instruction, extra)
+        messages, example = None, {"prompt": prompt, "response": example["output"]}
+    if messages is None:
+        response = example.get("response", example.get("completion"))
+        if response is None:
+            raise DatasetError(f"{where}: a prompt needs a 'response' (or 'completion')")
+        ids, start = completion_split(tokenizer, _text(example["prompt"], "'prompt'", where),
+                                      _text(response, "'response'", where))
+        return np.asarray(ids, dtype=np.int64), (np.arange(len(ids)) >= start).astype(np.uint8)
+    if not any(m.get("role") == "assistant" for m in messages):
+        raise DatasetError(f"{where}: the conversation has no assistant turn to learn from")
+    if template is None:
+        raise DatasetError(f"{where}: a conversation needs a chat template; the tokenizer has none "
+                           f"(give --chat-template FILE.jinja or a tokenizer directory with one)")
+    kwargs = example.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise DatasetError(f"{where}: 'chat_template_kwargs' must be an object")
+    try:
+        ids, mask = template.encode(messages, tools=example.get("tools"), **kwargs)
+    except ChatTemplateError as exc:
+        raise DatasetError(f"{where}: {exc}") from None
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
+
+
+def read_examples(path: str, parse) -> list:
+    """``parse(example, where)`` of every non-blank line, errors naming ``path:line``."""
     out = []
     try:
         for _, lineno, line in iter_lines([path]):
@@ -44,16 +141,9 @@ def tokenize_examples(path: str, tokenizer) -> List[Tuple[np.ndarray, np.ndarray
             example = parse_object(line, where)
             if example is None:
                 continue
-            ids, weights, suspect = [], [], has_surrogate_escape(line)
-            for text, loss in render(example, where):
-                if suspect:
-                    check_text(text, "the example", where)
-                piece = tokenizer.tokenize(text)
-                ids += piece
-                weights += [float(loss)] * len(piece)
-            ids.append(tokenizer.eod)
-            weights.append(1.0)
-            out.append((np.asarray(ids, dtype=np.int64), np.asarray(weights, dtype=np.float32)))
+            if has_surrogate_escape(line):
+                _check_strings(example, where)
+            out.append(parse(example, where))
     except JsonlError as exc:
         raise DatasetError(str(exc)) from None
     if not out:
@@ -61,51 +151,158 @@ def tokenize_examples(path: str, tokenizer) -> List[Tuple[np.ndarray, np.ndarray
     return out
 
 
-def pack(examples, seq_length: int, pad_id: int) -> np.ndarray:
-    """Greedy packing into ``[n, 2, seq_length + 1]``; weights are for the token at each position (the label
-    of the previous one); padding has weight 0."""
-    size, samples, cur_ids, cur_w = seq_length + 1, [], [], []
-
-    def flush():
-        if cur_ids:
-            ids = np.full(size, pad_id, dtype=np.int64)
-            w = np.zeros(size, dtype=np.float32)
-            ids[: len(cur_ids)], w[: len(cur_w)] = cur_ids, cur_w
-            samples.append(np.stack([ids, w.astype(np.float64)]))
-
-    for ids, weights in examples:
-        ids, weights = list(ids[:size]), list(weights[:size])
-        if len(cur_ids) + len(ids) > size:
-            flush()
-            cur_ids, cur_w = [], []
-        cur_ids += ids
-        cur_w += weights
-    flush()
-    return np.stack(samples)
+def _check_strings(value, where: str) -> None:
+    """Every string of a parsed line is text (a lone surrogate escape is not; no tokenizer can encode it)."""
+    if isinstance(value, str):
+        check_text(value, "the example", where)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_strings(v, where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v, where)
 
 
-class SFTDataset:
-    """Packed samples, reshuffled every epoch (deterministic in ``seed``), indexable without bound."""
+def tokenize_examples(path: str, tokenizer, fmt: str = "auto", template=None) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Every example of an SFT file as (ids, targets); ``template``: the chat template (None: plain text only)."""
+    return read_examples(path, lambda ex, where: tokenize_example(ex, shape_of(ex, fmt, where), tokenizer, template,
+                                                                  where))
 
-    def __init__(self, samples: np.ndarray, seed: int):
-        self.samples, self.seed = samples, seed
+
+class _FreeSpace:
+    """Open samples by their free space (0..size), the smallest free space of at least ``n`` found in log time
+    (a tree of counts over the spaces): best fit."""
+
+    def __init__(self, size: int):
+        self.leaves = 1
+        while self.leaves < size + 1:
+            self.leaves *= 2
+        self.count = [0] * (2 * self.leaves)
+        self.bins = [[] for _ in range(self.leaves)]
+
+    def _add(self, space: int, delta: int) -> None:
+        i = space + self.leaves
+        while i:
+            self.count[i] += delta
+            i //= 2
+
+    def push(self, space: int, sample: int) -> None:
+        self.bins[space].append(sample)
+        self._add(space, 1)
+
+    def pop_at_least(self, n: int) -> Optional[Tuple[int, int]]:
+        """(free space, sample) of an open sample with the least free space >= n, taken out; or None."""
+        space = self._first(1, 0, self.leaves - 1, n)
+        if space is None:
+            return None
+        self._add(space, -1)
+        return space, self.bins[space].pop()
+
+    def _first(self, node: int, lo: int, hi: int, n: int) -> Optional[int]:
+        if hi < n or not self.count[node]:
+            return None
+        if lo == hi:
+            return lo
+        mid = (lo + hi) // 2
+        left = self._first(2 * node, lo, mid, n)
+        return left if left is not None else self._first(2 * node + 1, mid + 1, hi, n)
+
+
+def pack(examples, seq_length: int, where: str = "") -> dict:
+    """Best-fit-decreasing packing into samples of ``seq_length + 1`` tokens: ``ids`` (int32), ``targets`` (uint8,
+    whether each token is predicted) and ``docs`` (int32, the example of each token; padding a document of its
+    own), each ``[n, seq_length + 1]``. Longer examples are cut (counted in the log); one with no target left is
+    dropped."""
+    size, cut, dropped = seq_length + 1, 0, 0
+    kept = []
+    for ids, targets in examples:
+        if len(ids) > size:
+            cut += 1
+            ids, targets = ids[:size], targets[:size]
+        targets = targets.copy()
+        targets[0] = 0  # nothing in its own document predicts a document's first token
+        if not targets.any():
+            dropped += 1
+            continue
+        kept.append((ids, targets))
+    if cut or dropped:
+        log.warning("%s: %d example(s) longer than --seq-length + 1 (%d tokens) were cut%s", where or "SFT data", cut,
+                    size, f"; {dropped} with nothing left to learn were dropped" if dropped else "")
+    if not kept:
+        raise DatasetError(f"{where}: no example has a token to learn within --seq-length {seq_length}")
+    order = sorted(range(len(kept)), key=lambda i: (-len(kept[i][0]), i))
+    free, contents = _FreeSpace(size), []
+    for i in order:
+        n = len(kept[i][0])
+        found = free.pop_at_least(n)
+        if found is None:
+            contents.append([i])
+            space = size - n
+            sample = len(contents) - 1
+        else:
+            space, sample = found
+            contents[sample].append(i)
+            space -= n
+        free.push(space, sample)
+    out = {"ids": np.zeros((len(contents), size), dtype=np.int32),
+           "targets": np.zeros((len(contents), size), dtype=np.uint8),
+           "docs": np.zeros((len(contents), size), dtype=np.int32)}
+    for s, members in enumerate(contents):
+        at = 0
+        for doc, i in enumerate(members):
+            ids, targets = kept[i]
+            out["ids"][s, at:at + len(ids)] = ids
+            out["targets"][s, at:at + len(ids)] = targets
+            out["docs"][s, at:at + len(ids)] = doc
+            at += len(ids)
+        out["docs"][s, at:] = len(members)
+    used = sum(len(ids) for ids, _ in kept)
+    log.info("%s: %d examples packed into %d samples of %d tokens (%.1f%% of the tokens are padding)",
+             where or "SFT data", len(kept), len(contents), size, 100.0 * (1 - used / (len(contents) * size)))
+    return out
+
+
+class PackedDataset:
+    """Packed samples (``pack``'s arrays), reshuffled every epoch (deterministic in ``seed``), indexable without
+    bound; an item is a dict of one sample's rows and its ``index`` in the arrays."""
+
+    def __init__(self, arrays: dict, seed: int):
+        self.arrays, self.seed = arrays, seed
         self._orders = {}
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.arrays["ids"])
 
-    def __getitem__(self, idx: int) -> np.ndarray:
-        epoch, i = divmod(idx, len(self.samples))
+    def sample(self, i: int) -> dict:
+        return {**{k: v[i] for k, v in self.arrays.items()}, "index": i}
+
+    def __getitem__(self, idx: int) -> dict:
+        epoch, i = divmod(idx, len(self))
         if epoch not in self._orders:
-            self._orders[epoch] = np.random.default_rng(self.seed + epoch).permutation(len(self.samples))
-        return self.samples[self._orders[epoch][i]]
+            self._orders[epoch] = np.random.default_rng(self.seed + epoch).permutation(len(self))
+        return self.sample(int(self._orders[epoch][i]))
+
+    def fingerprint(self) -> str:
+        """A digest of the samples (what per-sample values computed from them, like DPO's reference, are for)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for key in sorted(self.arrays):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(self.arrays[key]).tobytes())
+        return h.hexdigest()[:24]
 
 
-def build_sft_datasets(path: str, tokenizer, seq_length: int, split: List[float], seed: int):
-    """Train and valid datasets from the examples, divided by ``--split`` (valid None when its share is 0)."""
-    examples = tokenize_examples(path, tokenizer)
+def split_examples(examples: list, split: List[float]) -> tuple:
+    """(train, valid) lists, valid the last ``--split``'s second share (None when that share is 0)."""
     n_valid = int(round(len(examples) * split[1])) if split[1] > 0 else 0
     n_valid = min(max(n_valid, 1 if split[1] > 0 else 0), len(examples) - 1)
-    train = pack(examples[: len(examples) - n_valid], seq_length, tokenizer.eod)
-    valid = pack(examples[len(examples) - n_valid:], seq_length, tokenizer.eod) if n_valid else None
-    return SFTDataset(train, seed), (SFTDataset(valid, seed) if valid is not None else None)
+    return examples[: len(examples) - n_valid], (examples[len(examples) - n_valid:] if n_valid else None)
+
+
+def build_sft_datasets(path: str, tokenizer, seq_length: int, split: List[float], seed: int, fmt: str = "auto",
+                       template=None):
+    """Train and valid datasets from the examples, divided by ``--split`` (valid None when its share is 0)."""
+    train, valid = split_examples(tokenize_examples(path, tokenizer, fmt, template), split)
+    return (PackedDataset(pack(train, seq_length, path), seed),
+            PackedDataset(pack(valid, seq_length, path + " (validation)"), seed) if valid else None)

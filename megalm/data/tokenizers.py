@@ -53,6 +53,21 @@ class Tokenizer:
     def fingerprint(self) -> str:
         return self.name
 
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Ids of ``text`` without added special tokens, and each token's character span (what a chat template's
+        loss mask is mapped through); only tokenizers of the ``tokenizers`` library have them."""
+        raise TokenizerError(f"{self.name} gives no character offsets, which chat templates need: use "
+                             f"--tokenizer-type HuggingFaceTokenizer with the model's tokenizer.json")
+
+    def chat_template(self, choice: Optional[str] = None):
+        """The ``ChatTemplate`` of ``--chat-template`` (a file, a directory, a template name) or the tokenizer's
+        own; ``ChatTemplateError`` when there is none."""
+        from megalm.data.chat_template import load_chat_template
+
+        return load_chat_template(self.folder, choice, self.encode_with_offsets)
+
+    folder: Optional[str] = None  # where the tokenizer's files (and its chat template) are
+
 
 def bytes_to_unicode() -> dict:
     """GPT-2's reversible byte -> printable character map that byte-level vocabularies are written in."""
@@ -111,6 +126,7 @@ class GPT2BPETokenizer(Tokenizer):
         from tokenizers import ByteLevelBPETokenizer
 
         self.vocab_file, self.merge_file = vocab_file, merge_file
+        self.folder = os.path.dirname(os.path.abspath(vocab_file))
         self._tok = ByteLevelBPETokenizer(vocab_file, merge_file)
         self.vocab_size = self._tok.get_vocab_size()
         eod = self._tok.token_to_id("<|endoftext|>")
@@ -132,6 +148,10 @@ class GPT2BPETokenizer(Tokenizer):
 
     def detokenize(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def encode_with_offsets(self, text):
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     @property
     def fingerprint(self):
@@ -254,6 +274,7 @@ class HuggingFaceTokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTokenizer
 
         self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        self.folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.exists(self.path):
             raise TokenizerError(f"{path}: no tokenizer.json there")
         try:
@@ -281,6 +302,10 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def tokenize_batch(self, texts):
         return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+    def encode_with_offsets(self, text):
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def detokenize(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)

@@ -96,7 +96,13 @@ class GPT(nn.Module):
                     module._parameters[leaf] = real
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name:
+            if getattr(p, "lora", False):  # LoRA: B zero (the adapted model starts as the base), A as PEFT's
+                if leaf == "b":
+                    p.zero_()
+                else:
+                    init_shard_(p, full_shape(p, self.topo), 0.0, param_generator(seed, name, p.device), self.topo,
+                                bound=p.fan_in ** -0.5)
+            elif "norm" in name:
                 p.fill_(1.0 if leaf == "weight" else 0.0)
             elif leaf in ("bias", "expert_bias", "sinks", "b1", "b3", "b2"):
                 p.zero_()

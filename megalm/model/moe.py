@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from megalm.config import ModelConfig
 from megalm.model.activations import gated
 from megalm.parallel.experts import dispatch_allgather, dispatch_alltoall, dispatch_local
+from megalm.parallel.lora import active
 from megalm.parallel.context import local_indices
 from megalm.parallel.mappings import gather_dim0, gather_values_dim0, reduce_from_tp, reduce_scatter_dim0
 from megalm.parallel.state import Topology
@@ -174,6 +175,7 @@ class GroupedExperts(nn.Module):
             p = nn.Parameter(torch.zeros((local, h) if name == "b2" else (local, f)))
             p.tp_dim, p.expert, p.etp_dim, p.no_decay = None, True, 1, True  # ETP > 1 with biases is refused
             setattr(self, name, p)
+        self.lora = None  # under --lora-rank: an ``ExpertLoRA`` per stack (``megalm.model.lora``)
 
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Tokens ``[N, h]`` sorted by local expert, ``counts`` per local expert -> outputs ``[N, h]``."""
@@ -183,24 +185,24 @@ class GroupedExperts(nn.Module):
         w = {name: getattr(self, name).to(dtype) for name in (("w1", "w3", "w2") if self.swiglu else ("w1", "w2"))}
         # grouped matmuls need rows of a multiple of 16 bytes; other widths take the loop, and so does fp32 under
         # torch.compile (the grouped matmul's shape function takes bf16 only, its CPU kernel fp32 too)
-        aligned = all(d * x.element_size() % 16 == 0 for d in w["w1"].shape[1:]) and not (
-            torch.compiler.is_compiling() and x.dtype == torch.float32)
-        if self.cfg.moe_grouped_gemm and aligned:
-            offs = torch.cumsum(counts, 0).to(torch.int32)
+        grouped = self.cfg.moe_grouped_gemm and not (torch.compiler.is_compiling() and x.dtype == torch.float32)
+        offs, bounds = None, None
 
-            def mm(a, weight):
+        def mm(a, weight):
+            nonlocal offs, bounds
+            if grouped and all(d * a.element_size() % 16 == 0 for d in weight.shape[1:]):
+                offs = torch.cumsum(counts, 0).to(torch.int32) if offs is None else offs
                 return torch._grouped_mm(a.contiguous(), weight, offs=offs)
-        else:
-            bounds = [0] + torch.cumsum(counts, 0).tolist()
-
-            def mm(a, weight):  # the reference: one matmul per expert
-                return torch.cat([a[bounds[e]:bounds[e + 1]] @ weight[e] for e in range(weight.shape[0])])
+            bounds = [0] + torch.cumsum(counts, 0).tolist() if bounds is None else bounds
+            return torch.cat([a[bounds[e]:bounds[e + 1]] @ weight[e] for e in range(weight.shape[0])])  # reference
         if self.biased:  # the expert of each row, whose bias it gets
             rows = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts.to(x.device),
                                            output_size=x.shape[0])
 
         def linear(a, name):
             out = mm(a, w[name])
+            if self.lora is not None and active(self.lora[name]):
+                out = out + self.lora[name](a, mm)
             return out + getattr(self, "b" + name[1]).to(dtype)[rows] if self.biased else out
 
         hidden = gated(self.cfg, linear(x, "w1"), linear(x, "w3")) if self.swiglu else \

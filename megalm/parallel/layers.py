@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalm.parallel.fp8 import linear
+from megalm.parallel.lora import active
 from megalm.parallel.mappings import (copy_to_tp, gather_from_sequence_parallel, reduce_from_tp,
                                       reduce_scatter_to_sequence_parallel)
 from megalm.parallel.state import Topology
@@ -65,27 +66,36 @@ class ColumnParallelLinear(nn.Module):
     input share that collective, and its backward sums their gradients once).
     """
     fp8_split = "out"  # what TP splits, for FP8's scales: the outputs
+    split = "out"  # what TP splits, for a LoRA adapter beside it
 
     def __init__(self, in_features: int, out_features: int, topo: Topology, bias: bool = True,
                  input_entered: bool = False):
         super().__init__()
         self.topo, self.input_entered = topo, input_entered
+        self.in_features, self.out_features = in_features, out_features
         self.weight = _param((out_features // topo.tp, in_features), 0)
         self.bias = _param((out_features // topo.tp,), 0) if bias else None
         self.fp8 = None  # an ``fp8.FP8Spec`` under --fp8-format
+        self.lora = None  # a ``lora.LoRA`` under --lora-rank
 
     def forward(self, x):
-        return linear(x if self.input_entered else enter_tp_region(x, self.topo), self.weight, self.bias, self.fp8)
+        return self.entered(x if self.input_entered else enter_tp_region(x, self.topo))
+
+    def entered(self, x):
+        """The layer on an input already in the TP region."""
+        y = linear(x, self.weight, self.bias, self.fp8)
+        return y + self.lora(x) if active(self.lora) else y
 
 
 def column_parallel(x, layers, topo: Topology) -> list:
     """Several column-parallel layers applied to one input, which enters the TP region once: their outputs.
-    Without sequence parallelism (and FP8) one autograd function does it all, so that backward starts the
-    all-reduce of the input's gradient as soon as that gradient is computed and computes the weights' gradients
-    while it runs (Megatron's overlap of the TP all-reduce with the weight-gradient GEMM)."""
-    if topo.tp == 1 or topo.sequence_parallel or any(layer.fp8 is not None for layer in layers):
+    Without sequence parallelism (and FP8 and adapters) one autograd function does it all, so that backward starts
+    the all-reduce of the input's gradient as soon as that gradient is computed and computes the weights'
+    gradients while it runs (Megatron's overlap of the TP all-reduce with the weight-gradient GEMM)."""
+    if topo.tp == 1 or topo.sequence_parallel or any(layer.fp8 is not None or active(layer.lora)
+                                                     for layer in layers):
         x = enter_tp_region(x, topo)
-        return [linear(x, layer.weight, layer.bias, layer.fp8) for layer in layers]
+        return [layer.entered(x) for layer in layers]
     params = [t for layer in layers for t in (layer.weight, layer.bias)]
     return list(_SharedInputLinears.apply(x, topo.tp_group, *params))
 
@@ -123,16 +133,22 @@ class _SharedInputLinears(torch.autograd.Function):
 class RowParallelLinear(nn.Module):
     """``y = x A^T + b`` with A split by input columns: partial products are summed over the TP group."""
     fp8_split = "in"  # what TP splits, for FP8's scales: the contraction
+    split = "in"  # what TP splits, for a LoRA adapter beside it
 
     def __init__(self, in_features: int, out_features: int, topo: Topology, bias: bool = True):
         super().__init__()
         self.topo = topo
+        self.in_features, self.out_features = in_features, out_features
         self.weight = _param((out_features, in_features // topo.tp), 1)
         self.bias = _param((out_features,), None, topo.sequence_parallel) if bias else None
         self.fp8 = None  # an ``fp8.FP8Spec`` under --fp8-format
+        self.lora = None  # a ``lora.LoRA`` under --lora-rank: its partial product joins the layer's reduction
 
     def forward(self, x):
-        y = leave_tp_region(linear(x, self.weight, None, self.fp8), self.topo)
+        y = linear(x, self.weight, None, self.fp8)
+        if active(self.lora):
+            y = y + self.lora(x)
+        y = leave_tp_region(y, self.topo)
         return y + self.bias if self.bias is not None else y
 
 
@@ -141,12 +157,17 @@ class ReplicatedLinear(nn.Module):
     shard, its weight's gradient then summed over TP): a projection small enough to repeat, whose output the
     caller passes through ``enter_tp_region`` (multi-latent attention's down-projections, Megatron's way)."""
 
+    split = None  # nothing: a LoRA adapter beside it is whole too
+
     def __init__(self, in_features: int, out_features: int, topo: Topology):
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = _param((out_features, in_features), None, topo.sequence_parallel)
+        self.lora = None  # a ``lora.LoRA`` under --lora-rank
 
     def forward(self, x):
-        return F.linear(x, self.weight)
+        y = F.linear(x, self.weight)
+        return y + self.lora(x) if active(self.lora) else y
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -176,15 +197,19 @@ def param_generator(seed: int, name: str, device: Optional[torch.device] = None)
 
 @torch.no_grad()
 def init_shard_(param: torch.Tensor, full_shape, std: float, generator: torch.Generator, topo: Topology,
-                valid_rows: Optional[int] = None) -> None:
-    """Draw the full tensor ``normal(0, std)`` and copy this rank's shard into ``param``.
+                valid_rows: Optional[int] = None, bound: Optional[float] = None) -> None:
+    """Draw the full tensor ``normal(0, std)`` (or with ``bound`` uniform in ``[-bound, bound]``) and copy this
+    rank's shard into ``param``.
 
     ``valid_rows`` draws only the first rows (the real vocabulary) and zeroes the rest (padding), so the padded
     size, which depends on TP, does not change the values.
     """
     full = torch.zeros(full_shape, device=param.device)  # fp32 whatever the parameter's dtype
     rows = full_shape[0] if valid_rows is None else valid_rows
-    full[:rows].normal_(0.0, std, generator=generator)
+    if bound is None:
+        full[:rows].normal_(0.0, std, generator=generator)
+    else:
+        full[:rows].uniform_(-bound, bound, generator=generator)
     param.copy_(shard_of(full, param, topo))
 
 
@@ -193,7 +218,8 @@ def shard_of(full: torch.Tensor, param: torch.Tensor, topo: Topology) -> torch.T
     dim 0 (the experts) over the expert-parallel ranks and along ``etp_dim`` (the width) over ETP."""
     if getattr(param, "expert", False):
         part = full if topo.ep == 1 else full.chunk(topo.ep, dim=0)[topo.ep_rank]
-        return part if topo.etp == 1 else part.chunk(topo.etp, dim=param.etp_dim)[topo.etp_rank]
+        return part if topo.etp == 1 or param.etp_dim is None else part.chunk(topo.etp, dim=param.etp_dim)[
+            topo.etp_rank]
     dim = getattr(param, "tp_dim", None)
     return full if dim is None or topo.tp == 1 else full.chunk(topo.tp, dim=dim)[topo.tp_rank]
 
@@ -202,7 +228,8 @@ def full_shape(param: torch.Tensor, topo: Topology):
     shape = list(param.shape)
     if getattr(param, "expert", False):
         shape[0] *= topo.ep
-        shape[param.etp_dim] *= topo.etp
+        if param.etp_dim is not None:
+            shape[param.etp_dim] *= topo.etp
         return tuple(shape)
     dim = getattr(param, "tp_dim", None)
     if dim is not None:

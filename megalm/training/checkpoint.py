@@ -54,8 +54,11 @@ def _pad(full, param, topo):
 
 
 def _owned(model):
-    """This stage's parameters, less the last stage's copy of a tied embedding (the first stage saves it)."""
-    return [(name, p) for name, p in model.named_parameters() if not getattr(p, "tied_copy", False)]
+    """This stage's parameters, less the last stage's copy of a tied embedding (the first stage saves it); of a
+    model with LoRA adapters, the adapters alone (the base is another checkpoint's)."""
+    owned = [(name, p) for name, p in model.named_parameters() if not getattr(p, "tied_copy", False)]
+    adapters = [(name, p) for name, p in owned if getattr(p, "lora", False)]
+    return adapters or owned
 
 
 def _shard_files(topo: Topology) -> tuple:
@@ -510,10 +513,12 @@ def _mine(value, p, topo: Topology, local: bool):
 
 
 @torch.no_grad()
-def load_model_state(model, state: dict, topo: Topology, source: str, local: bool = False) -> None:
+def load_model_state(model, state: dict, topo: Topology, source: str, local: bool = False,
+                     only: Optional[Callable] = None) -> None:
     """Copy the checkpoint's weights into ``model`` (cast to its dtype): ``state`` holds whole tensors, or with
-    ``local`` this rank's parts."""
-    names = dict(model.named_parameters())
+    ``local`` this rank's parts. ``only(parameter)``: the parameters the checkpoint is for (LoRA: the base, or the
+    adapters), default all."""
+    names = {n: p for n, p in model.named_parameters() if only is None or only(p)}
     missing = sorted(set(names) - set(state))
     # under pipeline parallelism the other stages' parameters are expected
     unexpected = sorted(set(state) - set(names)) if topo.pp == 1 else []

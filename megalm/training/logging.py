@@ -75,6 +75,9 @@ class MetricsLogger:
         timed = [(k[len("time_"):-len("_ms")].replace("_", "-"), v) for k, v in row.items() if k.startswith("time_")]
         if timed:
             parts.append("ms: " + ", ".join(f"{name} {ms:.1f}" for name, ms in timed))
+        if "dpo_rewards_accuracy" in row:
+            parts.append(f"rewards chosen {row['dpo_rewards_chosen']:.4f} rejected {row['dpo_rewards_rejected']:.4f} "
+                         f"accuracy {row['dpo_rewards_accuracy']:.2f}")
         if "moe_aux_loss" in row:
             parts.append(f"moe aux {row['moe_aux_loss']:.4f} load max/mean {row['moe_load_imbalance']:.2f}")
         if "moe_z_loss" in row:

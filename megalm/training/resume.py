@@ -9,11 +9,14 @@ import os
 import torch
 import torch.distributed as dist
 
+from megalm.model.lora import has_adapters
 from megalm.optim.fsdp import FSDPOptimizer
 from megalm.parallel.random import rank_seed
 from megalm.parallel.state import host_all_reduce
 from megalm.training import checkpoint as ckpt
 from megalm.training import checkpoint_dirs as dirs
+from megalm.training.dpo import save_reference
+from megalm.training.finetune import check_lora, lora_meta
 from megalm.training.stopping import TrainingDiverged
 
 log = logging.getLogger("megalm")
@@ -65,7 +68,8 @@ class Checkpointing:
                 "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "ep": self.topo.ep,
                            "cp": self.topo.cp,
                            "zero_stage": self.cfg.optim.zero_stage,
-                           **({"fsdp2": True} if isinstance(self.optimizer, FSDPOptimizer) else {})}}
+                           **({"fsdp2": True} if isinstance(self.optimizer, FSDPOptimizer) else {})},
+                **({"lora": lora_meta(self.cfg)} if self.cfg.posttrain.lora_rank else {})}
 
     def save(self, final: bool = False) -> None:
         """Write a checkpoint. A save that fails (a full disk) keeps the previous checkpoint; training goes on
@@ -84,8 +88,10 @@ class Checkpointing:
         if self.staging is not None:
             self.staging.reset()  # the previous save's writer is done: its snapshot memory is reused
         optimizer_state = self.optimizer.checkpoint_state(self.staging)
+        extra = (lambda folder: save_reference(self, folder)) if self.dpo else None
         written = ckpt.save_checkpoint(ck.save, self.iteration, self.model, optimizer_state, self.cfg, self.topo,
-                                       self.checkpoint_meta(), self.rng_state(), staging=self.staging)
+                                       self.checkpoint_meta(), self.rng_state(), write_extra=extra,
+                                       staging=self.staging)
         if ck.async_save:
             self.pending_save = written
         else:
@@ -152,9 +158,35 @@ class Checkpointing:
         raise ckpt.CheckpointError(f"{path}: no complete checkpoint to load" + (f" (tried {'; '.join(tried)})"
                                                                                  if tried else ""))
 
-    def load(self, path: str, resume: bool = False) -> None:
+    def load_weights(self):
+        """``--pretrained-checkpoint`` (weights only; under LoRA the base, also the one an adapter checkpoint
+        records when none is given), then ``--load``; returns the directory ``--load`` read, or None."""
+        ck = self.cfg.checkpoint
+        base = ck.pretrained_checkpoint
+        if base is None and ck.load and self.cfg.posttrain.lora_rank:
+            base = (ckpt.read_checkpoint(ck.load, ())["meta"].get("lora") or {}).get("base")
+            if base:
+                log.info("LoRA: the base of %s is %s (recorded in it)", ck.load, base)
+        if base:
+            self.load_pretrained(base)
+        return self.load(ck.load) if ck.load else None
+
+    def load_pretrained(self, path: str) -> None:
+        """A whole model's weights, from iteration 0 (under LoRA into the frozen base)."""
+        state = self.read_loadable(path, ["model"])
+        if state["meta"].get("lora"):
+            raise ckpt.CheckpointError(f"--pretrained-checkpoint {path} holds LoRA adapters, not a whole model: give "
+                                       f"it as --load (its base: {state['meta']['lora'].get('base')})")
+        ckpt.load_model_state(self.model, state["model"], self.topo, state["path"], local=True,
+                              only=lambda p: not getattr(p, "lora", False))
+        self.optimizer.load_main_params(ckpt.full_precision_values(self.model, state, self.topo))
+        log.info("weights of %s loaded%s", state["path"], " as the frozen base" if has_adapters(self.model) else "")
+
+    def load(self, path: str, resume: bool = False):
         """Weights always; optimizer state, loss scale, RNG and progress unless --finetune (weights only, from
-        iteration 0), --no-load-optim or --no-load-rng say otherwise (``resume``: all of it, for a rollback)."""
+        iteration 0), --no-load-optim or --no-load-rng say otherwise (``resume``: all of it, for a rollback).
+        Under LoRA a checkpoint of adapters resumes them; a whole model's, with --finetune, is the base. Returns
+        the directory read."""
         ck = self.cfg.checkpoint
         finetune = ck.finetune and not resume
         no_optim = ck.no_load_optim and not resume
@@ -162,7 +194,16 @@ class Checkpointing:
         if not (finetune or no_optim):
             parts.append("optimizer")
         state = self.read_loadable(path, parts)
-        ckpt.load_model_state(self.model, state["model"], self.topo, state["path"], local=True)
+        saved_lora = state["meta"].get("lora")
+        if has_adapters(self.model) and not saved_lora:
+            if not finetune:
+                raise ckpt.CheckpointError(f"--load {state['path']} holds a whole model, not LoRA adapters: give it as "
+                                           f"--pretrained-checkpoint (or add --finetune) to train adapters on it")
+            self.load_pretrained(path)
+            return state["path"]
+        check_lora(saved_lora, self.cfg, state["path"])
+        ckpt.load_model_state(self.model, state["model"], self.topo, state["path"], local=True,
+                              only=(lambda p: getattr(p, "lora", False)) if saved_lora else None)
         if "optimizer" in parts:
             if not state["optimizer"]:
                 log.warning("%s holds no optimizer state (saved by the DeepSpeed path or before the first step): "
@@ -172,8 +213,9 @@ class Checkpointing:
         self.optimizer.load_main_params(ckpt.full_precision_values(self.model, state, self.topo))
         if finetune:
             log.info("fine-tuning from the weights of %s, starting at iteration 0", state["path"])
-            return
+            return state["path"]
         self.restore_progress(state, resume)
+        return state["path"]
 
     def restore_progress(self, state: dict, resume: bool = False) -> None:
         meta, ck = state["meta"], self.cfg.checkpoint

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from megalm.config import Config, num_micro_batches, parse_data_path, parse_split
 from megalm.data.gpt_dataset import IndexCache, build_datasets, indexed_datasets, split_sample_counts
 from megalm.data.loader import global_batch
-from megalm.data.sft import build_sft_datasets
 from megalm.data.tokenizers import build_tokenizer
 from megalm.model.gpt import GPT
+from megalm.model.lora import apply_lora, freeze_base
 from megalm.model.moe import finish_step as finish_moe_step
 from megalm.optim.distributed import DistributedOptimizer
 from megalm.optim.fsdp import FSDPOptimizer
@@ -38,7 +38,9 @@ from megalm.pipeline.layout import stage_chunks
 from megalm.pipeline.p2p import PipeComm
 from megalm.pipeline.schedules import LiveActivations, bubble_fraction, run_schedule
 from megalm.training.resume import Checkpointing
+from megalm.training.dpo import DPO, METRICS, setup_reference
 from megalm.training.drills import Drills
+from megalm.training.finetune import finetune_datasets
 from megalm.training.flops import Throughput, peak_tflops
 from megalm.training.health import StepHealth, StragglerMonitor
 from megalm.training.logging import MetricsLogger
@@ -75,6 +77,8 @@ class Trainer(Checkpointing):
                               p.pipeline_stage_layers)
         with torch.device("meta"):  # no memory yet: each parameter is created on the device as it is initialised
             self.model = GPT(cfg.model, self.tokenizer.vocab_size, topo, chunks)
+            if cfg.posttrain.lora_rank:
+                apply_lora(self.model, cfg.posttrain, topo)
         self.model.init_weights(t.seed, self.device, self.parameter_dtype())
         if t.fp8_format:
             count = enable_fp8(self.model, t.fp8_recipe, t.fp8_format, topo, self.device)
@@ -86,6 +90,11 @@ class Trainer(Checkpointing):
         # counted before an optimizer (DeepSpeed ZeRO 3) may partition the parameters
         layer_params, output_params, num_params = self._sum_over_stages(
             *self.model.matmul_parameters(), self.model.num_parameters())
+        if cfg.posttrain.lora_rank:  # only the adapters train: no gradient buffer or Adam state for the rest
+            adapters = self._sum_over_stages(freeze_base(self.model))[0]
+            log.info("LoRA: rank %d on %s, %s adapter parameters train, the other %s are frozen",
+                     cfg.posttrain.lora_rank, " ".join(cfg.posttrain.lora_target_modules), f"{adapters:,}",
+                     f"{num_params - adapters:,}")
         self.comm = None
         if topo.pp > 1:
             seq = cfg.model.seq_length // topo.cp // (topo.tp if topo.sequence_parallel else 1)
@@ -109,9 +118,10 @@ class Trainer(Checkpointing):
                                      {"project": lg.wandb_project, "name": lg.wandb_exp_name, "dir": lg.wandb_save_dir,
                                       "config": cfg.to_dict()})
         barrier = dist.barrier if dist.is_initialized() else None
-        if cfg.data.sft_data:
-            self.train_ds, self.valid_ds = build_sft_datasets(cfg.data.sft_data, self.tokenizer, cfg.model.seq_length,
-                                                              parse_split(cfg.data.split), t.seed)
+        self.dpo = DPO(cfg.posttrain.dpo_beta, cfg.posttrain.dpo_loss, topo) if cfg.data.dpo_data else None
+        self.report = METRICS if self.dpo else None  # what a step reports beside the loss
+        if cfg.data.sft_data or cfg.data.dpo_data:
+            self.train_ds, self.valid_ds = finetune_datasets(cfg, self.tokenizer)
         else:
             counts = split_sample_counts(t.train_iters, t.global_batch_size, t.eval_iters)
             cache = IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier)
@@ -131,8 +141,9 @@ class Trainer(Checkpointing):
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.throughput = Throughput(cfg.model, layer_params, output_params, topo.world_size,
                                      peak_tflops(device_name, cfg.logging.peak_tflops))
-        if cfg.checkpoint.load:
-            self.load(cfg.checkpoint.load)
+        loaded = self.load_weights()
+        if self.dpo:
+            self.reference = setup_reference(self, loaded)
         extra = "".join(f" x {name} {n}" for name, n in (("CP", topo.cp), ("EP", topo.ep), ("ETP", topo.etp))
                         if n > 1)
         log.info("model: %s parameters, %d layers, hidden %d, vocab %d (padded %d); layout TP %d x PP %d x DP %d%s",
@@ -194,11 +205,13 @@ class Trainer(Checkpointing):
                 indexed.check_unchanged()
         t = self.cfg.train
         d = self.cfg.data
-        sft = bool(d.sft_data)  # packed examples: positions and attention restart at every end of document
         batches = global_batch(dataset, consumed, t.global_batch_size, t.micro_batch_size, self.topo.dp_rank,
                                self.topo.dp, eod=self.tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
-                               reset_position_ids=d.reset_position_ids or sft,
-                               reset_attention_mask=d.reset_attention_mask or sft)
+                               reset_position_ids=d.reset_position_ids, reset_attention_mask=d.reset_attention_mask)
+        if self.dpo:  # each pair's reference log-probabilities travel with it
+            reference = self.reference["train" if dataset is self.train_ds else "valid"]
+            for b in batches:
+                b["reference_logps"] = reference[b["sample_index"]].float()
         if self.cfg.model.mtp_num_layers:  # shifted from whole sequences, before CP cuts them
             batches = [shifted_targets(b, self.cfg.model.mtp_num_layers, self.tokenizer.eod) for b in batches]
         if self.topo.cp > 1:  # this context-parallel rank's chunks of every sequence
@@ -206,8 +219,11 @@ class Trainer(Checkpointing):
         return batches
 
     def _loss_row(self, total: torch.Tensor) -> dict:
-        """``loss`` and, with multi-token prediction, ``mtp_<k>_loss`` of each depth, from ``total`` ``[1 + D]``."""
+        """``loss`` and, with multi-token prediction, ``mtp_<k>_loss`` of each depth, from ``total`` ``[1 + D]``
+        (DPO: its rewards, ``dpo_<metric>``)."""
         losses = self._mean_loss(total)
+        if self.report:
+            return {"loss": losses[0], **{f"dpo_{k}": v for k, v in zip(self.report[1:], losses[1:])}}
         return {"loss": losses[0], **{f"mtp_{k}_loss": v for k, v in enumerate(losses[1:], start=1)}}
 
     def _mean_loss(self, total: torch.Tensor) -> list:
@@ -236,6 +252,8 @@ class Trainer(Checkpointing):
         model's per-token loss and, with multi-token prediction, ``--mtp-loss-scaling-factor / D`` times the sum
         of each depth's (reported per depth, not in ``loss``: Megatron's convention)."""
         main, depths = out if isinstance(out, tuple) else (out, None)
+        if self.dpo:
+            return self.dpo.loss(main, batch, self.device)
         loss = self.masked_mean(main, batch)
         if depths is None:
             return loss, loss.detach()[None]
@@ -259,7 +277,8 @@ class Trainer(Checkpointing):
     def _run_micro_batches(self, micro_batches, forward_only: bool) -> torch.Tensor:
         """Forward (and backward) every micro-batch through this rank's stage; returns the sum of the
         micro-batches' mean losses divided by their count (zero before the last stage)."""
-        total = torch.zeros(1 + (self.cfg.model.mtp_num_layers or 0), device=self.device)
+        total = torch.zeros(len(self.report) if self.report else 1 + (self.cfg.model.mtp_num_layers or 0),
+                            device=self.device)
         # the first step under pipelining measures the micro-batches whose activations are alive at once
         self.live = LiveActivations() if self.comm and self.iteration == 0 and not forward_only else None
 
@@ -316,8 +335,9 @@ class Trainer(Checkpointing):
         self.scaler.update(skipped)
         row.update({"grad_norm": grad_norm, "lr": lr, "skipped": int(skipped)})
         self.skip_reason = why
-        if moe is not None and not why:
-            row.update(finish_moe_step(self.model, self.topo, self.cfg.model.moe_router_bias_update_rate))
+        if moe is not None and not why:  # under LoRA the base, its routers' biases too, stays as it was
+            rate = 0.0 if self.cfg.posttrain.lora_rank else self.cfg.model.moe_router_bias_update_rate
+            row.update(finish_moe_step(self.model, self.topo, rate))
         return row
 
     @torch.no_grad()
