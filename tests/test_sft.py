@@ -1,18 +1,20 @@
-"""Supervised fine-tuning: loss only on responses, packed examples isolated from each other, loss falls, and the
-same losses under TP 2 x PP 2 as in one process."""
+"""Supervised fine-tuning data and loss: only what the model must write carries loss, the common JSONL shapes give
+the same examples, packing leaves padding only at the end of samples and keeps examples apart, and the loss falls."""
 import json
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_train_flags, torchrun
+from chat_data import tiny_tokenizer
+from conftest import tiny_train_flags
 from megalm.config import load_config
 from megalm.data.gpt_dataset import DatasetError
 from megalm.data.loader import collate
-from megalm.data.sft import SFTDataset, pack, tokenize_examples
-from megalm.data.tokenizers import build_tokenizer
+from megalm.data.sft import PackedDataset, pack, tokenize_examples
+from megalm.data.tokenizers import HuggingFaceTokenizer, build_tokenizer
 from megalm.model.gpt import GPT
 from megalm.parallel.state import Topology
 from megalm.pretrain import main
@@ -26,14 +28,10 @@ def instruction_set(path, n=300, seed=0):
     """Reverse a list of words: learnable by a tiny model, with the answer determined by the prompt."""
     rng = random.Random(seed)
     with open(path, "w") as fh:
-        for i in range(n):
+        for _ in range(n):
             words = rng.sample(WORDS, 3)
-            if i % 2:
-                ex = {"prompt": "reverse: " + " ".join(words) + " =>", "response": " " + " ".join(words[::-1])}
-            else:
-                ex = {"messages": [{"role": "user", "content": "reverse " + " ".join(words)},
-                                   {"role": "assistant", "content": " ".join(words[::-1])}]}
-            fh.write(json.dumps(ex) + "\n")
+            fh.write(json.dumps({"prompt": "reverse: " + " ".join(words) + " =>",
+                                 "response": " " + " ".join(words[::-1])}) + "\n")
     return path
 
 
@@ -47,11 +45,13 @@ def test_prompt_tokens_carry_no_loss(tmp_path, bpe_flags):
     cfg = load_config(sft_flags(bpe_flags, instruction_set(tmp_path / "sft.jsonl", 20)))
     tok = build_tokenizer(cfg.data)
     examples = tokenize_examples(cfg.data.sft_data, tok)
-    ids, weights = examples[1]  # a prompt/response example
-    prompt = tok.tokenize("reverse: " + json.loads(open(cfg.data.sft_data).readlines()[1])["prompt"][9:])
-    assert weights[: len(prompt)].sum() == 0 and weights[len(prompt):].min() == 1 and ids[-1] == tok.eod
-    data = SFTDataset(pack(examples, 32, tok.eod), seed=0)
-    batch = collate(data, range(4), eod=tok.eod, reset_position_ids=True, reset_attention_mask=True)
+    line = json.loads(open(cfg.data.sft_data).readline())
+    ids, targets = examples[0]
+    prompt = tok.tokenize(line["prompt"])
+    assert ids.tolist() == tok.tokenize(line["prompt"] + line["response"]) + [tok.eod]
+    assert targets[: len(prompt)].sum() == 0 and targets[len(prompt):].min() == 1
+    data = PackedDataset(pack(examples, 32), seed=0)
+    batch = collate(data, range(4))
     mask = batch["loss_mask"]
     assert 0 < mask.sum() < mask.numel()
     model = GPT(cfg.model, tok.vocab_size)
@@ -70,6 +70,51 @@ def test_prompt_tokens_carry_no_loss(tmp_path, bpe_flags):
     assert not torch.equal(loss(batch["labels"]), loss(changed))
 
 
+def test_shapes_give_the_same_conversation(tmp_path):
+    """alpaca, sharegpt and messages lines holding one exchange render to the same ids and targets through the
+    chat template; alpaca without a template is the Alpaca prompt as plain text."""
+    tok = HuggingFaceTokenizer(tiny_tokenizer(tmp_path / "tok", "qwen3"))
+    template = tok.chat_template()
+    lines = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?\n\nThe sky."},
+                           {"role": "assistant", "content": "The sun."}]},
+             {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Why?\n\nThe sky."},
+                                {"from": "gpt", "value": "The sun."}]},
+             {"instruction": "Why?", "input": "The sky.", "output": "The sun.", "system": "Be brief."}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (a, ma), (b, mb), (c, mc) = tokenize_examples(str(path), tok, "auto", template)
+    assert a.tolist() == b.tolist() == c.tolist() and ma.tolist() == mb.tolist() == mc.tolist()
+    assert tok.detokenize([i for i, m in zip(a, ma) if m]).endswith("The sun.<|im_end|>\n")
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text(json.dumps(lines[2]) + "\n")
+    (d, md), = tokenize_examples(str(alpaca), tok, "alpaca", None)
+    text = tok.detokenize(d.tolist())
+    assert "### Instruction:\nWhy?\n\n### Input:\nThe sky.\n\n### Response:\n" in text
+    assert tok.detokenize([i for i, m in zip(d, md) if m]) == "The sun.<|im_end|>"  # the end of document: its eos
+    with pytest.raises(DatasetError, match=f"{path}:1: no 'instruction', 'output' \\(--sft-format alpaca\\)"):
+        tokenize_examples(str(path), tok, "alpaca", template)
+
+
+def test_packing_fills_samples_and_keeps_examples_apart():
+    rng = np.random.default_rng(0)
+    examples = [(np.arange(n), np.ones(n, dtype=np.uint8)) for n in rng.integers(3, 40, size=300)]
+    out = pack(examples, 63)
+    tokens = sum(len(ids) for ids, _ in examples)
+    assert out["ids"].shape[1] == 64
+    assert tokens / out["ids"].size > 0.98  # best fit: under 2% padding (greedy, in order: 22% here)
+    for s in range(len(out["ids"])):
+        docs = out["docs"][s]
+        for d in np.unique(docs):
+            run, targets = out["ids"][s][docs == d], out["targets"][s][docs == d]
+            if run.sum() == 0 and targets.sum() == 0:
+                continue  # the padding at the end
+            assert run.tolist() == list(range(len(run)))  # each example whole and contiguous
+            assert targets[0] == 0 and targets[1:].all()  # its first token is not predicted from another's
+    batch = collate(PackedDataset(out, 0), range(3))
+    starts = batch["position_ids"] == 0
+    assert torch.equal(starts[:, 1:], batch["document_ids"][:, 1:] != batch["document_ids"][:, :-1])
+
+
 def test_bad_examples_name_the_line(tmp_path, bpe_flags):
     cfg = load_config(sft_flags(bpe_flags, instruction_set(tmp_path / "sft.jsonl", 2)))
     tok = build_tokenizer(cfg.data)
@@ -78,8 +123,11 @@ def test_bad_examples_name_the_line(tmp_path, bpe_flags):
     with pytest.raises(DatasetError, match=f"{bad}:2: the example holds an unpaired surrogate escape"):
         tokenize_examples(str(bad), tok)
     bad.write_text('{"prompt": "a"}\n')
-    with pytest.raises(DatasetError, match=f"{bad}:1: expected 'prompt' and 'response', or 'messages'"):
+    with pytest.raises(DatasetError, match=f"{bad}:1: a prompt needs a 'response'"):
         tokenize_examples(str(bad), tok)
+    bad.write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(DatasetError, match=f"{bad}:1: no 'messages' \\(--sft-format messages\\)"):
+        tokenize_examples(str(bad), tok, "messages")
 
 
 def test_packed_documents_do_not_see_each_other():
@@ -97,22 +145,10 @@ def test_packed_documents_do_not_see_each_other():
     assert (together[:, 6:] - alone).abs().max() < 1e-5
 
 
-def test_sft_loss_falls_and_matches_under_tp_pp(tmp_path, bpe_flags):
+def test_sft_loss_falls(tmp_path, bpe_flags):
     data = instruction_set(tmp_path / "sft.jsonl")
     flags = sft_flags(bpe_flags, data, "--train-iters", "30", "--lr", "3e-3", "--num-layers", "2",
                       "--eval-interval", "30")
     assert main(flags + ["--metrics-file", str(tmp_path / "one.jsonl")]) == 0
     one = [r for r in map(json.loads, open(tmp_path / "one.jsonl")) if "loss" in r]
     assert sum(r["loss"] for r in one[-5:]) < 0.7 * sum(r["loss"] for r in one[:5])
-    short = sft_flags(bpe_flags, data, "--train-iters", "4", "--lr", "3e-3", "--num-layers", "2",
-                      "--eval-interval", "30")
-    res = torchrun(4, "megalm/pretrain.py", *short, "--metrics-file", tmp_path / "tp.jsonl",
-                   "--tensor-model-parallel-size", "2",
-                   "--pipeline-model-parallel-size", "2", "--sequence-parallel")
-    assert res.returncode == 0, res.stderr[-3000:]
-    tp = [r for r in map(json.loads, open(tmp_path / "tp.jsonl")) if "loss" in r]
-    assert main(short + ["--metrics-file", str(tmp_path / "ref.jsonl")]) == 0
-    ref = [r for r in map(json.loads, open(tmp_path / "ref.jsonl")) if "loss" in r]
-    assert len(tp) == len(ref) == 4
-    for x, y in zip(ref, tp, strict=True):
-        assert abs(x["loss"] - y["loss"]) / x["loss"] < 1e-5
