@@ -22,7 +22,8 @@ from megalm.model.transformer import KVCache
 from megalm.pipeline.inference import from_last_stage, last_position_logits
 from megalm.pipeline.layout import stage_chunks
 from megalm.parallel.state import LayoutError, Topology, destroy_distributed, init_distributed, launch_environment
-from megalm.training.checkpoint import CheckpointError, load_model_state, read_checkpoint
+from megalm.training.checkpoint import CheckpointError, load_model_state
+from megalm.training.finetune import read_whole_model
 from megalm.training.logging import setup_logging
 
 log = logging.getLogger("megalm")
@@ -104,8 +105,9 @@ def generate(model: GPT, prompt: List[int], max_new_tokens: int, temperature: fl
 
 
 def load_for_inference(path: str, topo: Topology, overrides: dict):
-    """Model (weights loaded, eval mode) and tokenizer of a checkpoint; tokenizer paths can be overridden."""
-    state = read_checkpoint(path, parts=("model",))
+    """Model (weights loaded, eval mode) and tokenizer of a checkpoint (of LoRA adapters: merged into their base);
+    tokenizer paths can be overridden."""
+    state = read_whole_model(path)
     cfg = state["config"]
     for key, value in overrides.items():
         if value is not None:

@@ -1,8 +1,10 @@
 """Hugging Face interop: ``megalm-export-hf`` writes a transformers directory (GPT-2, Llama (with Llama 3.1's RoPE
 scaling), Mistral, Qwen2/2.5, Qwen3, Mixtral or Qwen3-MoE: safetensors weights, config.json, the run's tokenizer
-files) from a checkpoint of any layout; ``megalm-import-hf`` turns such a directory into a megalm checkpoint that
-loads under any layout. Each family's config mapping and tensor names are a class in ``hf_families.py``; this
-module moves files. transformers itself is not needed here, only to load the result.
+files and chat template) from a checkpoint of any layout; a checkpoint of LoRA adapters is written merged into its
+base (``--merge-lora``) or as a PEFT adapter directory (``--lora-format peft``, ``megalm.interop.peft``).
+``megalm-import-hf`` turns such a directory into a megalm checkpoint that loads under any layout. Each family's
+config mapping and tensor names are a class in ``families/``; this module moves files. transformers itself is not
+needed here, only to load the result.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import logging
 import os
 import shutil
 import sys
+from typing import Optional
 
 import torch
 
 from megalm.config import Config, ModelConfig
 from megalm.interop.families import ConversionError, family_of, family_of_config
 from megalm.training.checkpoint import CheckpointError, read_checkpoint
+from megalm.training.finetune import read_whole_model
 
 log = logging.getLogger("megalm")
 
@@ -54,6 +58,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model")
+# what else a tokenizer directory holds that a chat needs: the special tokens and the chat template
+TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def _tokenizer_files(cfg: Config) -> list:
@@ -62,16 +68,34 @@ def _tokenizer_files(cfg: Config) -> list:
     dirs = {os.path.dirname(p) for p in paths if p and os.path.isfile(p)} | {p for p in paths if p and os.path.isdir(p)}
     found = [p for p in paths if p and os.path.isfile(p)]
     for folder in dirs:  # the tokenizer.json megalm-train-tokenizer writes beside vocab.json/merges.txt
-        found += [os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
+        found += [os.path.join(folder, f) for f in TOKENIZER_FILES + TOKENIZER_CONFIG_FILES
+                  if os.path.isfile(os.path.join(folder, f))]
     return sorted(set(found))
 
 
-def export_hf(load: str, output: str) -> str:
+def export_hf(load: str, output: str, merge_lora: bool = False, lora_format: Optional[str] = None,
+              base: Optional[str] = None) -> str:
+    """A transformers directory from a checkpoint; one of LoRA adapters needs ``merge_lora`` (merged into
+    ``base``, by default the base it records) or ``lora_format="peft"`` (the adapters as PEFT saves them)."""
     from safetensors.torch import save_file
 
     from megalm.data.tokenizers import build_tokenizer
 
-    state = read_checkpoint(load, parts=("model",))
+    adapters = (read_checkpoint(load, ())["meta"].get("lora") or None)
+    if adapters is None and (merge_lora or lora_format or base):
+        raise ConversionError(f"{load} holds a whole model, no LoRA adapters: export it without --merge-lora, "
+                              f"--lora-format and --base")
+    if merge_lora and lora_format:
+        raise ConversionError("--merge-lora and --lora-format: choose one (merged weights, or the adapters alone)")
+    if adapters is not None and lora_format == "peft":
+        from megalm.interop.peft import export_peft
+
+        return export_peft(read_checkpoint(load, parts=("model",)), output)
+    if adapters is not None and not merge_lora:
+        raise ConversionError(f"{load} holds LoRA adapters only: add --merge-lora (their base with the adapters "
+                              f"merged in: a whole transformers model) or --lora-format peft (an adapter directory "
+                              f"for peft.PeftModel)")
+    state = read_whole_model(load, base)
     cfg = state["config"]
     tok = build_tokenizer(cfg.data)
     weights = to_hf(cfg.model, state["model"])  # in the checkpoint's dtype: bf16 from a --bf16 run
@@ -80,13 +104,16 @@ def export_hf(load: str, output: str) -> str:
     save_file(weights, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(output, "config.json"), "w") as fh:
         json.dump(hf_config(cfg.model, tok.vocab_size, tok.eod, dtype), fh, indent=1)
-    for path in _tokenizer_files(cfg):
+    copied = _tokenizer_files(cfg)
+    for path in copied:
         shutil.copy(path, os.path.join(output, os.path.basename(path)))
-    eos = tok.detokenize([tok.eod]) if cfg.data.tokenizer_type != "NullTokenizer" else None
-    with open(os.path.join(output, "tokenizer_config.json"), "w") as fh:
-        json.dump({"model_max_length": cfg.model.max_position_embeddings, "eos_token": eos, "bos_token": eos,
-                   "unk_token": eos, "add_prefix_space": False}, fh, indent=1)
-    log.info("exported %s (%s flavour) to %s", state["path"], flavour(cfg.model), output)
+    if "tokenizer_config.json" not in {os.path.basename(p) for p in copied}:  # the tokenizer's own, else this
+        eos = tok.detokenize([tok.eod]) if cfg.data.tokenizer_type != "NullTokenizer" else None
+        with open(os.path.join(output, "tokenizer_config.json"), "w") as fh:
+            json.dump({"model_max_length": cfg.model.max_position_embeddings, "eos_token": eos, "bos_token": eos,
+                       "unk_token": eos, "add_prefix_space": False}, fh, indent=1)
+    merged = f" (LoRA adapters merged into {state['base']})" if "lora" in state else ""
+    log.info("exported %s%s (%s flavour) to %s", state["path"], merged, flavour(cfg.model), output)
     return output
 
 
@@ -107,10 +134,10 @@ def _tokenizer_flags(d, folder: str) -> None:
     def there(name):
         return os.path.join(folder, name)
 
-    if all(os.path.exists(there(f)) for f in ("vocab.json", "merges.txt")):
-        d.tokenizer_type, d.vocab_file, d.merge_file = "GPT2BPETokenizer", there("vocab.json"), there("merges.txt")
-    elif os.path.exists(there("tokenizer.json")):
+    if os.path.exists(there("tokenizer.json")):  # what transformers reads first: with the added special tokens
         d.tokenizer_type, d.tokenizer_model = "HuggingFaceTokenizer", there("tokenizer.json")
+    elif all(os.path.exists(there(f)) for f in ("vocab.json", "merges.txt")):
+        d.tokenizer_type, d.vocab_file, d.merge_file = "GPT2BPETokenizer", there("vocab.json"), there("merges.txt")
     elif os.path.exists(there("tokenizer.model")):
         d.tokenizer_type, d.tokenizer_model = "SentencePieceTokenizer", there("tokenizer.model")
     else:
@@ -172,7 +199,7 @@ def import_hf(folder: str, save: str) -> str:
     load_model_state(model, state, Topology(), folder)
     tok_dir = os.path.join(save, "tokenizer")  # checked: now the copies the checkpoint's config names
     os.makedirs(tok_dir, exist_ok=True)
-    for f in TOKENIZER_FILES:
+    for f in TOKENIZER_FILES + TOKENIZER_CONFIG_FILES:  # its chat template too
         if os.path.exists(os.path.join(folder, f)):
             shutil.copy(os.path.join(folder, f), os.path.join(tok_dir, f))
     _tokenizer_flags(cfg.data, tok_dir)  # the same files: the fingerprint (of their contents) stands
@@ -200,9 +227,25 @@ def _cli(argv, prog: str, description: str, flags: list, action, errors: tuple) 
 
 
 def export_main(argv=None) -> int:
-    return _cli(argv, "megalm-export-hf", "megalm checkpoint -> transformers directory",
-                [("--load", "checkpoint (a --save root or an iter_* directory), any layout"),
-                 ("--output", "directory to write")], export_hf, (CheckpointError, ConversionError, FileNotFoundError))
+    from megalm.training.logging import setup_logging
+
+    p = argparse.ArgumentParser(prog="megalm-export-hf", description="megalm checkpoint -> transformers directory")
+    p.add_argument("--load", required=True, help="checkpoint (a --save root or an iter_* directory), any layout")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--merge-lora", action="store_true", help="a checkpoint of LoRA adapters: write its base with "
+                   "the adapters merged in (W + alpha / rank B A), a whole transformers model")
+    p.add_argument("--lora-format", choices=("peft",), help="a checkpoint of LoRA adapters: write them as a PEFT "
+                   "adapter directory (adapter_config.json, adapter_model.safetensors) for peft.PeftModel, to load "
+                   "onto the base exported on its own")
+    p.add_argument("--base", help="with --merge-lora: the base checkpoint (default: the one the adapters record)")
+    args = p.parse_args(argv)
+    setup_logging(0)
+    try:
+        export_hf(args.load, args.output, args.merge_lora, args.lora_format, args.base)
+    except (CheckpointError, ConversionError, FileNotFoundError) as exc:
+        print(f"megalm-export-hf: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def import_main(argv=None) -> int:

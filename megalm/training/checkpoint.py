@@ -43,6 +43,23 @@ log = logging.getLogger("megalm")
 
 FORMAT = 2  # 2: ZeRO-sliced Adam state written by every rank (``optimizer_slices``); 1 (no key): gathered first
 
+# model fields that may differ between the run that saved a checkpoint and the one that loads it
+RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropout", "seq_length",
+                        "recompute_granularity", "recompute_method", "recompute_num_layers",
+                        "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                        "moe_router_load_balancing_type", "moe_router_bias_update_rate",
+                        "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_pad_expert_input_to_capacity"}
+
+
+def check_same_model(saved, here, path: str) -> None:
+    """A CheckpointError naming every field in which the checkpoint's model config (``saved``) differs from
+    ``here`` (runtime settings aside)."""
+    saved, here = saved.__dict__, here.__dict__
+    differ = sorted(k for k in here if k not in RUNTIME_MODEL_FIELDS and saved.get(k) != here[k])
+    if differ:
+        raise CheckpointError(f"{path}: model config differs from this run in "
+                              + ", ".join(f"{k} ({saved.get(k)} there, {here[k]} here)" for k in differ))
+
 
 def _pad(full, param, topo):
     if not getattr(param, "padded_rows", False):

@@ -12,6 +12,8 @@ from megalm.data.chat_template import ChatTemplateError
 from megalm.data.gpt_dataset import DatasetError
 from megalm.data.preference import build_preference_datasets
 from megalm.data.sft import build_sft_datasets
+from megalm.model.lora import merge_adapters
+from megalm.training.checkpoint import check_same_model, read_checkpoint
 from megalm.training.checkpoint_dirs import CheckpointError
 
 log = logging.getLogger("megalm")
@@ -69,3 +71,24 @@ def check_lora(saved: Optional[dict], cfg: Config, path: str) -> None:
         raise CheckpointError(f"{path}: its adapters differ from this run's in "
                               + ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)} there, {mine[k]} here)"
                                           for k in differ))
+
+
+def read_whole_model(path: str, base: Optional[str] = None) -> dict:
+    """``read_checkpoint(path, ("model",))`` of a whole model. Of a checkpoint of LoRA adapters: its base's
+    weights (``base``, else the base it records) with the adapters merged in (``W + alpha / r B A``), and
+    ``state["lora"]`` the adapters' settings."""
+    state = read_checkpoint(path, parts=("model",))
+    lora = state["meta"].get("lora")
+    if not lora:
+        return state
+    base = base or lora.get("base")
+    if not base:
+        raise CheckpointError(f"{state['path']} holds LoRA adapters and records no base (trained without "
+                              f"--pretrained-checkpoint): name the base checkpoint (--base)")
+    whole = read_checkpoint(base, parts=("model",))
+    if whole["meta"].get("lora"):
+        raise CheckpointError(f"{whole['path']}: the base of {state['path']} must be a whole model, not adapters")
+    check_same_model(whole["config"].model, state["config"].model, whole["path"])
+    state.update(model=merge_adapters({**whole["model"], **state["model"]}, lora["lora_alpha"], lora["lora_rank"]),
+                 lora=lora, base=whole["path"])
+    return state

@@ -21,14 +21,6 @@ from megalm.training.stopping import TrainingDiverged
 
 log = logging.getLogger("megalm")
 
-# model fields that may differ between the run that saved a checkpoint and the one that loads it
-_RUNTIME_MODEL_FIELDS = {"attention_backend", "hidden_dropout", "attention_dropout", "seq_length",
-                         "recompute_granularity", "recompute_method", "recompute_num_layers",
-                         "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-                         "moe_router_load_balancing_type", "moe_router_bias_update_rate",
-                         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_pad_expert_input_to_capacity"}
-
-
 class Checkpointing:
     """Mixed into ``Trainer``: uses its model, optimizer, config, topology, watchdog and progress."""
 
@@ -122,11 +114,7 @@ class Checkpointing:
     def read_and_check(self, path: str, parts) -> dict:
         """Read this rank's part of a checkpoint, once its model and tokenizer are known to be this run's."""
         state = ckpt.read_checkpoint(path, ())
-        saved, here = state["config"].model.__dict__, self.cfg.model.__dict__
-        differ = sorted(k for k in here if k not in _RUNTIME_MODEL_FIELDS and saved.get(k) != here[k])
-        if differ:
-            raise ckpt.CheckpointError(f"{state['path']}: model config differs from this run in "
-                                       + ", ".join(f"{k} ({saved.get(k)} there, {here[k]} here)" for k in differ))
+        ckpt.check_same_model(state["config"].model, self.cfg.model, state["path"])
         if state["meta"].get("tokenizer") != self.tokenizer.fingerprint:
             raise ckpt.CheckpointError(f"{state['path']}: saved with tokenizer {state['meta'].get('tokenizer')}, "
                                        f"this run uses {self.tokenizer.fingerprint}")

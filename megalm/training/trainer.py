@@ -184,6 +184,9 @@ class Trainer(Checkpointing):
         if hasattr(self.optimizer, "memory_bytes"):
             row.update(self.optimizer.memory_bytes())
         row["optimizer_state_bytes"] = self.optimizer_state_bytes()
+        frozen = [p for p in self.model.parameters() if not p.requires_grad]
+        if frozen:  # LoRA's base (and MoE expert biases): weights outside the optimizer
+            row["frozen_param_bytes"] = sum(p.numel() * p.element_size() for p in frozen)
         return row
 
     def log_memory(self) -> None:
