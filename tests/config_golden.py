@@ -123,6 +123,7 @@ REFUSED = [
     (["--lora-rank", "-1"], None), (["--lora-rank", "4", "--lora-alpha", "0"], None),
     (["--lora-rank", "4", "--lora-dropout", "1"], None), (["--lora-rank", "4", "--lora-target-modules", "qkv"], None),
     (["--lora-rank", "4", "--deepspeed"], None), (["--lora-rank", "4", "--use-torch-fsdp2"], None),
+    (["--pretrained-checkpoint", "configs", "--deepspeed"], None),
 ]
 # tokenizer rules: argv without NULL
 REFUSED_TOKENIZER = [

@@ -1,7 +1,8 @@
 """Post-training under every layout, through the real entry point: SFT with the chat template, LoRA (on a base
 loaded with --pretrained-checkpoint) and DPO each give one process's losses (relative 1e-5) and final trained
 weights (1e-4) in fp32 over 10 iterations at TP 2 + SP, PP 2 and DP 2 with ZeRO 1; DPO with LoRA also under
-context parallelism (each rank holds part of every completion)."""
+context parallelism (each rank holds part of every completion), and LoRA on a mixture of experts' stacks under
+expert parallelism."""
 import json
 import random
 
@@ -23,8 +24,13 @@ LORA = ["--lora-rank", "4", "--lora-alpha", "8"]
 LAYOUTS = {"tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
            "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
            "dp2-zero1": (2, ["--zero-stage", "1"])}
-RUNS = {"sft": ("sft", []), "lora": ("sft", LORA), "dpo": ("dpo", []), "dpo-lora": ("dpo", LORA)}
-CASES = [(run, layout) for run in ("sft", "lora", "dpo") for layout in LAYOUTS] + [("dpo-lora", "cp2")]
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32"]
+RUNS = {"sft": ("sft", []), "lora": ("sft", LORA), "dpo": ("dpo", []), "dpo-lora": ("dpo", LORA),
+        "lora-moe": ("sft", LORA + MOE)}
+LAYOUTS["cp2"] = (2, ["--context-parallel-size", "2"])
+LAYOUTS["ep2"] = (2, ["--expert-model-parallel-size", "2"])
+CASES = [(run, layout) for run in ("sft", "lora", "dpo") for layout in ("tp2-sp", "pp2", "dp2-zero1")] + [
+    ("dpo-lora", "cp2"), ("lora-moe", "ep2")]
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +47,19 @@ def setup(tmp_path_factory):
             chat.write(json.dumps({"messages": [user, answer]}) + "\n")
             pairs.write(json.dumps({"prompt": [user], "chosen": [answer],
                                     "rejected": [{"role": "assistant", "content": " ".join(words)}]}) + "\n")
-    base = root / "base"
-    argv = [*MODEL, "--tokenizer-model", str(tok), "--sft-data", str(root / "chat.jsonl"), "--train-iters", "2",
-            "--save", str(base)]
-    assert main(argv) == 0
-    return root, tok, base
+    bases = {}
+    for name, extra in (("base", []), ("base-moe", MOE)):
+        bases[name] = root / name
+        argv = [*MODEL, *extra, "--tokenizer-model", str(tok), "--sft-data", str(root / "chat.jsonl"),
+                "--train-iters", "2", "--save", str(bases[name])]
+        assert main(argv) == 0
+    return root, tok, bases
 
 
 def flags(setup, run: str) -> list:
-    root, tok, base = setup
+    root, tok, bases = setup
     kind, extra = RUNS[run]
+    base = bases["base-moe" if "--num-experts" in extra else "base"]
     data = ["--sft-data", root / "chat.jsonl"] if kind == "sft" else ["--dpo-data", root / "pairs.jsonl",
                                                                        "--lr", "1e-2"]
     return [str(f) for f in [*MODEL, "--tokenizer-model", tok, *data, *extra, "--pretrained-checkpoint", base]]
@@ -73,7 +82,7 @@ def single(setup, tmp_path_factory):
 
 @pytest.mark.parametrize("run,layout", CASES)
 def test_matches_one_process(setup, single, tmp_path, run, layout):
-    nproc, layout_flags = LAYOUTS.get(layout, (2, ["--context-parallel-size", "2"]))
+    nproc, layout_flags = LAYOUTS[layout]
     res = torchrun(nproc, "megalm/pretrain.py", *flags(setup, run), *layout_flags,
                    "--metrics-file", tmp_path / "m.jsonl", "--save", tmp_path / "ck")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -85,8 +94,9 @@ def test_matches_one_process(setup, single, tmp_path, run, layout):
         for key in rewards:
             assert abs(a[key] - b[key]) < 1e-5, f"{run} {layout} iteration {a['iteration']} {key}"
     assert set(params) == set(ref_params)
-    if run in ("lora", "dpo-lora"):  # the checkpoint holds the adapters alone
+    if "lora" in run:  # the checkpoint holds the adapters alone: q k v o and the MLP's (the experts') three
         assert all(".lora." in name for name in params) and len(params) == 2 * 7 * 2
+        assert run != "lora-moe" or any("experts.lora.w1" in name for name in params)
     for name, ref in ref_params.items():
         assert_close(params[name], ref, 1e-4, f"{run} {layout} {name}")
     if run.startswith("dpo"):

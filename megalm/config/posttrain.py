@@ -76,6 +76,10 @@ def validate_posttrain_layout(cfg) -> None:
         raise ConfigError("--lora-rank with --use-torch-fsdp2: the adapters are small and the frozen base holds no "
                           "optimizer state, so megalm's own optimizer (--zero-stage 1/2) runs LoRA; drop "
                           "--use-torch-fsdp2")
+    if cfg.checkpoint.pretrained_checkpoint and p.deepspeed:
+        raise ConfigError("--pretrained-checkpoint with --deepspeed: the engine restores only its own checkpoints; "
+                          "fine-tune from megalm weights on megalm's own path (drop --deepspeed; --zero-stage 1/2 or "
+                          "--use-torch-fsdp2 shard there)")
     if d.dpo_data and p.deepspeed:
         raise ConfigError("--dpo-data with --deepspeed: DPO runs on megalm's own path (drop --deepspeed)")
     if d.dpo_data and cfg.model.mtp_num_layers:
