@@ -2,6 +2,7 @@
 
     python -m megalm.interop.hf ... (megalm-export-hf --load CKPT --output HF_DIR)
     python scripts/lm_eval_local.py --model HF_DIR --data docs.jsonl --output results/
+    python scripts/lm_eval_local.py --model BASE_HF_DIR --peft PEFT_DIR --apply-chat-template --data ... --output ...
 
 ``--data`` is JSON lines with a "text" field (for example from megalm-build-corpus). The script writes an lm-eval
 task definition for it (rolling log-likelihood: word and byte perplexity, bits per byte, like lm-eval's wikitext
@@ -59,6 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, help="directory for lm-eval's results JSON")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N documents")
     ap.add_argument("--batch-size", default="1")
+    ap.add_argument("--peft", help="a PEFT adapter directory (megalm-export-hf --lora-format peft) to load onto "
+                    "--model, the base exported on its own")
+    ap.add_argument("--apply-chat-template", action="store_true", help="wrap each request in the model's chat "
+                    "template (lm-eval's --apply_chat_template), as a chat model sees its input")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tasks:
         with open(os.path.join(tasks, "megalm_local_ppl.yaml"), "w") as fh:
@@ -68,12 +73,16 @@ def main(argv=None) -> int:
             with open(os.path.join(tasks, "megalm_local_choice.yaml"), "w") as fh:
                 fh.write(CHOICE_TASK.format(data=os.path.abspath(args.choices)))
             names.append("megalm_local_choice")
-        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-               f"pretrained={os.path.abspath(args.model)},dtype=float32", "--tasks", ",".join(names),
+        model_args = f"pretrained={os.path.abspath(args.model)},dtype=float32"
+        if args.peft:
+            model_args += f",peft={os.path.abspath(args.peft)}"
+        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", ",".join(names),
                "--include_path", tasks, "--device", "cpu", "--batch_size", args.batch_size,
                "--output_path", args.output]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
+        if args.apply_chat_template:
+            cmd.append("--apply_chat_template")
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         res = subprocess.run(cmd, env=env)
     if res.returncode:

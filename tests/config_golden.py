@@ -122,7 +122,7 @@ REFUSED = [
     (["--dpo-beta", "0"], None), (["--dpo-loss", "hinge"], None), (["--sft-format", "csv"], None),
     (["--lora-rank", "-1"], None), (["--lora-rank", "4", "--lora-alpha", "0"], None),
     (["--lora-rank", "4", "--lora-dropout", "1"], None), (["--lora-rank", "4", "--lora-target-modules", "qkv"], None),
-    (["--lora-rank", "4", "--deepspeed"], None), (["--lora-rank", "4", "--use-torch-fsdp2"], None),
+    (["--lora-rank", "4", "--deepspeed"], None),
     (["--pretrained-checkpoint", "configs", "--deepspeed"], None),
 ]
 # tokenizer rules: argv without NULL

@@ -1,8 +1,8 @@
 """Post-training under every layout, through the real entry point: SFT with the chat template, LoRA (on a base
 loaded with --pretrained-checkpoint) and DPO each give one process's losses (relative 1e-5) and final trained
 weights (1e-4) in fp32 over 10 iterations at TP 2 + SP, PP 2 and DP 2 with ZeRO 1; DPO with LoRA also under
-context parallelism (each rank holds part of every completion), and LoRA on a mixture of experts' stacks under
-expert parallelism."""
+context parallelism (each rank holds part of every completion) and under FSDP2 (the frozen base sharded too), and
+LoRA on a mixture of experts' stacks under expert parallelism."""
 import json
 import random
 
@@ -29,8 +29,9 @@ RUNS = {"sft": ("sft", []), "lora": ("sft", LORA), "dpo": ("dpo", []), "dpo-lora
         "lora-moe": ("sft", LORA + MOE)}
 LAYOUTS["cp2"] = (2, ["--context-parallel-size", "2"])
 LAYOUTS["ep2"] = (2, ["--expert-model-parallel-size", "2"])
+LAYOUTS["fsdp2"] = (2, ["--use-torch-fsdp2"])
 CASES = [(run, layout) for run in ("sft", "lora", "dpo") for layout in ("tp2-sp", "pp2", "dp2-zero1")] + [
-    ("dpo-lora", "cp2"), ("lora-moe", "ep2")]
+    ("dpo-lora", "cp2"), ("lora-moe", "ep2"), ("dpo-lora", "fsdp2")]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,9 @@ def test_matches_one_process(setup, single, tmp_path, run, layout):
     if run.startswith("dpo"):
         assert ref_rows[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # the policy starts as the reference
         assert rows[-1]["dpo_rewards_accuracy"] > 0.5
+    adapters = sum(p.numel() for p in ref_params.values())
     if layout == "dp2-zero1" and run == "lora":  # Adam moments of the adapters only, half on each rank
-        adapters = sum(p.numel() for p in ref_params.values())
+        assert abs(rows[0]["optimizer_state_bytes"] - 8 * adapters / 2) <= 8 * 16
+    if layout == "fsdp2":  # the frozen base is sharded over the 2 ranks, as the adapters and their Adam state
+        assert rows[0]["frozen_param_bytes"] * 2 == pytest.approx(ref_rows[0]["frozen_param_bytes"], rel=0.01)
         assert abs(rows[0]["optimizer_state_bytes"] - 8 * adapters / 2) <= 8 * 16

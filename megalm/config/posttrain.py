@@ -72,10 +72,6 @@ def validate_posttrain_layout(cfg) -> None:
     if t.lora_rank and p.deepspeed:
         raise ConfigError("--lora-rank with --deepspeed: LoRA runs on megalm's own optimizer (drop --deepspeed; "
                           "--zero-stage 1/2 shards the adapters' state there)")
-    if t.lora_rank and p.use_torch_fsdp2:
-        raise ConfigError("--lora-rank with --use-torch-fsdp2: the adapters are small and the frozen base holds no "
-                          "optimizer state, so megalm's own optimizer (--zero-stage 1/2) runs LoRA; drop "
-                          "--use-torch-fsdp2")
     if cfg.checkpoint.pretrained_checkpoint and p.deepspeed:
         raise ConfigError("--pretrained-checkpoint with --deepspeed: the engine restores only its own checkpoints; "
                           "fine-tune from megalm weights on megalm's own path (drop --deepspeed; --zero-stage 1/2 or "

@@ -73,8 +73,11 @@ def freeze_base(model: nn.Module) -> int:
     optimizer state is made for it). Returns the adapters' parameter count on this rank."""
     n = 0
     for p in model.parameters():
-        p.requires_grad_(bool(getattr(p, "lora", False)))
-        n += p.numel() if getattr(p, "lora", False) else 0
+        if getattr(p, "lora", False):
+            n += p.numel()
+        elif p.requires_grad:  # a weight of the base (not state the model never trained, as MoE expert biases)
+            p.requires_grad_(False)
+            p.lora_base = True
     return n
 
 

@@ -92,7 +92,8 @@ def shard_model(model: nn.Module, topo: Topology, compute_dtype: torch.dtype, re
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     attrs = {name: dict(p.__dict__) for name, p in model.named_parameters()}  # tp_dim, expert, ... (lost otherwise)
-    frozen = {p for p in model.parameters() if not p.requires_grad}
+    # state that is not trained (MoE expert biases) stays whole; LoRA's frozen base is sharded like the rest
+    frozen = {p for p in model.parameters() if not p.requires_grad and not getattr(p, "lora_base", False)}
     if topo.edp == 1:  # each rank holds its experts alone: nothing to shard them over, and FSDP must not shard
         frozen |= {p for p in model.parameters() if getattr(p, "expert", False)}  # them over the dense group
     for p in model.parameters():

@@ -150,12 +150,14 @@ class Checkpointing:
         """``--pretrained-checkpoint`` (weights only; under LoRA the base, also the one an adapter checkpoint
         records when none is given), then ``--load``; returns the directory ``--load`` read, or None."""
         ck = self.cfg.checkpoint
-        base = ck.pretrained_checkpoint
-        if base is None and ck.load and self.cfg.posttrain.lora_rank:
+        base, lora = ck.pretrained_checkpoint, self.cfg.posttrain.lora_rank
+        if base is None and ck.load and lora:
             base = (ckpt.read_checkpoint(ck.load, ())["meta"].get("lora") or {}).get("base")
             if base:
                 log.info("LoRA: the base of %s is %s (recorded in it)", ck.load, base)
-        if base:
+        if base and ck.load and not lora:  # a requeued fine-tuning run: --load holds every weight
+            log.info("--pretrained-checkpoint %s not read: --load %s holds the whole model", base, ck.load)
+        elif base:
             self.load_pretrained(base)
         return self.load(ck.load) if ck.load else None
 

@@ -31,7 +31,7 @@ from megalm.optim.schedule import learning_rate
 from megalm.model.mtp import shifted_targets
 from megalm.parallel.context import split_batch
 from megalm.parallel.fp8 import enable_fp8
-from megalm.parallel.fsdp import reshard, shard_model
+from megalm.parallel.fsdp import local, reshard, shard_model
 from megalm.parallel.random import rank_seed
 from megalm.parallel.state import Topology, host_all_reduce
 from megalm.pipeline.layout import stage_chunks
@@ -184,8 +184,8 @@ class Trainer(Checkpointing):
         if hasattr(self.optimizer, "memory_bytes"):
             row.update(self.optimizer.memory_bytes())
         row["optimizer_state_bytes"] = self.optimizer_state_bytes()
-        frozen = [p for p in self.model.parameters() if not p.requires_grad]
-        if frozen:  # LoRA's base (and MoE expert biases): weights outside the optimizer
+        frozen = [local(p) for p in self.model.parameters() if not p.requires_grad]
+        if frozen:  # LoRA's base (and MoE expert biases): weights outside the optimizer (FSDP2: this rank's shard)
             row["frozen_param_bytes"] = sum(p.numel() * p.element_size() for p in frozen)
         return row
 
