@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chat_data import tiny_tokenizer
-from conftest import tiny_train_flags
+from conftest import tiny_train_flags, torchrun
 from megalm.config import load_config
 from megalm.data.gpt_dataset import DatasetError
 from megalm.data.loader import collate
@@ -152,3 +152,38 @@ def test_sft_loss_falls(tmp_path, bpe_flags):
     assert main(flags + ["--metrics-file", str(tmp_path / "one.jsonl")]) == 0
     one = [r for r in map(json.loads, open(tmp_path / "one.jsonl")) if "loss" in r]
     assert sum(r["loss"] for r in one[-5:]) < 0.7 * sum(r["loss"] for r in one[:5])
+
+
+def test_datasets_are_cached_and_shared_out(tmp_path, bpe_flags):
+    """Each rank tokenizes its share of the lines; the packed result is cached and read back by the next run; a
+    bad line stops every rank, named."""
+    from megalm.training.finetune import cached_build
+
+    data = instruction_set(tmp_path / "sft.jsonl", 40)
+    calls = []
+
+    def parse(example, where):
+        calls.append(where)
+        return np.arange(3) + len(calls), np.ones(3, dtype=np.uint8)
+
+    key = {"file": str(data)}
+    first = cached_build(str(tmp_path / "cache"), key, str(data), parse, lambda ex: {"train": pack(ex, 15)}, 0, 1)
+    assert len(calls) == 40
+    again = cached_build(str(tmp_path / "cache"), key, str(data), parse, lambda ex: {"train": pack(ex, 15)}, 0, 1)
+    assert len(calls) == 40 and isinstance(again["train"]["ids"], np.memmap)  # read back, not parsed again
+    assert np.array_equal(first["train"]["ids"], again["train"]["ids"])
+    lines = data.read_text().splitlines()
+    lines[2] = '{"prompt": "no response"}'
+    data.write_text("\n".join(lines) + "\n")
+    flags = sft_flags(bpe_flags, data, "--train-iters", "2")
+    res = torchrun(2, "megalm/pretrain.py", *flags)
+    assert res.returncode != 0
+    assert res.stderr.count(f"{data}:3: a prompt needs a 'response'") == 2, res.stderr[-2000:]  # from both ranks
+    lines[2] = lines[3]
+    data.write_text("\n".join(lines) + "\n")
+    res = torchrun(2, "megalm/pretrain.py", *flags, "--metrics-file", tmp_path / "two.jsonl")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert main(flags + ["--metrics-file", str(tmp_path / "one.jsonl")]) == 0  # the cache both ranks built
+    one, two = ([r["loss"] for r in map(json.loads, open(tmp_path / f)) if "loss" in r] for f in ("one.jsonl",
+                                                                                                   "two.jsonl"))
+    assert one == pytest.approx(two, rel=1e-5)

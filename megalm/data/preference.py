@@ -19,7 +19,7 @@ import numpy as np
 
 from megalm.data.chat_template import ChatTemplateError
 from megalm.data.gpt_dataset import DatasetError
-from megalm.data.sft import PackedDataset, read_examples, split_examples
+from megalm.data.sft import read_examples, split_examples
 
 CHOSEN, REJECTED, PADDING = 0, 1, 2  # the documents of a pair's sample
 
@@ -110,19 +110,24 @@ def pair_sample(prompt: list, chosen: list, rejected: list, size: int, where: st
     return {"ids": ids, "targets": targets, "docs": docs}
 
 
-def read_pairs(path: str, tokenizer, seq_length: int, template=None) -> List[dict]:
+def pair_parser(tokenizer, seq_length: int, template=None):
+    """``parse(example, where) -> sample`` of one preference line."""
     def parse(example, where):
         return pair_sample(*tokenize_pair(*split_pair(example, where), tokenizer, template, where), seq_length + 1,
                            where)
 
-    return read_examples(path, parse)
+    return parse
+
+
+def read_pairs(path: str, tokenizer, seq_length: int, template=None) -> List[dict]:
+    return [sample for _, sample in read_examples(path, pair_parser(tokenizer, seq_length, template))]
 
 
 def stack(samples: List[dict]) -> dict:
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def build_preference_datasets(path: str, tokenizer, seq_length: int, split: List[float], seed: int, template=None):
-    """Train and valid datasets of pairs (one per sample), divided by ``--split``."""
-    train, valid = split_examples(read_pairs(path, tokenizer, seq_length, template), split)
-    return PackedDataset(stack(train), seed), (PackedDataset(stack(valid), seed) if valid else None)
+def stack_splits(samples: List[dict], split: List[float]) -> dict:
+    """``{"train": arrays, "valid": arrays}`` (valid only when ``--split`` gives it a share), a pair per sample."""
+    train, valid = split_examples(samples, split)
+    return {"train": stack(train), **({"valid": stack(valid)} if valid else {})}

@@ -132,21 +132,24 @@ def tokenize_example(example: dict, shape: str, tokenizer, template, where: str)
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
-def read_examples(path: str, parse) -> list:
-    """``parse(example, where)`` of every non-blank line, errors naming ``path:line``."""
+def read_examples(path: str, parse, shard: int = 0, shards: int = 1) -> list:
+    """``(line, parse(example, where))`` of every non-blank line (with ``shards``: of the lines whose number is
+    ``shard`` modulo ``shards``, one rank's share), errors naming ``path:line``."""
     out = []
     try:
         for _, lineno, line in iter_lines([path]):
+            if lineno % shards != shard:
+                continue
             where = f"{path}:{lineno}"
             example = parse_object(line, where)
             if example is None:
                 continue
             if has_surrogate_escape(line):
                 _check_strings(example, where)
-            out.append(parse(example, where))
+            out.append((lineno, parse(example, where)))
     except JsonlError as exc:
         raise DatasetError(str(exc)) from None
-    if not out:
+    if not out and shards == 1:
         raise DatasetError(f"{path}: no examples")
     return out
 
@@ -163,10 +166,15 @@ def _check_strings(value, where: str) -> None:
             _check_strings(v, where)
 
 
+def example_parser(tokenizer, fmt: str = "auto", template=None):
+    """``parse(example, where) -> (ids, targets)`` of one SFT line; ``template``: the chat template (None: plain
+    text only)."""
+    return lambda ex, where: tokenize_example(ex, shape_of(ex, fmt, where), tokenizer, template, where)
+
+
 def tokenize_examples(path: str, tokenizer, fmt: str = "auto", template=None) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """Every example of an SFT file as (ids, targets); ``template``: the chat template (None: plain text only)."""
-    return read_examples(path, lambda ex, where: tokenize_example(ex, shape_of(ex, fmt, where), tokenizer, template,
-                                                                  where))
+    """Every example of an SFT file as (ids, targets)."""
+    return [example for _, example in read_examples(path, example_parser(tokenizer, fmt, template))]
 
 
 class _FreeSpace:
@@ -300,9 +308,10 @@ def split_examples(examples: list, split: List[float]) -> tuple:
     return examples[: len(examples) - n_valid], (examples[len(examples) - n_valid:] if n_valid else None)
 
 
-def build_sft_datasets(path: str, tokenizer, seq_length: int, split: List[float], seed: int, fmt: str = "auto",
-                       template=None):
-    """Train and valid datasets from the examples, divided by ``--split`` (valid None when its share is 0)."""
-    train, valid = split_examples(tokenize_examples(path, tokenizer, fmt, template), split)
-    return (PackedDataset(pack(train, seq_length, path), seed),
-            PackedDataset(pack(valid, seq_length, path + " (validation)"), seed) if valid else None)
+def pack_splits(examples: list, seq_length: int, split: List[float], where: str) -> dict:
+    """``{"train": arrays, "valid": arrays}`` (valid only when ``--split`` gives it a share) of packed examples."""
+    train, valid = split_examples(examples, split)
+    out = {"train": pack(train, seq_length, where)}
+    if valid:
+        out["valid"] = pack(valid, seq_length, where + " (validation)")
+    return out

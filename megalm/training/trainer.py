@@ -121,7 +121,7 @@ class Trainer(Checkpointing):
         self.dpo = DPO(cfg.posttrain.dpo_beta, cfg.posttrain.dpo_loss, topo) if cfg.data.dpo_data else None
         self.report = METRICS if self.dpo else None  # what a step reports beside the loss
         if cfg.data.sft_data or cfg.data.dpo_data:
-            self.train_ds, self.valid_ds = finetune_datasets(cfg, self.tokenizer)
+            self.train_ds, self.valid_ds = finetune_datasets(cfg, self.tokenizer, topo.rank, topo.world_size)
         else:
             counts = split_sample_counts(t.train_iters, t.global_batch_size, t.eval_iters)
             cache = IndexCache(cfg.data.data_cache_path, topo.rank == 0, barrier)
