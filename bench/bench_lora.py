@@ -6,7 +6,7 @@ Rank 0 reports after the first step what it holds: the trained parameters (bf16)
 the fp32 main parameters and Adam moments (``optimizer_state_bytes``), the frozen base (``frozen_param_bytes``),
 and its peak RSS; then the median step time. Full fine-tuning at the same layout is each LoRA row's reference.
 
-python bench/bench_lora.py [--iters 6] [--rank 16]
+python bench/bench_lora.py [--iters 6] [--rank 16] [--dp 1 2] [--small]
 """
 import argparse
 import json
@@ -26,11 +26,21 @@ MODEL = ["--num-layers", "8", "--hidden-size", "512", "--ffn-hidden-size", "1408
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run(prefix: str, workdir: str, dp: int, rank: int, iters: int) -> dict:
+SMALL = {"--num-layers": "2", "--hidden-size": "64", "--ffn-hidden-size": "128"}  # --small: a quick look
+
+
+def model_args(small: bool) -> list:
+    out = list(MODEL)
+    for flag, value in SMALL.items() if small else ():
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def run(prefix: str, workdir: str, dp: int, rank: int, iters: int, small: bool = False) -> dict:
     name = f"dp{dp}-{'lora' if rank else 'full'}"
     metrics = os.path.join(workdir, name + ".jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dp), "--master_port",
-           str(free_port()), "megalm/pretrain.py", *MODEL, "--micro-batch-size", "2", "--global-batch-size",
+           str(free_port()), "megalm/pretrain.py", *model_args(small), "--micro-batch-size", "2", "--global-batch-size",
            str(4 * dp), "--train-iters", str(iters), "--eval-iters", "0", "--data-path", prefix, "--tokenizer-type",
            "NullTokenizer", "--vocab-size", str(VOCAB - 1), "--split", "100,0,0", "--metrics-file", metrics,
            "--log-interval", "100", "--lr", "1e-4"]
@@ -58,6 +68,7 @@ def main():
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--small", action="store_true", help="2 layers of width 64 (what the test suite runs)")
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; bf16 parameters, "
           f"gloo")
@@ -66,9 +77,9 @@ def main():
         print(f"{'layout':<14}{'trained':>12}{'grads MB':>10}{'Adam+main MB':>14}{'frozen MB':>11}{'state MB':>10}"
               f"{'state ratio':>12}{'RSS MB':>9}{'RSS ratio':>10}{'ms/iter':>9}{'time ratio':>11}")
         for dp in args.dp:
-            full = run(prefix, workdir, dp, 0, args.iters)
+            full = run(prefix, workdir, dp, 0, args.iters, args.small)
             for rank in (0, args.rank):
-                r = full if rank == 0 else run(prefix, workdir, dp, rank, args.iters)
+                r = full if rank == 0 else run(prefix, workdir, dp, rank, args.iters, args.small)
                 label = f"DP {dp} " + (f"LoRA r{rank}" if rank else "full")
                 print(f"{label:<14}{int(r['trained']):>12,}{r['grad_mb']:>10.1f}{r['adam_main_mb']:>14.1f}"
                       f"{r['frozen_mb']:>11.1f}{r['state_mb']:>10.1f}{r['state_mb'] / full['state_mb']:>12.3f}"

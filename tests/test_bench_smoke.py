@@ -93,3 +93,16 @@ def test_race_against_megatron_core_small():
                           "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "slowest ratio megalm / megatron-core:" in res.stdout and "\ngpt    1 " in res.stdout
+
+
+def test_lora_benchmark_small():
+    """bench/bench_lora.py at small sizes: the LoRA row holds 12 bytes of Adam state and main copy per trained
+    parameter and a fraction of full fine-tuning's training state."""
+    import re
+
+    res = subprocess.run([PYTHON, "bench/bench_lora.py", "--small", "--dp", "1", "--iters", "3", "--rank", "4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Adam + main = 12.00 bytes per trained parameter" in res.stdout, res.stdout
+    ratio = float(re.search(r"DP 1 LoRA r4\s+[\d,]+(?:\s+[\d.]+){4}\s+([\d.]+)", res.stdout).group(1))
+    assert ratio < 0.5, res.stdout
