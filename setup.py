@@ -47,9 +47,10 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "jinja2>=3.1",  # chat templates (the sandboxed environment transformers renders them in)
     ],
     extras_require={"test": ["pytest", "megatron-core", "transformers", "safetensors", "tiktoken", "matplotlib",
-                             "wandb", "torchao>=0.12"],
+                             "wandb", "torchao>=0.12", "peft", "trl"],  # peft, trl: LoRA's and DPO's peers
                     "fp8": ["torchao>=0.12"],  # --fp8-format: torchao's float8 training
                     "deepspeed": ["deepspeed>=0.14"]},
     ext_modules=ext_modules,

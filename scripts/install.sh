@@ -29,12 +29,13 @@ fi
 import importlib, sys
 missing = []
 for name in ("torch", "megalm._C", "megalm._bpe", "deepspeed", "lm_eval", "transformers", "megatron.core", "tiktoken",
-             "sentencepiece", "matplotlib", "wandb", "torchao.float8"):
+             "sentencepiece", "matplotlib", "wandb", "torchao.float8", "jinja2", "peft", "trl"):
     try:
         importlib.import_module(name)
     except Exception as exc:  # an extension can fail with other errors than ImportError
         missing.append(f"{name}: {type(exc).__name__}: {exc}")
 if missing:
     sys.exit("scripts/install.sh: these did not install or do not import:\n  " + "\n  ".join(missing))
-print("scripts/install.sh: megalm._C, megalm._bpe, deepspeed, lm_eval, transformers, megatron.core, torchao import")
+print("scripts/install.sh: megalm._C, megalm._bpe, deepspeed, lm_eval, transformers, megatron.core, torchao, peft, "
+      "trl import")
 PY
