@@ -19,7 +19,7 @@ import numpy as np
 
 from megalm.data.chat_template import ChatTemplateError
 from megalm.data.gpt_dataset import DatasetError
-from megalm.data.sft import read_examples, split_examples
+from megalm.data.sft import read_examples, shared_prefix, split_examples
 
 CHOSEN, REJECTED, PADDING = 0, 1, 2  # the documents of a pair's sample
 
@@ -64,13 +64,6 @@ def split_pair(example: dict, where: str) -> tuple:
     return prompt, as_turns[0], as_turns[1]
 
 
-def _shared(a: List[int], b: List[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def tokenize_pair(prompt, chosen, rejected, tokenizer, template, where: str) -> Tuple[list, list, list]:
     """(prompt ids, chosen ids, rejected ids)."""
     if isinstance(prompt, str):
@@ -85,7 +78,7 @@ def tokenize_pair(prompt, chosen, rejected, tokenizer, template, where: str) -> 
             full = [template.encode_text(template.render(prompt + c)) for c in (chosen, rejected)]
         except ChatTemplateError as exc:
             raise DatasetError(f"{where}: {exc}") from None
-    n = min(_shared(prompt_ids, f) for f in full)
+    n = min(shared_prefix(prompt_ids, f) for f in full)
     return prompt_ids[:n], full[0][n:], full[1][n:]
 
 

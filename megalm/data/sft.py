@@ -92,15 +92,19 @@ def conversation(example: dict, shape: str, where: str) -> Optional[List[dict]]:
                        {"role": "assistant", "content": _text(example["output"], "'output'", where)}]
 
 
+def shared_prefix(a: List[int], b: List[int]) -> int:
+    """How many ids ``a`` and ``b`` share from the start: where a completion begins, since the prompt's own ids
+    can stop being a prefix of prompt + completion's (a token may merge across the boundary)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def completion_split(tokenizer, prompt: str, completion: str) -> Tuple[List[int], int]:
-    """Plain text: the ids of ``prompt + completion`` and the end of the end of document, and where the
-    completion starts (where the prompt's own ids stop being a prefix: a token may merge across the boundary)."""
-    prompt_ids = tokenizer.tokenize(prompt)
+    """Plain text: the ids of ``prompt + completion`` then the end of document, and where the completion starts."""
     full = tokenizer.tokenize(prompt + completion) + [tokenizer.eod]
-    start = 0
-    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
-        start += 1
-    return full, start
+    return full, shared_prefix(tokenizer.tokenize(prompt), full)
 
 
 def tokenize_example(example: dict, shape: str, tokenizer, template, where: str) -> Tuple[np.ndarray, np.ndarray]:

@@ -137,16 +137,18 @@ def write_reference(path: str, reference: dict, fingerprints: dict) -> None:
 
 
 def setup_reference(trainer, checkpoint_dir) -> dict:
-    """The run's reference: from the checkpoint it resumes (``checkpoint_dir``), or ``--dpo-reference-file``
-    when it exists, else computed now (and written to that file)."""
+    """The run's reference: from the checkpoint it resumes (``checkpoint_dir``, past iteration 0), or
+    ``--dpo-reference-file`` when it exists, else computed now from the model as loaded (and written to that
+    file)."""
     fingerprints = _fingerprints(trainer)
-    in_checkpoint = os.path.join(checkpoint_dir, REFERENCE_FILE) if checkpoint_dir else None
+    resuming = checkpoint_dir is not None and trainer.iteration > 0  # not --finetune: that starts anew
+    in_checkpoint = os.path.join(checkpoint_dir, REFERENCE_FILE) if resuming else None
     given = trainer.cfg.posttrain.dpo_reference_file
     for path in (in_checkpoint, given):
         if path and os.path.isfile(path):
             log.info("DPO: reference log-probabilities from %s", path)
             return read_reference(path, fingerprints)
-    if checkpoint_dir and trainer.iteration > 0:
+    if resuming:
         raise CheckpointError(f"{checkpoint_dir}: a DPO run's checkpoint without {REFERENCE_FILE}: the starting "
                               f"model is gone, so its reference cannot be computed again (give "
                               f"--dpo-reference-file)")
