@@ -66,3 +66,38 @@ def test_latent_attention_and_multi_token_prediction_count_their_matmuls():
     layer = 2 * h + attention + 3 * h * 64
     assert layers == 3 * layer + 3 * h + 2 * h * h and output == 2 * 100 * h
     assert flops_per_token(cfg, layers, output)[0] == 6 * layers + 6 * 3 * 16 * 4 * (12 + 12) + 6 * output
+
+
+def test_lora_counts_no_weight_gradient_for_the_frozen_base():
+    """Under LoRA the frozen weights cost 4 FLOPs per parameter and token, the adapters 6: what torch's FLOP
+    counter sees of a forward and backward, as the difference from full training, within 2%."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megalm.config import PostTrainConfig
+    from megalm.model.lora import apply_lora, freeze_base
+    from megalm.parallel.state import Topology
+
+    cfg = model_config(hidden_size=64, seq_length=64, position_embedding_type="rope", normalization="RMSNorm",
+                       swiglu=True, ffn_hidden_size=128, add_bias_linear=False, untie_embeddings_and_output_weights=True)
+    tokens = torch.randint(0, 500, (2, 64))
+
+    def measured(lora: bool) -> int:
+        model = GPT(cfg, 512)
+        if lora:
+            p = PostTrainConfig()
+            p.lora_rank, p.lora_target_modules = 8, ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+            apply_lora(model, p, Topology())
+        model.init_weights(0)
+        counts = model.matmul_parameters()
+        adapters = freeze_base(model) if lora else None
+        if lora:  # gradients below the first layer, as in full training: the formula counts every layer's input
+            model.embedding.weight.requires_grad_(True)  # gradient (autograd skips the first layer's q, k, v ones)
+        with FlopCounterMode(display=False) as counter:
+            model(tokens, tokens).mean().backward()
+        return counter.get_total_flops(), counts, adapters
+
+    full, (layers, output), _ = measured(False)
+    lora, (layers_lora, _), adapters = measured(True)
+    formula = flops_per_token(cfg, layers, output)[0] - flops_per_token(cfg, layers_lora, output, adapters)[0]
+    assert (full - lora) / tokens.numel() == pytest.approx(formula, rel=0.02)

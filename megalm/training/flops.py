@@ -14,6 +14,11 @@ N its down- and up-projections: what its matmuls really are.
 Recomputation adds one more forward of what it redoes: with full recomputation the layers' part counts 8/6 of
 itself, with selective recomputation the attention term does. TFLOP/s per device counts that work (the
 hardware's), MFU divides the model FLOPs alone by the device's peak.
+
+Under LoRA the frozen weights (the base, the output layer) need no weight gradient: 4 FLOPs per parameter and
+token (forward, and the input's gradient) instead of 6; the adapters, which train, count 6. (Autograd also skips
+the first layer's query, key and value input gradients, which nothing trained below needs: a share of about
+1/(4 L) of what LoRA saves that the formula still counts.)
 """
 from __future__ import annotations
 
@@ -35,16 +40,21 @@ def peak_tflops(device_name: str, configured: Optional[float] = None) -> Optiona
     return None
 
 
-def flops_per_token(cfg: ModelConfig, layer_params: int, output_params: int) -> tuple:
+def flops_per_token(cfg: ModelConfig, layer_params: int, output_params: int,
+                    trained_layer_params: Optional[int] = None) -> tuple:
     """(model FLOPs, FLOPs done with recomputation) per token; ``layer_params`` are the transformer layers'
-    parameters, ``output_params`` the output layer's (vocab x hidden, tied or not)."""
-    layers = 6 * layer_params
+    parameters, ``output_params`` the output layer's (vocab x hidden, tied or not); ``trained_layer_params``: under
+    LoRA, the adapters among the layers' parameters (everything else frozen)."""
+    if trained_layer_params is None:
+        layers, output = 6 * layer_params, 6 * output_params
+    else:
+        layers = 6 * trained_layer_params + 4 * (layer_params - trained_layer_params)
+        output = 4 * output_params
     layers_deep = cfg.num_layers + (cfg.mtp_num_layers or 0)
     attention = 6 * layers_deep * cfg.seq_length * cfg.num_attention_heads * (cfg.query_head_dim + cfg.value_head_dim)
-    output = 6 * output_params
     model = layers + attention + output
-    if cfg.recompute_granularity == "full":
-        return model, model + (layers + attention) / 3
+    if cfg.recompute_granularity == "full":  # one more forward of the layers: 2 FLOPs per parameter and token
+        return model, model + 2 * layer_params + attention / 3
     if cfg.recompute_granularity == "selective":
         return model, model + attention / 3
     return model, model
@@ -54,8 +64,9 @@ class Throughput:
     """Turns (tokens, seconds) of an iteration into tokens/s, TFLOP/s per device and MFU."""
 
     def __init__(self, cfg: ModelConfig, layer_params: int, output_params: int, world_size: int,
-                 peak: Optional[float]):
-        self.model_flops, self.hardware_flops = flops_per_token(cfg, layer_params, output_params)
+                 peak: Optional[float], trained_layer_params: Optional[int] = None):
+        self.model_flops, self.hardware_flops = flops_per_token(cfg, layer_params, output_params,
+                                                                trained_layer_params)
         self.world_size, self.peak = world_size, peak
 
     def __call__(self, tokens: int, seconds: float) -> dict:

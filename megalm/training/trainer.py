@@ -90,6 +90,7 @@ class Trainer(Checkpointing):
         # counted before an optimizer (DeepSpeed ZeRO 3) may partition the parameters
         layer_params, output_params, num_params = self._sum_over_stages(
             *self.model.matmul_parameters(), self.model.num_parameters())
+        adapters = None
         if cfg.posttrain.lora_rank:  # only the adapters train: no gradient buffer or Adam state for the rest
             adapters = self._sum_over_stages(freeze_base(self.model))[0]
             log.info("LoRA: rank %d on %s, %s adapter parameters train, the other %s are frozen",
@@ -140,7 +141,7 @@ class Trainer(Checkpointing):
         self.data_files = list(self.data_files.values())
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.throughput = Throughput(cfg.model, layer_params, output_params, topo.world_size,
-                                     peak_tflops(device_name, cfg.logging.peak_tflops))
+                                     peak_tflops(device_name, cfg.logging.peak_tflops), adapters)
         loaded = self.load_weights()
         if self.dpo:
             self.reference = setup_reference(self, loaded)
