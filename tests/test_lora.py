@@ -130,6 +130,11 @@ def test_peft_and_merged_exports(tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert_close(merged(tokens).logits[..., : ours.shape[-1]], theirs, 1e-4, "merged export against PEFT's")
+    from megalm.generate import load_for_inference
+
+    generator, _ = load_for_inference(str(tmp_path / "adapters"), Topology(), {})  # megalm-generate's loading
+    with torch.no_grad():
+        assert_close(generator(tokens), ours, 1e-5, "megalm-generate on the adapter checkpoint (merged)")
     config = json.load(open(tmp_path / "merged" / "tokenizer_config.json"))
     assert "Cutting Knowledge Date" in config["chat_template"]  # the chat template travels with the model
     with pytest.raises(Exception, match="holds LoRA adapters only: add --merge-lora"):
