@@ -168,6 +168,7 @@ def _environment(tracker: list):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = tojson
+
     class Dict:
         """``dict(...)`` and ``dict.fromkeys(...)`` in a template, nothing else of the type."""
 

@@ -46,9 +46,7 @@ def split_pair(example: dict, where: str) -> tuple:
     if prompt is None:  # implicit: what the two share
         if isinstance(chosen, str) != isinstance(rejected, str):
             raise DatasetError(f"{where}: 'chosen' and 'rejected' must both be text or both be messages")
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
+        n = shared_prefix(chosen, rejected)  # characters, or messages
         if isinstance(chosen, str) and n and chosen[n - 1] == " ":
             n -= 1  # a space before the completions belongs to them
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]

@@ -21,6 +21,8 @@ positions restart at its first token and attention stays inside it; a document's
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from typing import List, Optional, Tuple
 
@@ -32,7 +34,6 @@ from megalm.data.jsonl import JsonlError, check_text, has_surrogate_escape, iter
 
 log = logging.getLogger("megalm")
 
-FORMATS = ("auto", "messages", "prompt-response", "alpaca", "sharegpt")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "system": "system", "tool": "tool", "observation": "tool",
                   "function_call": "assistant"}
@@ -92,9 +93,10 @@ def conversation(example: dict, shape: str, where: str) -> Optional[List[dict]]:
                        {"role": "assistant", "content": _text(example["output"], "'output'", where)}]
 
 
-def shared_prefix(a: List[int], b: List[int]) -> int:
-    """How many ids ``a`` and ``b`` share from the start: where a completion begins, since the prompt's own ids
-    can stop being a prefix of prompt + completion's (a token may merge across the boundary)."""
+def shared_prefix(a, b) -> int:
+    """How many items (ids, characters, messages) ``a`` and ``b`` share from the start: where a completion
+    begins, since the prompt's own ids can stop being a prefix of prompt + completion's (a token may merge across
+    the boundary)."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -294,10 +296,10 @@ class PackedDataset:
             self._orders[epoch] = np.random.default_rng(self.seed + epoch).permutation(len(self))
         return self.sample(int(self._orders[epoch][i]))
 
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """A digest of the samples (what per-sample values computed from them, like DPO's reference, are for)."""
-        import hashlib
-
+        """A digest of the samples (what per-sample values computed from them, like DPO's reference, are for),
+        computed once: every checkpoint of a DPO run records it."""
         h = hashlib.sha256()
         for key in sorted(self.arrays):
             h.update(key.encode())

@@ -113,7 +113,7 @@ def reference_logps(trainer, dataset) -> torch.Tensor:
 
 
 def _fingerprints(trainer) -> dict:
-    return {name: ds.fingerprint() for name, ds in (("train", trainer.train_ds), ("valid", trainer.valid_ds))
+    return {name: ds.fingerprint for name, ds in (("train", trainer.train_ds), ("valid", trainer.valid_ds))
             if ds is not None}
 
 
