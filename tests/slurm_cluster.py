@@ -1,7 +1,9 @@
 """A real single-node Slurm for the launcher test: munge plus slurmctld and slurmd from Debian's slurm-wlm, with a
 generated configuration in a temporary directory (clients find it through SLURM_CONF) on ports of their own.
 
-Eight empty files stand in as the node's GPUs, so that ``#SBATCH --gpus-per-node=8`` is accepted.
+Eight empty files stand in as the node's GPUs, so that ``#SBATCH --gpus-per-node=8`` is accepted. Credentials live 10 s
+(``cred_expire``; 120 by default): a requeued job waits that long before Slurm may start it again, and starting it
+sooner (``scontrol update StartTime=now``) makes the node refuse it with "Job credential revoked".
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid
