@@ -190,6 +190,13 @@ def test_adapter_checkpoint_resumes_under_another_layout(tmp_path, bpe_flags, ca
     assert main(common + ["--train-iters", "6", "--load", str(tmp_path / "ck")]) == 2  # without --lora-rank
     assert "holds LoRA adapters only (rank 4 on q_proj v_proj down_proj): resume it with the same --lora-rank" in \
         capsys.readouterr().err
+    # a whole model given to --load of a LoRA run: refused, or with --finetune the base, as --pretrained-checkpoint
+    assert main(lora + ["--load", str(base)]) == 2
+    assert "holds a whole model, not LoRA adapters: give it as --pretrained-checkpoint" in capsys.readouterr().err
+    assert main(lora + ["--load", str(base), "--finetune", "--metrics-file", str(tmp_path / "ft.jsonl")]) == 0
+    finetuned = [r for r in map(json.loads, open(tmp_path / "ft.jsonl")) if "loss" in r]
+    for a, b in zip(one, finetuned, strict=True):
+        assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-6
 
 
 def test_expert_adapters_merge_exactly():

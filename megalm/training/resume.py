@@ -167,6 +167,10 @@ class Checkpointing:
         if state["meta"].get("lora"):
             raise ckpt.CheckpointError(f"--pretrained-checkpoint {path} holds LoRA adapters, not a whole model: give "
                                        f"it as --load (its base: {state['meta']['lora'].get('base')})")
+        self.load_base(state)
+
+    def load_base(self, state: dict) -> None:
+        """A whole model's weights read by ``read_loadable`` into the model (under LoRA: the frozen base)."""
         ckpt.load_model_state(self.model, state["model"], self.topo, state["path"], local=True,
                               only=lambda p: not getattr(p, "lora", False))
         self.optimizer.load_main_params(ckpt.full_precision_values(self.model, state, self.topo))
@@ -189,7 +193,7 @@ class Checkpointing:
             if not finetune:
                 raise ckpt.CheckpointError(f"--load {state['path']} holds a whole model, not LoRA adapters: give it as "
                                            f"--pretrained-checkpoint (or add --finetune) to train adapters on it")
-            self.load_pretrained(path)
+            self.load_base(state)
             return state["path"]
         check_lora(saved_lora, self.cfg, state["path"])
         ckpt.load_model_state(self.model, state["model"], self.topo, state["path"], local=True,
